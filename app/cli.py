@@ -1,0 +1,214 @@
+"""The `hubline` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TextIO
+
+from app.errors import ConfigurationError, CryptoError
+from app.settings import Settings, load_settings
+
+Command = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+class Progress:
+    """A progress line on stderr: redrawn in place on a terminal, a line per step elsewhere."""
+
+    def __init__(
+        self, label: str, total: int | None = None, *, stream: TextIO = sys.stderr
+    ) -> None:
+        self.label = label
+        self.total = total
+        self.done = 0
+        self.stream = stream
+        self.interactive = stream.isatty()
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        of_total = f"/{self.total}" if self.total is not None else ""
+        line = f"{self.label}: {self.done}{of_total}"
+        if self.interactive:
+            self.stream.write("\r" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.interactive and self.done:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def settings_from_environment() -> Settings:
+    return load_settings()
+
+
+# --- serve, worker, migrate ---------------------------------------------------
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.logs import configure_logging
+    from app.main import create_app
+
+    settings = settings_from_environment()
+    configure_logging(args.log_level)
+    app = create_app(settings, run_worker=not args.no_worker)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_config=None, access_log=False, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    await server.serve()
+    return 0 if server.started else 1
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    from app.logs import configure_logging
+    from app.main import close_services, open_services
+    from app.worker import Worker
+
+    settings = settings_from_environment()
+    configure_logging(args.log_level)
+    resources = await open_services(settings)
+    try:
+        worker = Worker(resources, concurrency=args.concurrency)
+        await worker.run_until_signalled()
+    finally:
+        await close_services(resources)
+    return 0
+
+
+async def cmd_migrate(_args: argparse.Namespace) -> int:
+    from app import db
+
+    settings = settings_from_environment()
+    engine = db.create_engine(settings.database_url)
+    try:
+        before = await db.schema_revision(engine)
+        await db.migrate(engine)
+        after = await db.schema_revision(engine)
+    finally:
+        await engine.dispose()
+    if before == after:
+        print(f"schema already at {after}")
+    else:
+        print(f"migrated schema from {before or 'empty'} to {after}")
+    return 0
+
+
+# --- keys -------------------------------------------------------------------------
+
+
+async def cmd_keys_generate(_args: argparse.Namespace) -> int:
+    from app.crypto import generate_key
+
+    print("# A new key for TOKEN_ENCRYPTION_KEYS. To rotate: put it first, keep the old")
+    print("# ones after it, deploy, then run `hubline keys rotate`.")
+    print(generate_key())
+    return 0
+
+
+async def cmd_keys_rotate(_args: argparse.Namespace) -> int:
+    from app import db
+    from app.crypto import TokenCipher
+    from app.vault import count_rows_to_rotate, rotate_keys
+
+    settings = settings_from_environment()
+    cipher = TokenCipher.from_setting(settings.token_encryption_keys.get_secret_value())
+    engine = db.create_engine(settings.database_url)
+    sessions = db.session_factory(engine)
+    try:
+        async with sessions() as session:
+            total = await count_rows_to_rotate(session=session, cipher=cipher)
+        progress = Progress(f"re-encrypting under key {cipher.primary_key_id}", total)
+        report = await rotate_keys(sessions, cipher, progress=lambda _table, n: progress.advance(n))
+        progress.finish()
+    finally:
+        await engine.dispose()
+    details = ", ".join(f"{table} {count}" for table, count in report.changed.items())
+    print(f"re-encrypted {report.total} rows under key {cipher.primary_key_id} ({details})")
+    return 0
+
+
+# --- the parser ---------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hubline",
+        description="Hubline connects an AI receptionist to HubSpot. Settings come from the "
+        "environment (or a .env file); see README.md.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the web app (and a worker, unless --no-worker)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-worker", action="store_true", help="do not run a worker in-process")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(run=cmd_serve)
+
+    worker = commands.add_parser("worker", help="run a worker alone (any number may run)")
+    worker.add_argument("--concurrency", type=int, default=16, help="portals served at once")
+    worker.add_argument("--log-level", default="info")
+    worker.set_defaults(run=cmd_worker)
+
+    migrate = commands.add_parser("migrate", help="bring the database schema up to date")
+    migrate.set_defaults(run=cmd_migrate)
+
+    keys = commands.add_parser("keys", help="manage TOKEN_ENCRYPTION_KEYS")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    key_commands.add_parser("generate", help="print a new key on the last line").set_defaults(
+        run=cmd_keys_generate
+    )
+    key_commands.add_parser(
+        "rotate", help="re-encrypt every stored secret under the first key"
+    ).set_defaults(run=cmd_keys_rotate)
+
+    for register in EXTENSIONS:
+        register(commands)
+    return parser
+
+
+# Capabilities add their subcommands here (events, portals, dev, sandbox).
+EXTENSIONS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _load_extensions()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(asyncio.run(args.run(args)))
+    except ConfigurationError as error:
+        print(f"hubline: {error}", file=sys.stderr)
+        return 2
+    except CryptoError as error:
+        print(f"hubline: {error}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load_extensions() -> None:
+    import importlib
+
+    for module in ("app.inbox_cli", "app.portals_cli", "app.dev"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The durable inbox: every input becomes a row here, in the transaction that acknowledges it.
+
+Enqueueing takes the caller's session and never commits. An event is identified per
+portal and source by an idempotency key, stored as a keyed hash (a HubSpot
+property-change key can hold a caller's phone); enqueueing a key already stored is a
+no-op that says so. Payloads are encrypted, bound to their portal and event.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from app.crypto import TokenCipher
+from app.db import rowcount
+from app.models import EventSource, EventStatus, InboxEvent, utcnow
+from app.vault import payload_context
+
+if TYPE_CHECKING:
+    from app.main import Services
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to store: where it came from, its identity, and its (plaintext) payload."""
+
+    portal_id: int
+    source: EventSource
+    type: str
+    idempotency_key: str
+    occurred_at: datetime
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    event_id: int
+    created: bool  # False: an event with this key was already stored
+
+
+def idempotency_hashes(cipher: TokenCipher, event: NewEvent) -> list[str]:
+    """The event's key hashed under every configured key (the first is what gets stored)."""
+    return cipher.blind_indexes(
+        "event", f"{event.source}\x00{event.idempotency_key}", event.portal_id
+    )
+
+
+async def enqueue(
+    event: NewEvent,
+    *,
+    session: AsyncSession,
+    cipher: TokenCipher,
+    status: EventStatus = EventStatus.pending,
+    run_after: datetime | None = None,
+) -> Enqueued:
+    """Store one event in the caller's transaction unless its key is already stored."""
+    hashes = idempotency_hashes(cipher, event)
+    existing = await _find(session, event, hashes)
+    if existing is not None:
+        return Enqueued(existing, created=False)
+    now = utcnow()
+    values = {
+        "portal_id": event.portal_id,
+        "source": str(event.source),
+        "type": event.type,
+        "idempotency_hash": hashes[0],
+        "occurred_at": event.occurred_at,
+        "received_at": now,
+        "payload_ct": cipher.encrypt(
+            json.dumps(event.payload, separators=(",", ":")),
+            context=payload_context(event.portal_id, hashes[0]),
+        ),
+        "key_id": cipher.primary_key_id,
+        "status": str(status),
+        "attempts": 0,
+        "run_after": run_after or now,
+    }
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    statement = (
+        insert(InboxEvent)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["portal_id", "source", "idempotency_hash"])
+        .returning(col(InboxEvent.id))
+    )
+    inserted = (await session.execute(statement)).scalar_one_or_none()
+    if inserted is not None:
+        return Enqueued(inserted, created=True)
+    # A concurrent transaction stored the same key first (PostgreSQL waited for it).
+    existing = await _find(session, event, hashes)
+    assert existing is not None, "conflicting insert left no row"
+    return Enqueued(existing, created=False)
+
+
+async def enqueue_many(
+    events: Iterable[NewEvent], *, session: AsyncSession, cipher: TokenCipher
+) -> list[Enqueued]:
+    return [await enqueue(event, session=session, cipher=cipher) for event in events]
+
+
+async def _find(session: AsyncSession, event: NewEvent, hashes: list[str]) -> int | None:
+    query = sa.select(col(InboxEvent.id)).where(
+        col(InboxEvent.portal_id) == event.portal_id,
+        col(InboxEvent.source) == str(event.source),
+        col(InboxEvent.idempotency_hash).in_(hashes),
+    )
+    return (await session.execute(query.limit(1))).scalar_one_or_none()
+
+
+def read_payload(event: InboxEvent, cipher: TokenCipher) -> dict[str, Any]:
+    """The decrypted payload, or {} once retention has deleted it."""
+    if event.payload_ct is None:
+        return {}
+    plain = cipher.decrypt(
+        event.payload_ct, context=payload_context(event.portal_id, event.idempotency_hash)
+    )
+    result: dict[str, Any] = json.loads(plain)
+    return result
+
+
+async def park_portal_events(portal_id: int, *, session: AsyncSession) -> int:
+    """Park a portal's pending events (it cannot be served now); returns how many."""
+    result = await session.execute(
+        sa.update(InboxEvent)
+        .where(
+            col(InboxEvent.portal_id) == portal_id,
+            col(InboxEvent.status) == EventStatus.pending,
+        )
+        .values(status=EventStatus.parked)
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(result)
+
+
+async def unpark_portal_events(portal_id: int, *, session: AsyncSession) -> int:
+    """Resume a portal's parked events; returns how many."""
+    result = await session.execute(
+        sa.update(InboxEvent)
+        .where(
+            col(InboxEvent.portal_id) == portal_id,
+            col(InboxEvent.status) == EventStatus.parked,
+        )
+        .values(
+            status=EventStatus.pending, run_after=utcnow(), lease_owner=None, lease_expires_at=None
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(result)
+
+
+async def retry_events(
+    *, session: AsyncSession, event_ids: list[int] | None = None, portal_id: int | None = None
+) -> int:
+    """Put failed events (these ids, or all of a portal's, or all) back to pending."""
+    query = sa.update(InboxEvent).where(col(InboxEvent.status) == EventStatus.failed)
+    if event_ids is not None:
+        query = query.where(col(InboxEvent.id).in_(event_ids))
+    if portal_id is not None:
+        query = query.where(col(InboxEvent.portal_id) == portal_id)
+    result = await session.execute(
+        query.values(
+            status=EventStatus.pending, attempts=0, run_after=utcnow(), finished_at=None
+        ).execution_options(synchronize_session=False)
+    )
+    return rowcount(result)
+
+
+async def purge_expired(
+    *, session: AsyncSession, event_retention: timedelta, parked_retention: timedelta
+) -> tuple[int, int]:
+    """Delete handled events' payloads and old parked events; returns (payloads, parked)."""
+    now = utcnow()
+    payloads = await session.execute(
+        sa.update(InboxEvent)
+        .where(
+            col(InboxEvent.status).in_([EventStatus.done, EventStatus.skipped]),
+            col(InboxEvent.payload_ct).is_not(None),
+            col(InboxEvent.finished_at) < now - event_retention,
+        )
+        .values(payload_ct=None, key_id=None)
+        .execution_options(synchronize_session=False)
+    )
+    parked = await session.execute(
+        sa.delete(InboxEvent)
+        .where(
+            col(InboxEvent.status) == EventStatus.parked,
+            col(InboxEvent.received_at) < now - parked_retention,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(payloads), rowcount(parked)
+
+
+# --- handlers ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EventView:
+    """What a handler sees of one event: its identity and its decrypted payload."""
+
+    id: int
+    portal_id: int
+    source: str
+    type: str
+    occurred_at: datetime
+    received_at: datetime
+    attempts: int
+    payload: dict[str, Any]
+
+
+@dataclass
+class HandlerContext:
+    """What a handler may use: the shared services and the worker serving this portal."""
+
+    services: Services
+    portal_id: int
+    worker_id: str
+
+
+Write = Callable[[AsyncSession], Awaitable[None]]
+
+
+@dataclass
+class Done:
+    """A handled event. `write` runs in the transaction that marks it done."""
+
+    result: dict[str, Any] | None = None
+    contact_id: str | None = None
+    write: Write | None = None
+
+
+# A handler returns an outcome per event id (events it leaves out are Done), or raises
+# to have the same retry decision applied to the whole batch. An exception as an
+# outcome fails or retries that event alone.
+Outcome = Done | BaseException
+Handler = Callable[[HandlerContext, list[EventView]], Awaitable[dict[int, Outcome] | None]]
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    types: frozenset[str]
+    handle: Handler
+    batch_size: int
+
+
+class Registry:
+    """Maps event types to handlers; modules register theirs with `@registry.handler(...)`."""
+
+    def __init__(self) -> None:
+        self._by_type: dict[str, HandlerSpec] = {}
+
+    def handler(self, *types: str, batch_size: int = 1) -> Callable[[Handler], Handler]:
+        if not 1 <= batch_size <= 100:
+            raise ValueError("batch_size must be between 1 and 100")
+
+        def register(handle: Handler) -> Handler:
+            spec = HandlerSpec(frozenset(types), handle, batch_size)
+            for event_type in types:
+                if event_type in self._by_type:
+                    raise ValueError(f"a handler for {event_type!r} is already registered")
+                self._by_type[event_type] = spec
+            return handle
+
+        return register
+
+    def lookup(self, event_type: str) -> HandlerSpec | None:
+        return self._by_type.get(event_type)
+
+    @property
+    def types(self) -> frozenset[str]:
+        return frozenset(self._by_type)
+
+
+registry = Registry()
+
+# Modules that declare handlers on `registry`; the worker imports them all.
+HANDLER_MODULES: list[str] = []
+
+
+def load_handlers() -> Registry:
+    import importlib
+
+    for module in HANDLER_MODULES:
+        importlib.import_module(module)
+    return registry

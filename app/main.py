@@ -1,0 +1,162 @@
+"""The web application: `create_app(settings)` builds it from plain data."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from app import db
+from app.crypto import TokenCipher
+from app.errors import ConfigurationError
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+HTTP_TIMEOUT = httpx.Timeout(20.0, connect=5.0)
+
+
+@dataclass
+class Services:
+    """The long-lived resources every route and handler reaches, created in the lifespan."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessions: db.SessionFactory
+    http: httpx.AsyncClient
+    cipher: TokenCipher
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def services(request: Request) -> Services:
+    result: Services = request.app.state.services
+    return result
+
+
+async def open_services(
+    settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
+) -> Services:
+    """Create the engine, the HTTP client and the cipher; migrate a fresh SQLite database."""
+    cipher = TokenCipher.from_setting(settings.token_encryption_keys.get_secret_value())
+    engine = db.create_engine(settings.database_url)
+    if settings.is_sqlite:
+        await db.migrate_fresh_sqlite(engine, settings.database_url)
+    http = httpx.AsyncClient(transport=transport, timeout=HTTP_TIMEOUT, follow_redirects=False)
+    resources = Services(
+        settings=settings,
+        engine=engine,
+        sessions=db.session_factory(engine),
+        http=http,
+        cipher=cipher,
+    )
+    try:
+        await check_keys_can_read(resources)
+    except BaseException:
+        await close_services(resources)
+        raise
+    return resources
+
+
+async def close_services(resources: Services) -> None:
+    for task in resources.background:
+        task.cancel()
+    for task in resources.background:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    await resources.http.aclose()
+    await resources.engine.dispose()
+
+
+ENCRYPTED_TABLES = ("oauth_tokens", "receptionist_secrets", "events", "oauth_states")
+
+
+async def check_keys_can_read(resources: Services) -> None:
+    """Refuse to start when stored secrets were made by keys that are no longer configured."""
+    try:
+        async with resources.engine.connect() as connection:
+            if await db.schema_revision(resources.engine) is None:
+                return
+            used: set[str] = set()
+            for table in ENCRYPTED_TABLES:
+                rows = await connection.execute(
+                    sa.text(f"SELECT DISTINCT key_id FROM {table} WHERE key_id IS NOT NULL")  # noqa: S608
+                )
+                used.update(row[0] for row in rows)
+    except sa.exc.OperationalError:
+        # The database being down is /readyz's business, not a reason to refuse to start.
+        return
+    missing = sorted(used - set(resources.cipher.key_ids))
+    if missing:
+        raise ConfigurationError(
+            "TOKEN_ENCRYPTION_KEYS cannot read stored secrets made by key(s) "
+            + ", ".join(missing)
+            + ": add the old key back after the new one, then run `hubline keys rotate`"
+        )
+
+
+async def healthz(_request: Request) -> Response:
+    """Liveness: the process answers."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Readiness: the database answers and its schema is not behind the code."""
+    resources = services(request)
+    try:
+        revision = await asyncio.wait_for(db.schema_revision(resources.engine), timeout=5)
+    except Exception as error:  # any failure to reach the database means not ready
+        log.warning("readiness check failed: database unreachable (%s)", type(error).__name__)
+        return JSONResponse({"status": "unavailable", "reason": "database unreachable"}, 503)
+    if db.schema_is_behind(revision):
+        return JSONResponse(
+            {"status": "unavailable", "reason": "schema behind the code: run `hubline migrate`"},
+            503,
+        )
+    return JSONResponse({"status": "ok", "schema": revision})
+
+
+def all_routes() -> list[BaseRoute]:
+    from app import admin, oauth, webhooks
+
+    return [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        *oauth.routes,
+        *webhooks.routes,
+        *admin.routes,
+    ]
+
+
+def create_app(
+    settings: Settings,
+    *,
+    run_worker: bool = False,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Starlette:
+    """Hubline's web app; `transport` lets tests send HubSpot calls to the sandbox in-process."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        resources = await open_services(settings, transport=transport)
+        app.state.services = resources
+        if run_worker:
+            from app.worker import Worker
+
+            worker = Worker(resources)
+            resources.background.append(asyncio.create_task(worker.run(), name="worker"))
+        try:
+            yield
+        finally:
+            await close_services(resources)
+
+    return Starlette(routes=all_routes(), lifespan=lifespan)

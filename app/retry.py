@@ -1,0 +1,65 @@
+"""Retry policy: a pure function of the error and the attempt count; the worker only records it."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+
+from app.errors import (
+    CryptoError,
+    HubSpotAuthError,
+    HubSpotConflict,
+    HubSpotRateLimited,
+    HubSpotValidationError,
+    PermanentError,
+    PortalUnavailable,
+    RefreshRejected,
+)
+
+
+class Action(StrEnum):
+    retry = "retry"  # try again after `delay`
+    fail = "fail"  # give up: the event ends failed with the error
+    park = "park"  # the portal cannot be served now: park its events, keep the attempt
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, capped, for at most `max_attempts` attempts."""
+
+    base_seconds: float = 2.0
+    cap_seconds: float = 600.0
+    max_attempts: int = 10
+
+    def ceiling(self, attempt: int) -> float:
+        """The largest delay after the `attempt`-th failed attempt (1-based)."""
+        return min(self.cap_seconds, self.base_seconds * float(2 ** (max(attempt, 1) - 1)))
+
+    def decide(
+        self, error: BaseException, attempt: int, *, rng: random.Random | None = None
+    ) -> Decision:
+        if isinstance(error, PortalUnavailable | RefreshRejected):
+            return Decision(Action.park)
+        if isinstance(
+            error, PermanentError | HubSpotValidationError | HubSpotConflict | CryptoError
+        ):
+            return Decision(Action.fail)
+        if isinstance(error, HubSpotAuthError) and error.status_code == 403:
+            return Decision(Action.fail)  # a missing scope does not grant itself on retry
+        if attempt >= self.max_attempts:
+            return Decision(Action.fail)
+        delay = (rng or random).uniform(0, self.ceiling(attempt))
+        if isinstance(error, HubSpotRateLimited) and error.retry_after:
+            # Never come back before HubSpot said the window reopens.
+            delay = max(delay, error.retry_after)
+        return Decision(Action.retry, delay)
+
+
+DEFAULT_POLICY = RetryPolicy()

@@ -1,0 +1,153 @@
+"""Shared fixtures: every database test runs on SQLite and on a real PostgreSQL server.
+
+scripts/test provisions PostgreSQL and sets HUBLINE_TEST_POSTGRES_URL (an admin URL).
+Each test gets a fresh database cloned from a migrated template, so tests never
+see each other's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app import db
+from app.crypto import TokenCipher, generate_key
+from app.settings import Settings, load_settings
+
+POSTGRES_ADMIN_URL = os.environ.get("HUBLINE_TEST_POSTGRES_URL", "")
+REQUIRE_POSTGRES = os.environ.get("HUBLINE_REQUIRE_POSTGRES") == "1"
+
+TEST_KEY = generate_key()
+TEST_CLIENT_ID = "test-client-id"
+TEST_CLIENT_SECRET = "test-client-secret-0123456789"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not POSTGRES_ADMIN_URL and REQUIRE_POSTGRES:
+        raise pytest.UsageError("HUBLINE_REQUIRE_POSTGRES=1 but HUBLINE_TEST_POSTGRES_URL is unset")
+
+
+def _worker_suffix() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "template.db"
+
+    async def build() -> None:
+        engine = db.create_engine(f"sqlite+aiosqlite:///{path}")
+        await db.migrate(engine)
+        await engine.dispose()
+
+    asyncio.run(build())
+    return path
+
+
+def _admin_url(database: str) -> str:
+    return make_url(POSTGRES_ADMIN_URL).set(database=database).render_as_string(hide_password=False)
+
+
+async def _admin_execute(*statements: str) -> None:
+    engine = db.create_engine(
+        _admin_url("postgres"), isolation_level="AUTOCOMMIT", poolclass=sa.NullPool
+    )
+    try:
+        async with engine.connect() as connection:
+            for statement in statements:
+                await connection.execute(sa.text(statement))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_template() -> Iterator[str]:
+    if not POSTGRES_ADMIN_URL:
+        pytest.skip("PostgreSQL tests need HUBLINE_TEST_POSTGRES_URL (scripts/test sets it)")
+    name = f"hubline_template_{_worker_suffix()}"
+
+    async def build() -> None:
+        await _admin_execute(
+            f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"'
+        )
+        engine = db.create_engine(_admin_url(name), poolclass=sa.NullPool)
+        await db.migrate(engine)
+        await engine.dispose()
+
+    asyncio.run(build())
+    yield name
+    asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database for this test: SQLite file or PostgreSQL database."""
+    backend = request.param
+    if backend == "sqlite":
+        if request.node.get_closest_marker("postgres_only"):
+            pytest.skip("needs PostgreSQL")
+        template: Path = request.getfixturevalue("sqlite_template")
+        path = tmp_path / "hubline.db"
+        shutil.copyfile(template, path)
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    if request.node.get_closest_marker("sqlite_only"):
+        pytest.skip("SQLite-specific")
+    template_name: str = request.getfixturevalue("postgres_template")
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"'))
+    yield _admin_url(name)
+    asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def make_settings(database_url: str) -> Callable[..., Settings]:
+    """Build Settings for this test's database; keyword arguments override."""
+
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": database_url,
+            "hubspot_client_id": TEST_CLIENT_ID,
+            "hubspot_client_secret": TEST_CLIENT_SECRET,
+            "token_encryption_keys": TEST_KEY,
+            "public_url": "http://hubline.test",
+            "hubspot_api_url": "http://sandbox.test",
+            "hubspot_auth_url": "http://sandbox.test",
+            "journal_poll_seconds": 0,
+        }
+        values.update(overrides)
+        return load_settings({}, **values)
+
+    return build
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def cipher(settings: Settings) -> TokenCipher:
+    return TokenCipher.from_setting(settings.token_encryption_keys.get_secret_value())
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = db.create_engine(database_url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine: AsyncEngine) -> db.SessionFactory:
+    return db.session_factory(engine)

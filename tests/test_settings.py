@@ -1,0 +1,70 @@
+"""Settings: validated once, each problem a single clear line that never shows a secret."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.crypto import generate_key
+from app.errors import ConfigurationError
+from app.settings import load_settings
+
+GOOD = {
+    "HUBSPOT_CLIENT_ID": "id",
+    "HUBSPOT_CLIENT_SECRET": "secret-value-123",
+    "TOKEN_ENCRYPTION_KEYS": generate_key(),
+}
+
+
+def test_defaults_follow_the_contract() -> None:
+    settings = load_settings(GOOD)
+    assert settings.database_url == "sqlite+aiosqlite:///./hubline.db"
+    assert settings.hubspot_api_url == "https://api.hubapi.com"
+    assert settings.redirect_uri == "http://localhost:8000/oauth/callback"
+    assert settings.token_refresh_skew_seconds == 300
+    assert (settings.hubspot_requests_per_10s, settings.hubspot_searches_per_second) == (100, 4)
+    assert settings.journal_poll_seconds == 60
+    assert settings.default_phone_region == "US"
+    assert settings.lead_source_label == "AI Receptionist"
+    assert "crm.objects.contacts.write" in settings.required_scopes
+    assert "crm.objects.marketing_events.write" in settings.optional_scopes
+    assert "secret-value-123" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "missing", ["HUBSPOT_CLIENT_ID", "HUBSPOT_CLIENT_SECRET", "TOKEN_ENCRYPTION_KEYS"]
+)
+def test_missing_required_setting_is_one_line_naming_it(missing: str) -> None:
+    environ = {k: v for k, v in GOOD.items() if k != missing}
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(environ)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(missing)
+    assert "required" in message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DATABASE_URL", "mysql://nope"),
+        ("PUBLIC_URL", "hubline.example.com"),
+        ("HUBSPOT_REQUESTS_PER_10S", "500"),
+        ("HUBSPOT_SEARCHES_PER_SECOND", "many"),
+        ("DEFAULT_PHONE_REGION", "ZZ"),
+        ("TOKEN_ENCRYPTION_KEYS", "hunter2"),
+        ("HUBSPOT_PKCE", "perhaps"),
+    ],
+)
+def test_malformed_setting_is_one_line_naming_it(variable: str, value: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings({**GOOD, variable: value})
+    message = str(caught.value)
+    assert "\n" not in message
+    assert variable in message
+    assert "hunter2" not in message
+
+
+def test_postgres_urls_get_the_async_driver() -> None:
+    settings = load_settings({**GOOD, "DATABASE_URL": "postgres://u:p@db/hubline"})
+    assert settings.database_url == "postgresql+asyncpg://u:p@db/hubline"
+    assert not settings.is_sqlite
