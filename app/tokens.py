@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -77,7 +78,7 @@ async def store_tokens(
     With `expected_version` None the tokens are replaced whatever was there (an
     install); otherwise only if the stored version still matches (a refresh).
     """
-    values = {
+    values: dict[str, Any] = {
         "access_token_ct": cipher.encrypt(access_token, context=access_token_context(portal_id)),
         "refresh_token_ct": cipher.encrypt(refresh_token, context=refresh_token_context(portal_id)),
         "key_id": cipher.primary_key_id,
