@@ -151,3 +151,65 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 def sessions(engine: AsyncEngine) -> db.SessionFactory:
     return db.session_factory(engine)
+
+
+# --- the sandbox HubSpot and Hubline, wired together in-process -------------------------
+
+SANDBOX_URL = "http://sandbox.test"
+HUBLINE_URL = "http://hubline.test"
+
+
+@pytest.fixture
+def sandbox_config() -> Any:
+    from app.sandbox import SandboxConfig
+
+    return SandboxConfig(
+        client_id=TEST_CLIENT_ID, client_secret=TEST_CLIENT_SECRET, public_url=SANDBOX_URL
+    )
+
+
+@pytest.fixture
+async def sandbox_app(sandbox_config: Any) -> AsyncIterator[Any]:
+    from asgi_lifespan import LifespanManager
+
+    from app.sandbox import create_sandbox_app
+
+    app = create_sandbox_app(sandbox_config)
+    async with LifespanManager(app):
+        yield app
+
+
+@pytest.fixture
+def sandbox(sandbox_app: Any) -> Any:
+    """The sandbox's in-memory world (SandboxState), for inspection."""
+    return sandbox_app.state.sandbox
+
+
+@pytest.fixture
+async def hubline_app(settings: Settings, sandbox_app: Any) -> AsyncIterator[Any]:
+    """Hubline's web app whose HubSpot calls go to the sandbox through httpx.ASGITransport."""
+    import httpx
+    from asgi_lifespan import LifespanManager
+
+    from app.main import create_app
+
+    app = create_app(settings, transport=httpx.ASGITransport(app=sandbox_app))
+    async with LifespanManager(app):
+        yield app
+
+
+@pytest.fixture
+async def client(hubline_app: Any) -> AsyncIterator[Any]:
+    """An HTTP client talking to Hubline in-process."""
+    import httpx
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=hubline_app), base_url=HUBLINE_URL
+    ) as http:
+        yield http
+
+
+@pytest.fixture
+def services(hubline_app: Any) -> Any:
+    """Hubline's Services (settings, engine, sessions, http, cipher)."""
+    return hubline_app.state.services
