@@ -35,9 +35,11 @@ def create_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
             database_url, connect_args={"timeout": 30}, pool_pre_ping=False, **kwargs
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        # aiosqlite's own transaction handling would defer BEGIN; emit it ourselves so
-        # a transaction that writes takes the write lock up front (BEGIN IMMEDIATE
-        # would serialize readers too, which the worker's polling does not need).
+        # A deferred BEGIN that reads and then writes fails at once with SQLITE_BUSY
+        # when another connection wrote in between (WAL cannot upgrade a stale
+        # snapshot); BEGIN IMMEDIATE takes the write lock up front and waits for it
+        # under busy_timeout instead. Transactions thus run one at a time, as SQLite's
+        # writers do anyway; PostgreSQL is the engine for concurrency.
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
     if "poolclass" not in kwargs:
@@ -58,7 +60,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(connection: Connection) -> None:
-    connection.exec_driver_sql("BEGIN")
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def session_factory(engine: AsyncEngine) -> SessionFactory:

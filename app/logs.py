@@ -65,6 +65,7 @@ def redact_value(key: str, value: Any) -> Any:
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
     "message",
     "asctime",
+    "color_message",  # uvicorn repeats its message with terminal colours
 }
 
 
@@ -104,5 +105,7 @@ def configure_logging(level: str = "INFO") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # /readyz reads the schema revision through alembic, which announces it each time.
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
     # uvicorn's access log repeats what our request middleware logs, with raw query strings.
     logging.getLogger("uvicorn.access").disabled = True

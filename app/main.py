@@ -92,7 +92,7 @@ async def check_keys_can_read(resources: Services) -> None:
                     sa.text(f"SELECT DISTINCT key_id FROM {table} WHERE key_id IS NOT NULL")  # noqa: S608
                 )
                 used.update(row[0] for row in rows)
-    except sa.exc.OperationalError:
+    except (sa.exc.DBAPIError, OSError, TimeoutError):
         # The database being down is /readyz's business, not a reason to refuse to start.
         return
     missing = sorted(used - set(resources.cipher.key_ids))
@@ -147,16 +147,19 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        from app.worker import Worker
+
         resources = await open_services(settings, transport=transport)
         app.state.services = resources
-        if run_worker:
-            from app.worker import Worker
-
-            worker = Worker(resources)
-            resources.background.append(asyncio.create_task(worker.run(), name="worker"))
+        worker = Worker(resources) if run_worker else None
+        worker_task = asyncio.create_task(worker.run(), name="worker") if worker else None
         try:
             yield
         finally:
+            if worker is not None and worker_task is not None:
+                # Finish or release in-flight batches before the engine goes away.
+                worker.stop()
+                await asyncio.wait([worker_task], timeout=worker.grace_seconds + 5)
             await close_services(resources)
 
     return Starlette(routes=all_routes(), lifespan=lifespan)

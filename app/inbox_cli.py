@@ -1,0 +1,123 @@
+"""`hubline events list|retry`: the operator's view of the inbox."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import col
+
+from app import cli, db
+from app.inbox import retry_events
+from app.models import EventStatus, InboxEvent
+
+RETRY_BATCH = 500
+
+
+def event_summary(event: InboxEvent) -> dict[str, Any]:
+    """What an operator may see of an event: never its payload."""
+    return {
+        "id": event.id,
+        "portal_id": event.portal_id,
+        "source": event.source,
+        "type": event.type,
+        "status": event.status,
+        "attempts": event.attempts,
+        "occurred_at": event.occurred_at.isoformat(),
+        "received_at": event.received_at.isoformat(),
+        "finished_at": event.finished_at.isoformat() if event.finished_at else None,
+        "contact_id": event.contact_id,
+        "result": json.loads(event.result) if event.result else None,
+        "last_error": event.last_error,
+    }
+
+
+async def cmd_events_list(args: argparse.Namespace) -> int:
+    settings = cli.settings_from_environment()
+    engine = db.create_engine(settings.database_url)
+    query = sa.select(InboxEvent).order_by(col(InboxEvent.id).desc()).limit(args.limit)
+    if args.portal is not None:
+        query = query.where(col(InboxEvent.portal_id) == args.portal)
+    if args.status is not None:
+        query = query.where(col(InboxEvent.status) == args.status)
+    try:
+        async with db.session_factory(engine)() as session:
+            events = [event_summary(e) for e in (await session.execute(query)).scalars()]
+    finally:
+        await engine.dispose()
+    if args.json:
+        cli.print_json(events)
+        return 0
+    if not events:
+        print("no events")
+        return 0
+    print(f"{'ID':>8}  {'PORTAL':>10}  {'STATUS':<11} {'TRIES':>5}  {'TYPE':<22} ERROR")
+    for e in events:
+        error = (e["last_error"] or "")[:60]
+        print(
+            f"{e['id']:>8}  {e['portal_id']:>10}  {e['status']:<11} {e['attempts']:>5}  "
+            f"{e['type']:<22} {error}"
+        )
+    return 0
+
+
+async def cmd_events_retry(args: argparse.Namespace) -> int:
+    if args.event_id is None and not args.failed:
+        print("hubline events retry: give an event ID or --failed", flush=True)
+        return 2
+    settings = cli.settings_from_environment()
+    engine = db.create_engine(settings.database_url)
+    sessions = db.session_factory(engine)
+    try:
+        if args.event_id is not None:
+            async with db.transaction(sessions) as session:
+                retried = await retry_events(session=session, event_ids=[args.event_id])
+            if not retried:
+                print(f"event {args.event_id} is not failed; nothing to retry")
+                return 1
+            print(f"event {args.event_id} queued again")
+            return 0
+        failed = sa.select(col(InboxEvent.id)).where(col(InboxEvent.status) == EventStatus.failed)
+        if args.portal is not None:
+            failed = failed.where(col(InboxEvent.portal_id) == args.portal)
+        async with sessions() as session:
+            ids = [
+                i
+                for i in (await session.execute(failed.order_by(col(InboxEvent.id)))).scalars()
+                if i
+            ]
+        progress = cli.Progress("queueing failed events again", len(ids))
+        total = 0
+        for start in range(0, len(ids), RETRY_BATCH):
+            async with db.transaction(sessions) as session:
+                count = await retry_events(
+                    session=session, event_ids=ids[start : start + RETRY_BATCH]
+                )
+            total += count
+            progress.advance(count)
+        progress.finish()
+        print(f"queued {total} failed events again")
+        return 0
+    finally:
+        await engine.dispose()
+
+
+def register(commands: Any) -> None:
+    events = commands.add_parser("events", help="inspect and retry inbox events")
+    actions = events.add_subparsers(dest="events_command", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="list recent events (never their payloads)")
+    listing.add_argument("--portal", type=int)
+    listing.add_argument("--status", choices=[s.value for s in EventStatus])
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(run=cmd_events_list)
+    retry = actions.add_parser("retry", help="queue a failed event (or all failed events) again")
+    retry.add_argument("event_id", nargs="?", type=int)
+    retry.add_argument("--failed", action="store_true", help="every failed event")
+    retry.add_argument("--portal", type=int, help="with --failed: only this portal's")
+    retry.set_defaults(run=cmd_events_retry)
+
+
+cli.EXTENSIONS.append(register)

@@ -1,0 +1,598 @@
+"""The worker: serves portals with due events, one worker per portal at a time.
+
+A worker claims a portal by taking its lease (a row in `portal_leases`), takes the
+portal's due events in `occurred_at` order in batches, hands each batch to the
+handler registered for its type, and records every outcome in one transaction
+that also checks it still holds the events. Leases are renewed while work runs;
+an expired lease (a crashed worker) is taken over and its in-flight events are
+put back. Many portals are served at once by separate tasks, so a portal
+waiting on HubSpot never stalls the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from app.db import rowcount, transaction
+from app.errors import CryptoError
+from app.inbox import (
+    Done,
+    EventView,
+    HandlerContext,
+    HandlerSpec,
+    Outcome,
+    Registry,
+    load_handlers,
+    park_portal_events,
+    purge_expired,
+    read_payload,
+)
+from app.logs import portal_id_var, redact_text
+from app.models import EventStatus, InboxEvent, Lease, OAuthState, PortalLease, utcnow
+from app.retry import DEFAULT_POLICY, Action, RetryPolicy
+
+if TYPE_CHECKING:
+    from app.main import Services
+
+log = logging.getLogger(__name__)
+
+MAX_FETCH = 100
+# A portal with a deep backlog gives its slot back after this many batches, so
+# portals waiting behind it are not starved when every slot is busy.
+BATCHES_PER_TURN = 10
+MAX_ERROR_LENGTH = 2000
+
+PeriodicJob = Callable[["Services"], Awaitable[None]]
+
+
+@dataclass
+class _Periodic:
+    name: str
+    every_seconds: float
+    job: PeriodicJob
+    next_run: float = 0.0
+
+
+@dataclass
+class _Batch:
+    portal_id: int
+    spec: HandlerSpec
+    events: list[InboxEvent]
+
+
+class LeaseLost(Exception):
+    """Another worker took over these events (our lease expired); nothing was recorded."""
+
+
+class Worker:
+    """Claims portals with due events and runs their handlers."""
+
+    def __init__(
+        self,
+        services: Services,
+        *,
+        concurrency: int = 16,
+        lease_seconds: float = 30.0,
+        poll_seconds: float = 0.5,
+        grace_seconds: float = 20.0,
+        retry_policy: RetryPolicy = DEFAULT_POLICY,
+        registry: Registry | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.services = services
+        self.concurrency = concurrency
+        self.lease = timedelta(seconds=lease_seconds)
+        self.poll_seconds = poll_seconds
+        self.grace_seconds = grace_seconds
+        self.retry_policy = retry_policy
+        self.registry = registry if registry is not None else load_handlers()
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._active: dict[int, asyncio.Task[None]] = {}
+        self._in_flight: dict[int, list[int]] = {}
+        self._stopping = asyncio.Event()
+        self._periodic: list[_Periodic] = []
+        self.add_periodic("retention", 600.0, _retention)
+
+    @property
+    def _postgres(self) -> bool:
+        return not self.services.settings.is_sqlite
+
+    def add_periodic(self, name: str, every_seconds: float, job: PeriodicJob) -> None:
+        """Run `job` every `every_seconds` in at most one worker across all processes."""
+        self._periodic.append(_Periodic(name, every_seconds, job))
+
+    def stop(self) -> None:
+        """Stop claiming; in-flight batches finish or are released within the grace period."""
+        self._stopping.set()
+
+    # --- the loops ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve portals until `stop()`; then finish or release in-flight work."""
+        log.info("worker started", extra={"worker_id": self.worker_id})
+        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat")
+        periodic = asyncio.create_task(self._periodic_loop(), name="worker-periodic")
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._fill_slots()
+                except Exception:
+                    log.exception("claiming portals failed; retrying")
+                await self._wait_for_work()
+        finally:
+            periodic.cancel()
+            await self._shutdown()
+            heartbeat.cancel()
+            for task in (heartbeat, periodic):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            log.info("worker stopped", extra={"worker_id": self.worker_id})
+
+    async def run_until_signalled(self) -> None:
+        """`run()`, stopping gracefully on SIGTERM or SIGINT."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+        try:
+            await self.run()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+    async def drain(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 (a deadline, not a cancel scope)
+        """Handle events until none is pending or in progress (for tests and one-off runs)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            await self._fill_slots()
+            if self._active:
+                await asyncio.wait(list(self._active.values()), timeout=self.poll_seconds)
+                continue
+            if not await self._has_unfinished_events():
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"events still unfinished after {timeout} s")
+            await asyncio.sleep(min(self.poll_seconds, 0.05))
+
+    async def _wait_for_work(self) -> None:
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._stopping.wait())]
+        if len(self._active) >= self.concurrency:
+            waiters.extend(self._active.values())
+        await asyncio.wait(waiters, timeout=self.poll_seconds, return_when=asyncio.FIRST_COMPLETED)
+        waiters[0].cancel()
+
+    async def _fill_slots(self) -> None:
+        self._active = {p: t for p, t in self._active.items() if not t.done()}
+        free = self.concurrency - len(self._active)
+        if free <= 0 or self._stopping.is_set():
+            return
+        for portal_id in await self._claim_portals(free):
+            self._active[portal_id] = asyncio.create_task(
+                self._serve_portal(portal_id), name=f"portal-{portal_id}"
+            )
+
+    async def _shutdown(self) -> None:
+        tasks = [task for task in self._active.values() if not task.done()]
+        if tasks:
+            _, still_running = await asyncio.wait(tasks, timeout=self.grace_seconds)
+            for task in still_running:
+                task.cancel()
+            for task in still_running:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._active.clear()
+
+    # --- claiming portals -----------------------------------------------------------
+
+    async def _claim_portals(self, limit: int) -> list[int]:
+        """Take the leases of up to `limit` portals with due work, oldest work first."""
+        now = utcnow()
+        live_leases = sa.select(col(PortalLease.portal_id)).where(col(PortalLease.expires_at) > now)
+        due = sa.func.min(col(InboxEvent.run_after))
+        query = (
+            sa.select(col(InboxEvent.portal_id))
+            .where(
+                sa.or_(
+                    sa.and_(
+                        col(InboxEvent.status) == EventStatus.pending,
+                        col(InboxEvent.run_after) <= now,
+                    ),
+                    # In progress with no live portal lease: its worker died.
+                    col(InboxEvent.status) == EventStatus.in_progress,
+                ),
+                col(InboxEvent.portal_id).not_in(live_leases),
+            )
+            .group_by(col(InboxEvent.portal_id))
+            .order_by(due)
+            .limit(limit + len(self._active))
+        )
+        async with transaction(self.services.sessions) as session:
+            candidates = [
+                p for p in (await session.execute(query)).scalars() if p not in self._active
+            ]
+            claimed = []
+            for portal_id in candidates[:limit]:
+                if await self._acquire_portal(portal_id, session=session):
+                    claimed.append(portal_id)
+        return claimed
+
+    async def _acquire_portal(self, portal_id: int, *, session: AsyncSession) -> bool:
+        now = utcnow()
+        insert = pg_insert if self._postgres else sqlite_insert
+        statement = (
+            insert(PortalLease)
+            .values(portal_id=portal_id, owner=self.worker_id, expires_at=now + self.lease)
+            .on_conflict_do_update(
+                index_elements=["portal_id"],
+                set_={"owner": self.worker_id, "expires_at": now + self.lease},
+                # Only a free or expired lease changes hands; on PostgreSQL a
+                # concurrent claimer waits on the row and then sees it taken.
+                where=sa.or_(
+                    col(PortalLease.expires_at).is_(None), col(PortalLease.expires_at) < now
+                ),
+            )
+            .returning(col(PortalLease.portal_id))
+        )
+        return (await session.execute(statement)).scalar_one_or_none() is not None
+
+    async def _release_portal(self, portal_id: int) -> None:
+        async with transaction(self.services.sessions) as session:
+            await session.execute(
+                sa.update(PortalLease)
+                .where(
+                    col(PortalLease.portal_id) == portal_id,
+                    col(PortalLease.owner) == self.worker_id,
+                )
+                .values(owner=None, expires_at=None)
+            )
+
+    # --- serving one portal ---------------------------------------------------------
+
+    async def _serve_portal(self, portal_id: int) -> None:
+        token = portal_id_var.set(portal_id)
+        try:
+            for _ in range(BATCHES_PER_TURN):
+                if self._stopping.is_set():
+                    break
+                batch = await self._claim_batch(portal_id)
+                if batch is None:
+                    break
+                if not await self._run_batch(batch):
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("serving a portal failed; its lease will be released")
+        finally:
+            portal_id_var.reset(token)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._release_portal(portal_id))
+
+    async def _claim_batch(self, portal_id: int) -> _Batch | None:
+        """Mark the portal's next run of due events of one handler as ours; None when idle."""
+        while True:
+            now = utcnow()
+            async with transaction(self.services.sessions) as session:
+                await self._recover_abandoned(portal_id, session=session)
+                query = (
+                    sa.select(InboxEvent)
+                    .where(
+                        col(InboxEvent.portal_id) == portal_id,
+                        col(InboxEvent.status) == EventStatus.pending,
+                        col(InboxEvent.run_after) <= now,
+                    )
+                    .order_by(col(InboxEvent.occurred_at), col(InboxEvent.id))
+                    .limit(MAX_FETCH)
+                )
+                if self._postgres:
+                    query = query.with_for_update(skip_locked=True)
+                rows = list((await session.execute(query)).scalars())
+                if not rows:
+                    return None
+                spec = self.registry.lookup(rows[0].type)
+                run = [rows[0]]
+                for row in rows[1:]:
+                    if self.registry.lookup(row.type) is not spec:
+                        break
+                    run.append(row)
+                if spec is None:
+                    await self._finish_unhandled(run, session=session)
+                    continue
+                run = run[: spec.batch_size]
+                ids = [row.id for row in run]
+                await session.execute(
+                    sa.update(InboxEvent)
+                    .where(col(InboxEvent.id).in_(ids))
+                    .values(
+                        status=EventStatus.in_progress,
+                        lease_owner=self.worker_id,
+                        lease_expires_at=now + self.lease,
+                        attempts=InboxEvent.attempts + 1,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                for row in run:
+                    row.attempts += 1
+                return _Batch(portal_id, spec, run)
+
+    async def _recover_abandoned(self, portal_id: int, *, session: AsyncSession) -> None:
+        """Put back events a crashed worker left in progress; we hold the portal's lease now."""
+        abandoned = sa.and_(
+            col(InboxEvent.portal_id) == portal_id,
+            col(InboxEvent.status) == EventStatus.in_progress,
+        )
+        # A crash counts as an attempt, so an event that kills its worker every time
+        # ends failed instead of taking workers down forever.
+        await session.execute(
+            sa.update(InboxEvent)
+            .where(abandoned, col(InboxEvent.attempts) >= self.retry_policy.max_attempts)
+            .values(
+                status=EventStatus.failed,
+                last_error="the worker handling it stopped before finishing, every attempt",
+                lease_owner=None,
+                lease_expires_at=None,
+                finished_at=utcnow(),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        await session.execute(
+            sa.update(InboxEvent)
+            .where(abandoned)
+            .values(status=EventStatus.pending, lease_owner=None, lease_expires_at=None)
+            .execution_options(synchronize_session=False)
+        )
+
+    async def _finish_unhandled(self, run: list[InboxEvent], *, session: AsyncSession) -> None:
+        await session.execute(
+            sa.update(InboxEvent)
+            .where(col(InboxEvent.id).in_([row.id for row in run]))
+            .values(status=EventStatus.skipped, finished_at=utcnow(), last_error=None)
+            .execution_options(synchronize_session=False)
+        )
+
+    async def _run_batch(self, batch: _Batch) -> bool:
+        """Run the handler and record its outcomes; False when the portal must not be served on."""
+        cipher = self.services.cipher
+        views: list[EventView] = []
+        outcomes: dict[int, Outcome] = {}
+        for row in batch.events:
+            assert row.id is not None
+            try:
+                payload = read_payload(row, cipher)
+            except CryptoError as error:
+                outcomes[row.id] = error
+                continue
+            views.append(
+                EventView(
+                    id=row.id,
+                    portal_id=row.portal_id,
+                    source=row.source,
+                    type=row.type,
+                    occurred_at=row.occurred_at,
+                    received_at=row.received_at,
+                    attempts=row.attempts,
+                    payload=payload,
+                )
+            )
+        context = HandlerContext(self.services, batch.portal_id, self.worker_id)
+        self._in_flight[batch.portal_id] = [view.id for view in views]
+        try:
+            if views:
+                try:
+                    outcomes.update(await batch.spec.handle(context, views) or {})
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    outcomes.update({view.id: error for view in views if view.id not in outcomes})
+        except asyncio.CancelledError:
+            await asyncio.shield(self._release_batch(batch))
+            raise
+        finally:
+            self._in_flight.pop(batch.portal_id, None)
+        try:
+            return await self._record(batch, outcomes)
+        except LeaseLost:
+            log.warning("lost the lease on a batch; another worker took it over")
+            return False
+
+    async def _record(self, batch: _Batch, outcomes: dict[int, Outcome]) -> bool:
+        now = utcnow()
+        keep_serving = True
+        async with transaction(self.services.sessions) as session:
+            for row in batch.events:
+                assert row.id is not None
+                outcome = outcomes.get(row.id, Done())
+                mine = sa.and_(
+                    col(InboxEvent.id) == row.id,
+                    col(InboxEvent.lease_owner) == self.worker_id,
+                    col(InboxEvent.status) == EventStatus.in_progress,
+                )
+                values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
+                if isinstance(outcome, Done):
+                    values |= {
+                        "status": EventStatus.done,
+                        "finished_at": now,
+                        "last_error": None,
+                        "result": json.dumps(outcome.result) if outcome.result else None,
+                    }
+                    if outcome.contact_id is not None:
+                        values["contact_id"] = outcome.contact_id
+                else:
+                    decision = self.retry_policy.decide(outcome, row.attempts)
+                    values["last_error"] = describe_error(outcome)
+                    if decision.action is Action.retry:
+                        values |= {
+                            "status": EventStatus.pending,
+                            "run_after": now + timedelta(seconds=decision.delay),
+                        }
+                    elif decision.action is Action.fail:
+                        values |= {"status": EventStatus.failed, "finished_at": now}
+                    else:
+                        # The portal cannot be served now: waiting is not an attempt.
+                        values |= {"status": EventStatus.parked, "attempts": row.attempts - 1}
+                        keep_serving = False
+                    log.warning(
+                        "event %s %s: %s",
+                        row.id,
+                        decision.action,
+                        values["last_error"],
+                        extra={"event_type": row.type, "attempt": row.attempts},
+                    )
+                result = await session.execute(
+                    sa.update(InboxEvent)
+                    .where(mine)
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+                if rowcount(result) != 1:
+                    raise LeaseLost(row.id)
+                if isinstance(outcome, Done) and outcome.write is not None:
+                    await outcome.write(session)
+            if not keep_serving:
+                await park_portal_events(batch.portal_id, session=session)
+        return keep_serving
+
+    async def _release_batch(self, batch: _Batch) -> None:
+        """Give back a batch we stopped in the middle of; its attempt does not count."""
+        ids = [row.id for row in batch.events]
+        with contextlib.suppress(Exception):
+            async with transaction(self.services.sessions) as session:
+                await session.execute(
+                    sa.update(InboxEvent)
+                    .where(
+                        col(InboxEvent.id).in_(ids),
+                        col(InboxEvent.lease_owner) == self.worker_id,
+                        col(InboxEvent.status) == EventStatus.in_progress,
+                    )
+                    .values(
+                        status=EventStatus.pending,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        attempts=InboxEvent.attempts - 1,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+            log.info("released %d in-flight events", len(ids))
+
+    # --- leases, periodic jobs, bookkeeping ------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._renew_leases()
+            except Exception:
+                log.exception("renewing leases failed")
+
+    async def _renew_leases(self) -> None:
+        portals = [p for p, task in self._active.items() if not task.done()]
+        if not portals:
+            return
+        expires = utcnow() + self.lease
+        async with transaction(self.services.sessions) as session:
+            renewed = await session.execute(
+                sa.update(PortalLease)
+                .where(
+                    col(PortalLease.portal_id).in_(portals),
+                    col(PortalLease.owner) == self.worker_id,
+                )
+                .values(expires_at=expires)
+                .returning(col(PortalLease.portal_id))
+            )
+            kept = set(renewed.scalars())
+            await session.execute(
+                sa.update(InboxEvent)
+                .where(
+                    col(InboxEvent.lease_owner) == self.worker_id,
+                    col(InboxEvent.status) == EventStatus.in_progress,
+                )
+                .values(lease_expires_at=expires)
+                .execution_options(synchronize_session=False)
+            )
+        for portal_id in set(portals) - kept:
+            # Someone took the portal over while we could not renew: stop serving it.
+            log.warning(
+                "lost the lease of a portal; stopping its work", extra={"lost_portal": portal_id}
+            )
+            self._active[portal_id].cancel()
+
+    async def _periodic_loop(self) -> None:
+        while True:
+            for job in self._periodic:
+                if time.monotonic() >= job.next_run:
+                    job.next_run = time.monotonic() + job.every_seconds
+                    try:
+                        if await self._acquire_singleton(job.name, job.every_seconds):
+                            await job.job(self.services)
+                    except Exception:
+                        log.exception("periodic job %s failed", job.name)
+            await asyncio.sleep(min(1.0, self.poll_seconds * 2))
+
+    async def _acquire_singleton(self, name: str, hold_seconds: float) -> bool:
+        """Take the app-wide lease `name` if free or expired, for `hold_seconds`."""
+        now = utcnow()
+        insert = pg_insert if self._postgres else sqlite_insert
+        expires = now + timedelta(seconds=hold_seconds)
+        statement = (
+            insert(Lease)
+            .values(name=name, owner=self.worker_id, expires_at=expires)
+            .on_conflict_do_update(
+                index_elements=["name"],
+                set_={"owner": self.worker_id, "expires_at": expires},
+                where=sa.or_(col(Lease.expires_at).is_(None), col(Lease.expires_at) <= now),
+            )
+            .returning(col(Lease.name))
+        )
+        async with transaction(self.services.sessions) as session:
+            return (await session.execute(statement)).scalar_one_or_none() is not None
+
+    async def _has_unfinished_events(self) -> bool:
+        query = sa.select(col(InboxEvent.id)).where(
+            col(InboxEvent.status).in_([EventStatus.pending, EventStatus.in_progress])
+        )
+        async with self.services.sessions() as session:
+            return (await session.execute(query.limit(1))).first() is not None
+
+
+def describe_error(error: BaseException) -> str:
+    """The error as an operator reads it, with anything that looks like a secret or PII removed."""
+    text = str(error) or type(error).__name__
+    if not isinstance(error, CryptoError) and type(error).__module__ != "app.errors":
+        text = f"{type(error).__name__}: {text}"
+    return redact_text(text)[:MAX_ERROR_LENGTH]
+
+
+async def _retention(services: Services) -> None:
+    """Delete handled events' payloads, old parked events and expired OAuth states."""
+    settings = services.settings
+    async with transaction(services.sessions) as session:
+        payloads, parked = await purge_expired(
+            session=session,
+            event_retention=timedelta(days=settings.event_retention_days),
+            parked_retention=timedelta(days=settings.parked_retention_days),
+        )
+        await session.execute(
+            sa.delete(OAuthState)
+            .where(col(OAuthState.expires_at) < utcnow())
+            .execution_options(synchronize_session=False)
+        )
+    if payloads or parked:
+        log.info("retention: deleted %d payloads and %d parked events", payloads, parked)

@@ -1,0 +1,142 @@
+"""The inbox: enqueue in the caller's transaction, idempotent, encrypted, retained as configured."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from sqlmodel import col
+
+from app.crypto import TokenCipher, generate_key
+from app.db import SessionFactory, transaction
+from app.errors import CryptoError
+from app.inbox import NewEvent, enqueue, purge_expired, read_payload
+from app.models import EventSource, EventStatus, InboxEvent, utcnow
+from tests.conftest import TEST_KEY
+
+
+def call_event(key: str = "evt_1", portal_id: int = 1001, **payload: object) -> NewEvent:
+    return NewEvent(
+        portal_id=portal_id,
+        source=EventSource.receptionist,
+        type="call.completed",
+        idempotency_key=key,
+        occurred_at=datetime(2026, 3, 2, 14, 30, tzinfo=UTC),
+        payload={"summary": "Wants a cleaning", **payload},
+    )
+
+
+async def count_events(sessions: SessionFactory) -> int:
+    async with sessions() as session:
+        return (
+            await session.execute(sa.select(sa.func.count()).select_from(InboxEvent))
+        ).scalar_one()
+
+
+async def test_event_enqueued_in_a_rolled_back_transaction_is_not_stored(
+    sessions: SessionFactory, cipher: TokenCipher
+) -> None:
+    with pytest.raises(RuntimeError):
+        async with transaction(sessions) as session:
+            await enqueue(call_event(), session=session, cipher=cipher)
+            raise RuntimeError("the caller failed after enqueueing")
+    assert await count_events(sessions) == 0
+
+
+async def test_event_enqueued_twice_is_stored_once(
+    sessions: SessionFactory, cipher: TokenCipher
+) -> None:
+    async with transaction(sessions) as session:
+        first = await enqueue(call_event(), session=session, cipher=cipher)
+    async with transaction(sessions) as session:
+        again = await enqueue(call_event(summary="changed"), session=session, cipher=cipher)
+    assert first.created
+    assert not again.created
+    assert again.event_id == first.event_id
+    assert await count_events(sessions) == 1
+
+
+async def test_same_key_in_another_portal_or_source_is_another_event(
+    sessions: SessionFactory, cipher: TokenCipher
+) -> None:
+    async with transaction(sessions) as session:
+        a = await enqueue(call_event(portal_id=1001), session=session, cipher=cipher)
+        b = await enqueue(call_event(portal_id=1002), session=session, cipher=cipher)
+        hubspot = NewEvent(1001, EventSource.hubspot, "contact.creation", "evt_1", utcnow(), {})
+        c = await enqueue(hubspot, session=session, cipher=cipher)
+    assert [a.created, b.created, c.created] == [True, True, True]
+    assert await count_events(sessions) == 3
+
+
+async def test_twenty_concurrent_enqueues_of_one_event_store_one_row(
+    sessions: SessionFactory, cipher: TokenCipher
+) -> None:
+    async def deliver() -> bool:
+        async with transaction(sessions) as session:
+            return (await enqueue(call_event(), session=session, cipher=cipher)).created
+
+    created = await asyncio.gather(*(deliver() for _ in range(20)))
+    assert created.count(True) == 1
+    assert await count_events(sessions) == 1
+
+
+async def test_payload_is_encrypted_and_bound_to_its_row(
+    sessions: SessionFactory, cipher: TokenCipher
+) -> None:
+    async with transaction(sessions) as session:
+        await enqueue(call_event("a", caller_phone="+14155550100"), session=session, cipher=cipher)
+        await enqueue(call_event("b"), session=session, cipher=cipher)
+    async with sessions() as session:
+        rows = list(
+            (await session.execute(sa.select(InboxEvent).order_by(col(InboxEvent.id)))).scalars()
+        )
+    assert b"4155550100" not in rows[0].payload_ct
+    assert read_payload(rows[0], cipher)["caller_phone"] == "+14155550100"
+    rows[1].payload_ct = rows[0].payload_ct
+    with pytest.raises(CryptoError):
+        read_payload(rows[1], cipher)
+
+
+async def test_duplicate_is_recognised_during_key_rotation(
+    sessions: SessionFactory, cipher: TokenCipher
+) -> None:
+    async with transaction(sessions) as session:
+        await enqueue(call_event(), session=session, cipher=cipher)
+    rotated = TokenCipher.from_setting(f"{generate_key()},{TEST_KEY}")
+    async with transaction(sessions) as session:
+        again = await enqueue(call_event(), session=session, cipher=rotated)
+    assert not again.created
+
+
+async def test_retention_deletes_old_payloads_and_old_parked_events(
+    sessions: SessionFactory, cipher: TokenCipher
+) -> None:
+    async with transaction(sessions) as session:
+        ids = [
+            (await enqueue(call_event(key), session=session, cipher=cipher)).event_id
+            for key in ("old-done", "new-done", "old-parked", "pending")
+        ]
+    long_ago = utcnow() - timedelta(days=40)
+    async with transaction(sessions) as session:
+        for event_id, status, when in [
+            (ids[0], EventStatus.done, long_ago),
+            (ids[1], EventStatus.done, utcnow()),
+            (ids[2], EventStatus.parked, long_ago),
+        ]:
+            await session.execute(
+                sa.update(InboxEvent)
+                .where(col(InboxEvent.id) == event_id)
+                .values(status=status, finished_at=when, received_at=when)
+            )
+        payloads, parked = await purge_expired(
+            session=session, event_retention=timedelta(days=30), parked_retention=timedelta(days=30)
+        )
+    assert (payloads, parked) == (1, 1)
+    async with sessions() as session:
+        rows = {row.id: row for row in (await session.execute(sa.select(InboxEvent))).scalars()}
+    assert rows[ids[0]].payload_ct is None
+    assert rows[ids[1]].payload_ct is not None
+    assert ids[2] not in rows
+    assert rows[ids[3]].payload_ct is not None

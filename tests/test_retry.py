@@ -1,0 +1,66 @@
+"""The retry policy is a pure function: tested without a database or a clock."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app.errors import (
+    HubSpotRateLimited,
+    HubSpotUnavailable,
+    HubSpotValidationError,
+    PermanentError,
+    PortalUnavailable,
+    RefreshRejected,
+)
+from app.retry import Action, RetryPolicy
+
+POLICY = RetryPolicy(base_seconds=2.0, cap_seconds=300.0, max_attempts=8)
+
+
+@given(attempt=st.integers(min_value=1, max_value=7), seed=st.integers())
+def test_delay_is_full_jitter_within_the_exponential_ceiling(attempt: int, seed: int) -> None:
+    decision = POLICY.decide(HubSpotUnavailable("503"), attempt, rng=random.Random(seed))
+    assert decision.action is Action.retry
+    assert 0 <= decision.delay <= min(300.0, 2.0 * 2 ** (attempt - 1))
+
+
+def test_ceiling_doubles_then_caps() -> None:
+    assert [POLICY.ceiling(n) for n in range(1, 10)] == [2, 4, 8, 16, 32, 64, 128, 256, 300]
+
+
+def test_jitter_spreads_delays() -> None:
+    delays = {POLICY.decide(RuntimeError(), 5, rng=random.Random(seed)).delay for seed in range(50)}
+    assert len(delays) == 50
+    assert min(delays) < 8 < max(delays)
+
+
+def test_last_attempt_fails() -> None:
+    assert POLICY.decide(RuntimeError("boom"), 8).action is Action.fail
+    assert POLICY.decide(RuntimeError("boom"), 7).action is Action.retry
+
+
+@pytest.mark.parametrize(
+    "error",
+    [PermanentError("bad data"), HubSpotValidationError("VALIDATION_ERROR", status_code=400)],
+)
+def test_permanent_errors_fail_at_once(error: Exception) -> None:
+    assert POLICY.decide(error, 1).action is Action.fail
+
+
+@pytest.mark.parametrize(
+    "error",
+    [PortalUnavailable(1001, "needs re-authorization"), RefreshRejected("invalid_grant")],
+)
+def test_portal_errors_park_without_an_attempt_limit(error: Exception) -> None:
+    assert POLICY.decide(error, 1).action is Action.park
+    assert POLICY.decide(error, 99).action is Action.park
+
+
+def test_rate_limit_waits_at_least_as_long_as_hubspot_asked() -> None:
+    error = HubSpotRateLimited("429", status_code=429, retry_after=9.0)
+    for seed in range(20):
+        assert POLICY.decide(error, 1, rng=random.Random(seed)).delay >= 9.0

@@ -1,0 +1,376 @@
+"""The worker: order, isolation between portals, retries, parking, crashes and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from app.db import transaction
+from app.errors import PermanentError, PortalUnavailable
+from app.inbox import (
+    Done,
+    EventView,
+    HandlerContext,
+    NewEvent,
+    Registry,
+    enqueue,
+    unpark_portal_events,
+)
+from app.main import Services, close_services, open_services
+from app.models import EventSource, EventStatus, InboxEvent
+from app.retry import RetryPolicy
+from app.settings import Settings
+from app.worker import Worker
+from tests.conftest import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TEST_KEY
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST_RETRIES = RetryPolicy(base_seconds=0.01, cap_seconds=0.05, max_attempts=3)
+BASE_TIME = datetime(2026, 3, 2, 14, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def core(settings: Settings) -> AsyncIterator[Services]:
+    resources = await open_services(settings)
+    yield resources
+    await close_services(resources)
+
+
+async def add_events(
+    core: Services, portal_id: int, count: int, *, event_type: str = "test.work", start: int = 0
+) -> list[int]:
+    """Enqueue `count` events with shuffled occurred_at; returns their ids in occurred_at order."""
+    minutes = list(range(start, start + count))
+    shuffled = random.sample(minutes, len(minutes))
+    ids_by_minute = {}
+    async with transaction(core.sessions) as session:
+        for minute in shuffled:
+            event = NewEvent(
+                portal_id,
+                EventSource.internal,
+                event_type,
+                f"{portal_id}-{minute}",
+                BASE_TIME + timedelta(minutes=minute),
+                {"minute": minute},
+            )
+            ids_by_minute[minute] = (
+                await enqueue(event, session=session, cipher=core.cipher)
+            ).event_id
+    return [ids_by_minute[m] for m in minutes]
+
+
+async def statuses(core: Services) -> dict[int, InboxEvent]:
+    async with core.sessions() as session:
+        return {e.id: e for e in (await session.execute(sa.select(InboxEvent))).scalars() if e.id}
+
+
+@pytest.mark.parametrize("batch_size", [1, 7])
+async def test_portal_events_are_handled_in_occurred_at_order(
+    core: Services, batch_size: int
+) -> None:
+    registry = Registry()
+    seen: list[int] = []
+
+    @registry.handler("test.work", batch_size=batch_size)
+    async def work(_context: HandlerContext, events: list[EventView]) -> None:
+        assert len(events) <= batch_size
+        seen.extend(e.payload["minute"] for e in events)
+
+    await add_events(core, 1001, 25)
+    await Worker(core, registry=registry, poll_seconds=0.01).drain(timeout=20)
+    assert seen == list(range(25))
+    assert {e.status for e in (await statuses(core)).values()} == {EventStatus.done}
+
+
+async def test_a_slow_portal_does_not_delay_another(core: Services) -> None:
+    registry = Registry()
+    release = asyncio.Event()
+    finished: dict[int, float] = {}
+
+    @registry.handler("test.work")
+    async def work(context: HandlerContext, _events: list[EventView]) -> None:
+        if context.portal_id == 1:
+            await release.wait()
+        finished[context.portal_id] = time.monotonic()
+
+    await add_events(core, 1, 1)
+    await add_events(core, 2, 3)
+    worker = Worker(core, registry=registry, poll_seconds=0.01)
+    running = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(10):
+            while [e.status for e in (await statuses(core)).values() if e.portal_id == 2] != [
+                EventStatus.done
+            ] * 3:
+                await asyncio.sleep(0.01)
+        assert 1 not in finished, "the slow portal finished first?"
+        release.set()
+        async with asyncio.timeout(10):
+            while 1 not in finished:
+                await asyncio.sleep(0.01)
+    finally:
+        worker.stop()
+        await running
+
+
+async def test_a_handler_that_always_fails_ends_failed_with_its_last_error(core: Services) -> None:
+    registry = Registry()
+    calls = 0
+
+    @registry.handler("test.work")
+    async def work(_context: HandlerContext, _events: list[EventView]) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError(f"HubSpot fell over (call {calls})")
+
+    [event_id] = await add_events(core, 1001, 1)
+    await Worker(core, registry=registry, retry_policy=FAST_RETRIES, poll_seconds=0.01).drain(
+        timeout=20
+    )
+    event = (await statuses(core))[event_id]
+    assert calls == 3
+    assert event.status == EventStatus.failed
+    assert event.attempts == 3
+    assert event.last_error == "RuntimeError: HubSpot fell over (call 3)"
+
+
+async def test_outcomes_are_per_event_within_a_batch(core: Services) -> None:
+    registry = Registry()
+
+    @registry.handler("test.work", batch_size=10)
+    async def work(_context: HandlerContext, events: list[EventView]) -> dict[int, Any]:
+        return {
+            events[1].id: PermanentError("HubSpot rejected the email"),
+            events[2].id: Done(result={"contact": "7"}, contact_id="7"),
+        }
+
+    ids = await add_events(core, 1001, 3)
+    await Worker(core, registry=registry, retry_policy=FAST_RETRIES, poll_seconds=0.01).drain()
+    events = await statuses(core)
+    assert [events[i].status for i in ids] == ["done", "failed", "done"]
+    assert events[ids[1]].last_error == "HubSpot rejected the email"
+    assert events[ids[2]].contact_id == "7"
+
+
+async def test_a_type_without_handler_is_skipped(core: Services) -> None:
+    [event_id] = await add_events(core, 1001, 1, event_type="nobody.handles.this")
+    await Worker(core, registry=Registry(), poll_seconds=0.01).drain()
+    assert (await statuses(core))[event_id].status == EventStatus.skipped
+
+
+async def test_an_unavailable_portal_parks_its_events_until_unparked(core: Services) -> None:
+    registry = Registry()
+    unavailable = {1001}
+    handled: list[int] = []
+
+    @registry.handler("test.work")
+    async def work(context: HandlerContext, events: list[EventView]) -> None:
+        if context.portal_id in unavailable:
+            raise PortalUnavailable(context.portal_id, "needs re-authorization")
+        handled.extend(e.id for e in events)
+
+    ids = await add_events(core, 1001, 4)
+    other = await add_events(core, 1002, 1)
+    worker = Worker(core, registry=registry, retry_policy=FAST_RETRIES, poll_seconds=0.01)
+    await worker.drain()
+    events = await statuses(core)
+    assert [events[i].status for i in ids] == [EventStatus.parked] * 4
+    assert [events[i].attempts for i in ids] == [0] * 4, "waiting must not burn attempts"
+    assert handled == other, "another portal's events are not held up"
+    unavailable.clear()
+    await worker.drain()
+    assert handled == other, "parked events wait until they are un-parked"
+    async with transaction(core.sessions) as session:
+        assert await unpark_portal_events(1001, session=session) == 4
+    await worker.drain()
+    assert handled == other + ids
+
+
+async def test_done_is_not_recorded_when_another_worker_took_the_events(core: Services) -> None:
+    registry = Registry()
+    writes: list[int] = []
+
+    @registry.handler("test.work")
+    async def work(_context: HandlerContext, events: list[EventView]) -> dict[int, Any]:
+        async with transaction(core.sessions) as session:
+            # What a takeover after our lease expired looks like from the database.
+            await session.execute(sa.update(InboxEvent).values(lease_owner="someone-else"))
+
+        async def write(_session: Any) -> None:
+            writes.append(events[0].id)
+
+        return {events[0].id: Done(write=write)}
+
+    [event_id] = await add_events(core, 1001, 1)
+    worker = Worker(core, registry=registry, poll_seconds=0.01)
+    await worker._fill_slots()
+    await asyncio.gather(*worker._active.values())
+    event = (await statuses(core))[event_id]
+    assert event.status == EventStatus.in_progress
+    assert event.lease_owner == "someone-else"
+    assert writes == []
+
+
+# --- real worker processes ---------------------------------------------------------------
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "HUBSPOT_CLIENT_ID": TEST_CLIENT_ID,
+        "HUBSPOT_CLIENT_SECRET": TEST_CLIENT_SECRET,
+        "TOKEN_ENCRYPTION_KEYS": TEST_KEY,
+        "JOURNAL_POLL_SECONDS": "0",
+        "PYTHONPATH": str(ROOT),
+        **extra,
+    }
+
+
+class WorkerProcess:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "worker_process.py")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+        )
+        self.lines: list[str] = []
+
+    async def wait_for(self, prefix: str, timeout: float = 30) -> str:
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = await asyncio.to_thread(self.process.stdout.readline)
+            if not line:
+                break
+            self.lines.append(line.strip())
+            if line.startswith(prefix):
+                return line.strip()
+        raise AssertionError(f"worker never printed {prefix!r}; it printed {self.lines}")
+
+    def kill(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    async def wait(self, timeout: float = 30) -> int:
+        return await asyncio.to_thread(self.process.wait, timeout)
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@pytest.fixture
+async def handled_table(core: Services) -> Callable[[], Any]:
+    async with transaction(core.sessions) as session:
+        await session.execute(
+            sa.text(
+                "CREATE TABLE test_handled (event_id BIGINT, portal_id BIGINT, worker TEXT, "
+                "started DOUBLE PRECISION, finished DOUBLE PRECISION)"
+            )
+        )
+
+    async def rows() -> list[tuple[int, int, str, float, float]]:
+        async with core.sessions() as session:
+            result = await session.execute(sa.text("SELECT * FROM test_handled"))
+            return [tuple(row) for row in result]  # type: ignore[misc]
+
+    return rows
+
+
+async def wait_until_all_done(core: Services, timeout: float = 60) -> dict[int, InboxEvent]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = await statuses(core)
+        if all(e.status == EventStatus.done for e in events.values()):
+            return events
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not all done: {[(e.id, e.status) for e in events.values()]}")
+
+
+@pytest.mark.slow
+async def test_a_killed_worker_is_taken_over_and_every_event_is_done_once(
+    core: Services, settings: Settings, handled_table: Callable[[], Any]
+) -> None:
+    ids = await add_events(core, 1001, 30)
+    doomed_env = worker_env(settings, HANDLER_SECONDS="30", LEASE_SECONDS="1", WORKER_ID="doomed")
+    with WorkerProcess(doomed_env) as doomed:
+        await doomed.wait_for("handling")
+        doomed.kill(signal.SIGKILL)
+        await doomed.wait()
+    in_flight = [e for e in (await statuses(core)).values() if e.status == EventStatus.in_progress]
+    assert in_flight, "the SIGKILL should have left a batch in progress"
+    with WorkerProcess(worker_env(settings, LEASE_SECONDS="1", WORKER_ID="heir")) as heir:
+        events = await wait_until_all_done(core)
+        heir.kill(signal.SIGTERM)
+        assert await heir.wait() == 0
+    handled = await handled_table()
+    assert sorted(row[0] for row in handled) == sorted(ids), "each event completed exactly once"
+    assert {row[2] for row in handled} == {"heir"}
+    assert all(events[i].attempts >= 1 for i in ids)
+
+
+@pytest.mark.slow
+async def test_sigterm_releases_a_long_batch_which_is_later_handled_once(
+    core: Services, settings: Settings, handled_table: Callable[[], Any]
+) -> None:
+    ids = await add_events(core, 1001, 3)
+    env = worker_env(settings, HANDLER_SECONDS="60", GRACE_SECONDS="0.3", WORKER_ID="stopping")
+    with WorkerProcess(env) as stopping:
+        await stopping.wait_for("handling")
+        stopping.kill(signal.SIGTERM)
+        assert await stopping.wait(timeout=15) == 0
+    events = await statuses(core)
+    assert [events[i].status for i in ids] == [EventStatus.pending] * 3
+    assert [events[i].attempts for i in ids] == [0] * 3, "a released attempt does not count"
+    with WorkerProcess(worker_env(settings, WORKER_ID="next")) as following:
+        await wait_until_all_done(core)
+        following.kill(signal.SIGTERM)
+        await following.wait()
+    assert sorted(row[0] for row in await handled_table()) == sorted(ids)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_only
+async def test_two_workers_never_serve_one_portal_at_once(
+    core: Services, settings: Settings, handled_table: Callable[[], Any]
+) -> None:
+    ids = []
+    for portal_id in range(1, 13):
+        ids += await add_events(core, portal_id, 15)
+    extra = {"HANDLER_SECONDS": "0.05", "BATCH_SIZE": "3", "CONCURRENCY": "4"}
+    with (
+        WorkerProcess(worker_env(settings, WORKER_ID="one", **extra)),
+        WorkerProcess(worker_env(settings, WORKER_ID="two", **extra)),
+    ):
+        await wait_until_all_done(core, timeout=120)
+    handled = await handled_table()
+    assert sorted(row[0] for row in handled) == sorted(ids)
+    assert {row[2] for row in handled} == {"one", "two"}, "both workers should have taken part"
+    by_portal: dict[int, list[tuple[float, float, str]]] = {}
+    for _event, portal_id, worker, started, finished in handled:
+        by_portal.setdefault(portal_id, []).append((started, finished, worker))
+    for spans in by_portal.values():
+        spans = sorted(set(spans))
+        for (_s1, end1, w1), (start2, _e2, w2) in itertools.pairwise(spans):
+            assert w1 == w2 or start2 >= end1, "two workers handled one portal at the same time"
