@@ -208,4 +208,3 @@ def _load_extensions() -> None:
 
 def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str))
-
