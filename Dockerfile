@@ -1,0 +1,25 @@
+# Hubline: web app and worker in one image. Run the web app with the default command;
+# run workers with `hubline worker`. Migrations run once per deploy (`hubline migrate`).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN groupadd --system hubline && useradd --system --gid hubline --home-dir /srv/hubline hubline
+
+WORKDIR /srv/hubline
+COPY pyproject.toml README.md alembic.ini ./
+COPY app ./app
+COPY migrations ./migrations
+# Installed in place so `hubline migrate` finds migrations/ beside the package.
+RUN pip install -e . && chown -R hubline:hubline /srv/hubline
+
+USER hubline
+EXPOSE 8000
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status == 200 else 1)"
+
+ENTRYPOINT ["/bin/sh", "-c", "hubline migrate && exec hubline serve --host 0.0.0.0 --port 8000 \"$@\"", "--"]
