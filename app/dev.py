@@ -1,0 +1,269 @@
+"""`hubline dev` and `hubline sandbox`: Hubline with a local HubSpot, zero configuration.
+
+`hubline dev` is the only command that invents credentials and keys. It keeps them
+in a git-ignored file (`.hubline-dev.env`) so a restart keeps the installed portals
+readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+import uvicorn
+from sqlmodel import col
+
+from app import cli, db
+from app.crypto import TokenCipher, generate_key
+from app.models import Portal, PortalStatus
+from app.portals import current_secret
+from app.settings import Settings
+
+DEV_FILE = ".hubline-dev.env"
+DEV_DATABASE = "sqlite+aiosqlite:///./hubline-dev.db"
+DEMO_POLL_SECONDS = 2.0
+
+log = logging.getLogger(__name__)
+
+
+def load_or_create_dev_values(path: Path) -> dict[str, str]:
+    """The dev credentials and key, generated on first use and kept in `path` (mode 0600)."""
+    values: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            name, sep, value = line.partition("=")
+            if sep and not name.startswith("#"):
+                values[name.strip()] = value.strip()
+    wanted: dict[str, Callable[[], str]] = {
+        "HUBSPOT_CLIENT_ID": lambda: f"hubline-dev-{secrets.token_hex(6)}",
+        "HUBSPOT_CLIENT_SECRET": lambda: secrets.token_urlsafe(32),
+        "HUBSPOT_APP_ID": lambda: str(secrets.randbelow(9_000_000) + 1_000_000),
+        "TOKEN_ENCRYPTION_KEYS": generate_key,
+        "ADMIN_TOKEN": lambda: secrets.token_urlsafe(24),
+    }
+    missing = {name: make() for name, make in wanted.items() if not values.get(name)}
+    if missing:
+        values.update(missing)
+        lines = [
+            "# Made by `hubline dev` for the local sandbox only. Never use these in production."
+        ]
+        lines += [f"{name}={value}" for name, value in values.items()]
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+        path.write_text("\n".join(lines) + "\n")
+    return values
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to `hubline dev` (it runs two at once)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def cmd_dev(args: argparse.Namespace) -> int:
+    from app.logs import configure_logging
+    from app.main import create_app
+    from app.sandbox import SandboxConfig, create_sandbox_app
+    from app.settings import load_settings
+
+    configure_logging(args.log_level)
+    dev = load_or_create_dev_values(Path(args.dev_file))
+    hubline_url = f"http://{args.host}:{args.port}"
+    sandbox_url = f"http://{args.host}:{args.sandbox_port}"
+    environ = {
+        **os.environ,
+        **dev,
+        "HUBSPOT_API_URL": sandbox_url,
+        "HUBSPOT_AUTH_URL": sandbox_url,
+        "PUBLIC_URL": hubline_url,
+        "DATABASE_URL": os.environ.get("DATABASE_URL", DEV_DATABASE),
+        "JOURNAL_POLL_SECONDS": os.environ.get("JOURNAL_POLL_SECONDS", "5"),
+    }
+    settings = load_settings(environ)
+    sandbox_config = SandboxConfig(
+        client_id=settings.hubspot_client_id,
+        client_secret=settings.hubspot_client_secret.get_secret_value(),
+        app_id=int(dev["HUBSPOT_APP_ID"]),
+        public_url=sandbox_url,
+        redirect_uris=[settings.redirect_uri],
+        webhook_target_url=f"{hubline_url}/webhooks/hubspot",
+    )
+    servers = [
+        _Server(
+            uvicorn.Config(
+                create_app(settings, run_worker=True),
+                host=args.host,
+                port=args.port,
+                log_config=None,
+                access_log=False,
+            )
+        ),
+        _Server(
+            uvicorn.Config(
+                create_sandbox_app(sandbox_config),
+                host=args.host,
+                port=args.sandbox_port,
+                log_config=None,
+                access_log=False,
+            )
+        ),
+    ]
+
+    def stop() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    busy = [port for port in (args.port, args.sandbox_port) if not port_is_free(args.host, port)]
+    if busy:
+        print(f"hubline dev: could not start: port {busy[0]} is already in use", flush=True)
+        return 1
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop)
+    running = [asyncio.create_task(server.serve()) for server in servers]
+    while not all(server.started for server in servers):
+        if any(task.done() for task in running):
+            stop()
+            await asyncio.gather(*running, return_exceptions=True)
+            print("hubline dev: could not start (is a port already in use?)", flush=True)
+            return 1
+        await asyncio.sleep(0.05)
+    print_banner(hubline_url, sandbox_url, Path(args.dev_file), demo=args.demo)
+    demo = asyncio.create_task(demo_loop(settings, hubline_url)) if args.demo else None
+    await asyncio.gather(*running)
+    if demo is not None:
+        demo.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await demo
+    return 0
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def print_banner(hubline_url: str, sandbox_url: str, dev_file: Path, *, demo: bool) -> None:
+    lines = [
+        "",
+        "Hubline is running with a local HubSpot sandbox.",
+        f"  1. Open {hubline_url}/ and click Install.",
+        "  2. Approve one of the sandbox portals.",
+        "  3. The settings page shows the receptionist webhook URL and secret.",
+        f"  Sandbox HubSpot (contacts, timelines, API traffic): {sandbox_url}/",
+        f"  Admin console: {hubline_url}/admin (ADMIN_TOKEN is in {dev_file})",
+    ]
+    if demo:
+        lines.append("  Demo: realistic receptionist events go to every portal you install.")
+    print("\n".join(lines) + "\n", flush=True)
+
+
+async def demo_loop(settings: Settings, hubline_url: str) -> None:
+    """Send the demo events to each portal once, as soon as it is installed."""
+    from app.demo import send_demo
+
+    sent: set[int] = set()
+    engine = db.create_engine(settings.database_url)
+    sessions = db.session_factory(engine)
+    cipher = TokenCipher.from_setting(settings.token_encryption_keys.get_secret_value())
+    try:
+        while True:
+            targets: list[tuple[int, str]] = []
+            async with sessions() as session:
+                rows = await session.execute(
+                    sa.select(col(Portal.portal_id)).where(
+                        col(Portal.status) == PortalStatus.active
+                    )
+                )
+                for portal_id in rows.scalars():
+                    if portal_id in sent:
+                        continue
+                    secret = await current_secret(portal_id, session=session, cipher=cipher)
+                    if secret is not None:
+                        targets.append((portal_id, secret.reveal()))
+            if targets:
+                count = await send_demo(hubline_url, targets)
+                sent.update(portal_id for portal_id, _ in targets)
+                print(
+                    f"demo: sent {count} receptionist events to portal(s) "
+                    f"{', '.join(str(p) for p, _ in targets)}",
+                    flush=True,
+                )
+            await asyncio.sleep(DEMO_POLL_SECONDS)
+    finally:
+        await engine.dispose()
+
+
+async def cmd_sandbox(args: argparse.Namespace) -> int:
+    from app.logs import configure_logging
+    from app.sandbox import SandboxConfig, serve_sandbox
+
+    configure_logging(args.log_level)
+    dev_file = Path(args.dev_file)
+    # The sandbox alone never invents credentials: it reuses `hubline dev`'s, if any.
+    dev = load_or_create_dev_values(dev_file) if dev_file.exists() else {}  # noqa: ASYNC240
+    client_id = (
+        args.client_id or os.environ.get("HUBSPOT_CLIENT_ID") or dev.get("HUBSPOT_CLIENT_ID")
+    )
+    client_secret = (
+        args.client_secret
+        or os.environ.get("HUBSPOT_CLIENT_SECRET")
+        or dev.get("HUBSPOT_CLIENT_SECRET")
+    )
+    config = SandboxConfig(public_url=f"http://{args.host}:{args.port}")
+    if client_id:
+        config.client_id = client_id
+    if client_secret:
+        config.client_secret = client_secret
+    if args.webhook_target:
+        config.webhook_target_url = args.webhook_target
+    print(
+        f"HubSpot sandbox at http://{args.host}:{args.port}/ (client id {config.client_id})",
+        flush=True,
+    )
+    with contextlib.suppress(asyncio.CancelledError):
+        await serve_sandbox(config, host=args.host, port=args.port)
+    return 0
+
+
+def register(commands: Any) -> None:
+    dev = commands.add_parser(
+        "dev", help="run Hubline, its worker and a local HubSpot sandbox with zero configuration"
+    )
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--sandbox-port", type=int, default=8090)
+    dev.add_argument("--demo", action="store_true", help="send demo events to installed portals")
+    dev.add_argument("--dev-file", default=DEV_FILE, help="where the generated credentials live")
+    dev.add_argument("--log-level", default="warning")
+    dev.set_defaults(run=cmd_dev)
+
+    sandbox = commands.add_parser("sandbox", help="run the local HubSpot sandbox alone")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8090)
+    sandbox.add_argument("--client-id", help="the app's client id (default: HUBSPOT_CLIENT_ID)")
+    sandbox.add_argument("--client-secret", help="default: HUBSPOT_CLIENT_SECRET")
+    sandbox.add_argument("--webhook-target", help="where to deliver HubSpot webhooks")
+    sandbox.add_argument("--dev-file", default=DEV_FILE)
+    sandbox.add_argument("--log-level", default="warning")
+    sandbox.set_defaults(run=cmd_sandbox)
+
+
+cli.EXTENSIONS.append(register)

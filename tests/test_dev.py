@@ -1,0 +1,92 @@
+"""`hubline dev`: zero configuration, generated credentials, and an install a person can click."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlparse
+
+import pytest
+
+from app.crypto import parse_keys
+from tests.browser import chromium, free_port, hubline_dev
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def test_dev_generates_its_credentials_once_in_a_private_git_ignored_file(tmp_path: Path) -> None:
+    with hubline_dev(tmp_path) as dev:
+        first = dict(dev.dev_values)
+    assert set(first) >= {
+        "HUBSPOT_CLIENT_ID",
+        "HUBSPOT_CLIENT_SECRET",
+        "TOKEN_ENCRYPTION_KEYS",
+        "ADMIN_TOKEN",
+    }
+    assert parse_keys(first["TOKEN_ENCRYPTION_KEYS"])
+    dev_file = tmp_path / ".hubline-dev.env"
+    assert stat.S_IMODE(dev_file.stat().st_mode) == 0o600
+    with hubline_dev(tmp_path) as again:
+        assert again.dev_values == first, "a restart keeps the credentials and key"
+    for generated in (".hubline-dev.env", "hubline-dev.db"):
+        ignored = subprocess.run(
+            ["git", "check-ignore", "-q", generated],
+            cwd=Path(__file__).resolve().parent.parent,
+            check=False,
+        )
+        assert ignored.returncode == 0, f"{generated} must be git-ignored"
+    banner = "\n".join(again.output)
+    assert "click Install" in banner
+    assert first["HUBSPOT_CLIENT_SECRET"] not in banner
+
+
+def test_a_person_approves_an_install_in_the_sandbox_and_lands_on_the_redirect_uri(
+    tmp_path: Path,
+) -> None:
+    with hubline_dev(tmp_path) as dev, chromium() as browser:
+        redirect_uri = f"{dev.hubline_url}/oauth/callback"
+        query = urlencode(
+            {
+                "client_id": dev.dev_values["HUBSPOT_CLIENT_ID"],
+                "redirect_uri": redirect_uri,
+                "scope": "oauth crm.objects.contacts.read crm.objects.contacts.write",
+                "state": "browser-test-state",
+            }
+        )
+        page = browser.new_page()
+        page.goto(f"{dev.sandbox_url}/oauth/authorize?{query}")
+        page.get_by_test_id("approve-1002").click()
+        page.wait_for_url(f"{redirect_uri}?*")
+        landed = urlparse(page.url)
+        params = parse_qs(landed.query)
+        assert f"{landed.scheme}://{landed.netloc}{landed.path}" == redirect_uri
+        assert params["state"] == ["browser-test-state"]
+        assert len(params["code"][0]) >= 16
+
+
+def test_dev_refuses_to_share_a_port(tmp_path: Path) -> None:
+    with hubline_dev(tmp_path) as dev:
+        port = dev.hubline_url.rsplit(":", 1)[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "app",
+                "dev",
+                "--port",
+                port,
+                "--sandbox-port",
+                str(free_port()),
+            ],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert "could not start" in result.stdout
