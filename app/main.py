@@ -12,6 +12,7 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -127,10 +128,12 @@ async def readyz(request: Request) -> Response:
 
 def all_routes() -> list[BaseRoute]:
     from app import admin, oauth, webhooks
+    from app.metrics import metrics_endpoint
 
     return [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
         *oauth.routes,
         *webhooks.routes,
         *admin.routes,
@@ -162,4 +165,8 @@ def create_app(
                 await asyncio.wait([worker_task], timeout=worker.grace_seconds + 5)
             await close_services(resources)
 
-    return Starlette(routes=all_routes(), lifespan=lifespan)
+    return Starlette(
+        routes=all_routes(),
+        middleware=[Middleware(RequestContextMiddleware)],
+        lifespan=lifespan,
+    )

@@ -46,6 +46,7 @@ from app.inbox import (
     read_payload,
 )
 from app.logs import portal_id_var, redact_text
+from app.metrics import EVENTS_HANDLED, RECEIPT_TO_SYNCED
 from app.models import EventStatus, InboxEvent, Lease, OAuthState, PortalLease, utcnow
 from app.retry import DEFAULT_POLICY, Action, RetryPolicy
 
@@ -360,6 +361,7 @@ class Worker:
         )
 
     async def _finish_unhandled(self, run: list[InboxEvent], *, session: AsyncSession) -> None:
+        EVENTS_HANDLED.labels(outcome="skipped").inc(len(run))
         await session.execute(
             sa.update(InboxEvent)
             .where(col(InboxEvent.id).in_([row.id for row in run]))
@@ -415,6 +417,7 @@ class Worker:
     async def _record(self, batch: _Batch, outcomes: dict[int, Outcome]) -> bool:
         now = utcnow()
         keep_serving = True
+        counted: list[tuple[str, float | None]] = []
         async with transaction(self.services.sessions) as session:
             for row in batch.events:
                 assert row.id is not None
@@ -434,9 +437,11 @@ class Worker:
                     }
                     if outcome.contact_id is not None:
                         values["contact_id"] = outcome.contact_id
+                    counted.append(("done", (now - row.received_at).total_seconds()))
                 else:
                     decision = self.retry_policy.decide(outcome, row.attempts)
                     values["last_error"] = describe_error(outcome)
+                    counted.append((str(decision.action), None))
                     if decision.action is Action.retry:
                         values |= {
                             "status": EventStatus.pending,
@@ -467,6 +472,10 @@ class Worker:
                     await outcome.write(session)
             if not keep_serving:
                 await park_portal_events(batch.portal_id, session=session)
+        for outcome_label, latency in counted:
+            EVENTS_HANDLED.labels(outcome=outcome_label).inc()
+            if latency is not None:
+                RECEIPT_TO_SYNCED.observe(latency)
         return keep_serving
 
     async def _release_batch(self, batch: _Batch) -> None:

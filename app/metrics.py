@@ -1,0 +1,106 @@
+"""Prometheus metrics. No label names a portal, so the output does not grow with portals."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from sqlmodel import col
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.models import EventStatus, InboxEvent, Portal, utcnow
+
+if TYPE_CHECKING:
+    from app.main import Services
+
+WEBHOOK_EVENTS = Counter(
+    "hubline_webhook_events",
+    "Events received on the webhook routes, by source and outcome "
+    "(accepted, duplicate, ignored, parked, rejected) and rejection reason.",
+    ["source", "outcome", "reason"],
+)
+EVENTS_HANDLED = Counter(
+    "hubline_events_handled", "Inbox events handled by the worker, by outcome.", ["outcome"]
+)
+RECEIPT_TO_SYNCED = Histogram(
+    "hubline_receipt_to_synced_seconds",
+    "Time from an event's receipt to its handler finishing successfully.",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600),
+)
+HUBSPOT_REQUESTS = Counter(
+    "hubline_hubspot_requests",
+    "Requests sent to HubSpot, by endpoint (ids folded) and status code.",
+    ["endpoint", "status"],
+)
+HUBSPOT_RATE_LIMITED = Counter("hubline_hubspot_rate_limited", "429 answers from HubSpot.")
+TOKEN_REFRESHES = Counter(
+    "hubline_token_refreshes", "Token refresh attempts, by outcome.", ["outcome"]
+)
+INBOX_EVENTS = Gauge("hubline_inbox_events", "Inbox events by status.", ["status"])
+OLDEST_PENDING = Gauge(
+    "hubline_oldest_pending_event_age_seconds", "Age of the oldest pending event (0 when none)."
+)
+PORTALS = Gauge("hubline_portals", "Portals by status.", ["status"])
+
+log = logging.getLogger(__name__)
+
+_ID_SEGMENT = re.compile(r"/(\d+|[0-9a-f-]{16,}|[^/]+@[^/]+)(?=/|$)")
+
+
+def endpoint_label(path: str) -> str:
+    """A HubSpot path with ids (and emails used as ids) folded, so labels stay few."""
+    return _ID_SEGMENT.sub("/{id}", path.split("?", 1)[0])
+
+
+def count_webhook(source: str, outcome: str, reason: str = "", amount: int = 1) -> None:
+    WEBHOOK_EVENTS.labels(source=source, outcome=outcome, reason=reason).inc(amount)
+
+
+async def refresh_database_gauges(services: Services) -> None:
+    """Read inbox depth, the oldest pending event and portals by status from the database."""
+    async with services.sessions() as session:
+        by_status = dict(
+            (
+                await session.execute(
+                    sa.select(col(InboxEvent.status), sa.func.count()).group_by(
+                        col(InboxEvent.status)
+                    )
+                )
+            ).all()
+        )
+        oldest = (
+            await session.execute(
+                sa.select(sa.func.min(col(InboxEvent.received_at))).where(
+                    col(InboxEvent.status) == EventStatus.pending
+                )
+            )
+        ).scalar_one_or_none()
+        portals = dict(
+            (
+                await session.execute(
+                    sa.select(col(Portal.status), sa.func.count()).group_by(col(Portal.status))
+                )
+            ).all()
+        )
+    for status in EventStatus:
+        INBOX_EVENTS.labels(status=status.value).set(by_status.get(status.value, 0))
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=utcnow().tzinfo)
+    OLDEST_PENDING.set((utcnow() - oldest).total_seconds() if oldest is not None else 0)
+    for portal_status, count in portals.items():
+        PORTALS.labels(status=portal_status).set(count)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus metrics."""
+    from app.main import services
+
+    try:
+        await refresh_database_gauges(services(request))
+    except Exception as error:  # the counters are still worth serving while the database is down
+        log.warning("metrics: could not read the database (%s)", type(error).__name__)
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
