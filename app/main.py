@@ -127,7 +127,7 @@ async def readyz(request: Request) -> Response:
 
 
 def all_routes() -> list[BaseRoute]:
-    from app import admin, oauth, webhooks
+    from app import admin, console, oauth, webhooks
     from app.metrics import metrics_endpoint
 
     return [
@@ -137,6 +137,7 @@ def all_routes() -> list[BaseRoute]:
         *oauth.routes,
         *webhooks.routes,
         *admin.routes,
+        *console.routes,
     ]
 
 

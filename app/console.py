@@ -1,0 +1,486 @@
+"""The operator console: server-rendered pages under /admin, behind ADMIN_TOKEN.
+
+Signing in with the token sets an HttpOnly, SameSite=Strict session cookie signed
+with a key derived from the encryption key and the admin token itself, so changing
+ADMIN_TOKEN signs everyone out. Every form carries a CSRF token derived from the
+session. Wrong tokens are answered ever more slowly. With ADMIN_TOKEN unset, /admin
+does not exist (404).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import col
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.templating import Jinja2Templates
+
+from app.db import transaction
+from app.inbox import NewEvent, enqueue, retry_events
+from app.main import Services, services
+from app.models import (
+    EngagementRecord,
+    EventSource,
+    EventStatus,
+    InboxEvent,
+    OAuthToken,
+    Portal,
+    PortalProblem,
+    PortalStatus,
+    utcnow,
+)
+from app.portals import rotate_secret
+
+templates = Jinja2Templates(directory=Path(__file__).resolve().parent / "templates")
+
+SESSION_COOKIE = "hubline_admin"
+SESSION_SECONDS = 8 * 3600
+BACKLOG_ATTENTION = 100
+STALE_PENDING_ATTENTION = timedelta(minutes=5)
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+# --- sign-in, sessions and CSRF ----------------------------------------------------------
+
+
+class FailedSignIns:
+    """Per-client failure counts; each wrong token waits longer than the last."""
+
+    def __init__(self) -> None:
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def delay(self, client: str) -> float:
+        failures, last = self._failures.get(client, (0, 0.0))
+        if time.monotonic() - last > 900:
+            return 0.0
+        return min(0.25 * 2 ** max(failures - 1, 0), 8.0) if failures else 0.0
+
+    def failed(self, client: str) -> None:
+        failures, _ = self._failures.get(client, (0, 0.0))
+        self._failures[client] = (failures + 1, time.monotonic())
+        if len(self._failures) > 10_000:  # never let a spray of addresses grow this forever
+            self._failures.clear()
+
+    def succeeded(self, client: str) -> None:
+        self._failures.pop(client, None)
+
+
+def failed_sign_ins(request: Request) -> FailedSignIns:
+    """The app's failure counts (one per app, so each test starts from zero)."""
+    state = request.app.state
+    if not hasattr(state, "failed_sign_ins"):
+        state.failed_sign_ins = FailedSignIns()
+    counts: FailedSignIns = state.failed_sign_ins
+    return counts
+
+
+def _session_key(resources: Services) -> bytes:
+    admin_token = resources.settings.admin_token.get_secret_value().encode()
+    return hmac.new(
+        resources.cipher.derive_key("admin-session"), admin_token, hashlib.sha256
+    ).digest()
+
+
+def _sign(key: bytes, message: str) -> str:
+    return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
+
+
+def issue_session(resources: Services) -> str:
+    expires = int(time.time()) + SESSION_SECONDS
+    nonce = secrets.token_urlsafe(16)
+    payload = f"{expires}.{nonce}"
+    return f"{payload}.{_sign(_session_key(resources), payload)}"
+
+
+@dataclass(frozen=True)
+class AdminSession:
+    nonce: str
+    csrf_token: str
+
+
+def read_session(request: Request) -> AdminSession | None:
+    resources = services(request)
+    value = request.cookies.get(SESSION_COOKIE, "")
+    expires, _, rest = value.partition(".")
+    nonce, _, signature = rest.partition(".")
+    if not (expires.isdigit() and nonce and signature):
+        return None
+    key = _session_key(resources)
+    if not hmac.compare_digest(signature, _sign(key, f"{expires}.{nonce}")):
+        return None
+    if int(expires) < time.time():
+        return None
+    return AdminSession(nonce=nonce, csrf_token=_sign(key, f"csrf.{nonce}"))
+
+
+def console_enabled(request: Request) -> bool:
+    return bool(services(request).settings.admin_token.get_secret_value())
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def not_found() -> Response:
+    return Response("Not Found", status_code=404, media_type="text/plain")
+
+
+def sign_in_page(request: Request, *, status_code: int, message: str = "") -> Response:
+    return templates.TemplateResponse(
+        request,
+        "console_login.html",
+        {"message": message},
+        status_code=status_code,
+        headers=NO_STORE,
+    )
+
+
+async def login(request: Request) -> Response:
+    """Check the admin token from the sign-in form and start a session."""
+    if not console_enabled(request):
+        return not_found()
+    client = _client(request)
+    failures = failed_sign_ins(request)
+    await asyncio.sleep(failures.delay(client))
+    form = await request.form()
+    given = str(form.get("token", "")).encode()
+    expected = services(request).settings.admin_token.get_secret_value().encode()
+    if not hmac.compare_digest(given, expected):
+        failures.failed(client)
+        return sign_in_page(request, status_code=401, message="That token is not right.")
+    failures.succeeded(client)
+    response = RedirectResponse("/admin", status_code=303, headers=NO_STORE)
+    response.set_cookie(
+        SESSION_COOKIE,
+        issue_session(services(request)),
+        max_age=SESSION_SECONDS,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/admin",
+    )
+    return response
+
+
+async def logout(request: Request) -> Response:
+    """End the session."""
+    if not console_enabled(request):
+        return not_found()
+    response = RedirectResponse("/admin", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/admin")
+    return response
+
+
+async def _guard(
+    request: Request, *, form: bool = False
+) -> tuple[AdminSession | None, Response | None]:
+    """The session, or the answer instead: 404 when off, 401 signed out, 403 on a bad CSRF token."""
+    if not console_enabled(request):
+        return None, not_found()
+    session = read_session(request)
+    if session is None:
+        return None, sign_in_page(request, status_code=401)
+    if form:
+        data = await request.form()
+        if not hmac.compare_digest(str(data.get("csrf", "")), session.csrf_token):
+            return None, Response("The form expired; go back and reload the page.", status_code=403)
+    return session, None
+
+
+# --- the portals table -----------------------------------------------------------------
+
+
+async def portal_rows(
+    resources: Services, *, query: str = "", status: str = ""
+) -> list[dict[str, Any]]:
+    """Every portal with what an operator needs at a glance, in a handful of queries."""
+    day_ago = utcnow() - timedelta(hours=24)
+    async with resources.sessions() as session:
+        select = sa.select(Portal).order_by(col(Portal.portal_id))
+        if status:
+            select = select.where(col(Portal.status) == status)
+        if query:
+            pattern = f"%{query.strip().lower()}%"
+            select = select.where(
+                sa.or_(
+                    sa.func.lower(col(Portal.hub_domain)).like(pattern),
+                    sa.cast(col(Portal.portal_id), sa.String).like(pattern),
+                )
+            )
+        portals = list((await session.execute(select)).scalars())
+        ids = [p.portal_id for p in portals]
+        expiry = dict(
+            (
+                await session.execute(
+                    sa.select(col(OAuthToken.portal_id), col(OAuthToken.expires_at)).where(
+                        col(OAuthToken.portal_id).in_(ids)
+                    )
+                )
+            ).all()
+        )
+        last_sync = dict(
+            (
+                await session.execute(
+                    sa.select(col(InboxEvent.portal_id), sa.func.max(col(InboxEvent.finished_at)))
+                    .where(
+                        col(InboxEvent.portal_id).in_(ids),
+                        col(InboxEvent.status) == EventStatus.done,
+                        col(InboxEvent.source) == EventSource.receptionist,
+                    )
+                    .group_by(col(InboxEvent.portal_id))
+                )
+            ).all()
+        )
+        pending = {
+            portal_id: (count, oldest)
+            for portal_id, count, oldest in (
+                await session.execute(
+                    sa.select(
+                        col(InboxEvent.portal_id),
+                        sa.func.count(),
+                        sa.func.min(col(InboxEvent.received_at)),
+                    )
+                    .where(
+                        col(InboxEvent.portal_id).in_(ids),
+                        col(InboxEvent.status).in_([EventStatus.pending, EventStatus.in_progress]),
+                    )
+                    .group_by(col(InboxEvent.portal_id))
+                )
+            ).all()
+        }
+        failed = dict(
+            (
+                await session.execute(
+                    sa.select(col(InboxEvent.portal_id), sa.func.count())
+                    .where(
+                        col(InboxEvent.portal_id).in_(ids),
+                        col(InboxEvent.status) == EventStatus.failed,
+                        col(InboxEvent.received_at) >= day_ago,
+                    )
+                    .group_by(col(InboxEvent.portal_id))
+                )
+            ).all()
+        )
+        problems: dict[int, list[str]] = {}
+        for problem in (
+            await session.execute(
+                sa.select(PortalProblem).where(col(PortalProblem.portal_id).in_(ids))
+            )
+        ).scalars():
+            problems.setdefault(problem.portal_id, []).append(problem.message)
+    rows = []
+    for portal in portals:
+        backlog, oldest = pending.get(portal.portal_id, (0, None))
+        attention = []
+        if portal.status == PortalStatus.needs_reauth:
+            attention.append("needs re-authorization")
+        if problems.get(portal.portal_id):
+            attention.append(f"{len(problems[portal.portal_id])} problem(s)")
+        if backlog >= BACKLOG_ATTENTION or (
+            oldest is not None and utcnow() - oldest > STALE_PENDING_ATTENTION
+        ):
+            attention.append("backlog growing")
+        if failed.get(portal.portal_id):
+            attention.append(f"{failed[portal.portal_id]} failed in 24 h")
+        rows.append(
+            {
+                "portal": portal,
+                "token_expires_at": expiry.get(portal.portal_id),
+                "last_sync": last_sync.get(portal.portal_id),
+                "pending": backlog,
+                "failed_24h": failed.get(portal.portal_id, 0),
+                "problems": problems.get(portal.portal_id, []),
+                "attention": attention,
+            }
+        )
+    return rows
+
+
+async def console_home(request: Request) -> Response:
+    """The portals table, searchable and filterable by status."""
+    session, denial = await _guard(request)
+    if denial is not None:
+        return denial
+    assert session is not None
+    query = request.query_params.get("q", "")
+    status = request.query_params.get("status", "")
+    if status and status not in {s.value for s in PortalStatus}:
+        status = ""
+    rows = await portal_rows(services(request), query=query, status=status)
+    return templates.TemplateResponse(
+        request,
+        "console_portals.html",
+        {
+            "rows": rows,
+            "q": query,
+            "status": status,
+            "statuses": [s.value for s in PortalStatus],
+            "csrf": session.csrf_token,
+        },
+        headers=NO_STORE,
+    )
+
+
+# --- one portal ------------------------------------------------------------------------
+
+
+def hubspot_contact_url(resources: Services, portal_id: int, contact_id: str) -> str:
+    """The contact's record in HubSpot's UI (the sandbox serves the same path)."""
+    return f"{resources.settings.hubspot_auth_url}/contacts/{portal_id}/record/0-1/{contact_id}"
+
+
+async def console_portal(request: Request) -> Response:
+    """A portal's recent events, problems and actions."""
+    session, denial = await _guard(request)
+    if denial is not None:
+        return denial
+    assert session is not None
+    return await _portal_page(request, session, notice="")
+
+
+async def _portal_page(
+    request: Request,
+    session: AdminSession,
+    *,
+    notice: str,
+    new_secret: str = "",
+    status_code: int = 200,
+) -> Response:
+    resources = services(request)
+    portal_id = int(request.path_params["portal_id"])
+    rows = await portal_rows(resources, query="", status="")
+    row = next((r for r in rows if r["portal"].portal_id == portal_id), None)
+    if row is None:
+        return Response("No such portal.", status_code=404)
+    async with resources.sessions() as db:
+        events = list(
+            (
+                await db.execute(
+                    sa.select(InboxEvent)
+                    .where(col(InboxEvent.portal_id) == portal_id)
+                    .order_by(col(InboxEvent.id).desc())
+                    .limit(50)
+                )
+            ).scalars()
+        )
+        engagements = {
+            record.event_id: record
+            for record in (
+                await db.execute(
+                    sa.select(EngagementRecord).where(
+                        col(EngagementRecord.event_id).in_([e.id for e in events])
+                    )
+                )
+            ).scalars()
+        }
+    shown = []
+    for event in events:
+        engagement = engagements.get(event.id or 0)
+        contact_id = engagement.contact_id if engagement else event.contact_id
+        shown.append(
+            {
+                "event": event,
+                "engagement": engagement,
+                "contact_url": hubspot_contact_url(resources, portal_id, contact_id)
+                if contact_id
+                else None,
+            }
+        )
+    return templates.TemplateResponse(
+        request,
+        "console_portal.html",
+        {
+            "row": row,
+            "events": shown,
+            "csrf": session.csrf_token,
+            "notice": notice,
+            "new_secret": new_secret,
+        },
+        status_code=status_code,
+        headers=NO_STORE,
+    )
+
+
+async def portal_action(request: Request) -> Response:
+    """Retry failed events, rotate the secret, re-run provisioning, or disconnect."""
+    session, denial = await _guard(request, form=True)
+    if denial is not None:
+        return denial
+    assert session is not None
+    resources = services(request)
+    portal_id = int(request.path_params["portal_id"])
+    action = request.path_params["action"]
+    form = await request.form()
+    async with resources.sessions() as db:
+        portal = await db.get(Portal, portal_id)
+    if portal is None:
+        return Response("No such portal.", status_code=404)
+    if action == "retry":
+        event_id = str(form.get("event_id", ""))
+        async with transaction(resources.sessions) as db:
+            count = await retry_events(
+                session=db,
+                portal_id=portal_id,
+                event_ids=[int(event_id)] if event_id.isdigit() else None,
+            )
+        return await _portal_page(request, session, notice=f"Queued {count} failed event(s) again.")
+    if action == "rotate-secret":
+        grace = timedelta(hours=resources.settings.secret_rotation_grace_hours)
+        async with transaction(resources.sessions) as db:
+            secret = await rotate_secret(
+                portal_id, session=db, cipher=resources.cipher, grace=grace
+            )
+        return await _portal_page(
+            request,
+            session,
+            notice="The receptionist secret was rotated. The old one keeps working "
+            f"for {resources.settings.secret_rotation_grace_hours:g} hours.",
+            new_secret=secret.reveal(),
+        )
+    if action == "provision":
+        async with transaction(resources.sessions) as db:
+            await enqueue(
+                NewEvent(
+                    portal_id,
+                    EventSource.internal,
+                    "properties.provision",
+                    f"console:{uuid.uuid4()}",
+                    utcnow(),
+                ),
+                session=db,
+                cipher=resources.cipher,
+            )
+        return await _portal_page(request, session, notice="Properties provisioning queued.")
+    if action == "disconnect":
+        if form.get("confirm") != "yes":
+            return await _portal_page(
+                request, session, notice="Tick the confirmation box to disconnect.", status_code=400
+            )
+        from app.lifecycle import disconnect
+
+        await disconnect(resources, portal_id)
+        return await _portal_page(
+            request, session, notice="Disconnected: the uninstall is being processed."
+        )
+    return Response("Unknown action.", status_code=404)
+
+
+routes: list[BaseRoute] = [
+    Route("/admin", console_home, methods=["GET"]),
+    Route("/admin/login", login, methods=["POST"]),
+    Route("/admin/logout", logout, methods=["POST"]),
+    Route("/admin/portals/{portal_id:int}", console_portal, methods=["GET"]),
+    Route("/admin/portals/{portal_id:int}/{action:str}", portal_action, methods=["POST"]),
+]

@@ -1,0 +1,222 @@
+"""The operator console: sign-in, sessions, CSRF, the portals table and the portal page."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from asgi_lifespan import LifespanManager
+from sqlmodel import col
+
+from app.db import transaction
+from app.inbox import NewEvent, enqueue
+from app.main import Services, create_app
+from app.models import EventSource, EventStatus, InboxEvent, Portal, PortalStatus, utcnow
+from app.portals import accepted_secrets, create_secret
+from app.settings import Settings
+
+ADMIN_TOKEN = "operator-token-for-tests"
+
+
+@pytest.fixture
+async def console(
+    make_settings: Callable[..., Settings],
+) -> AsyncIterator[tuple[httpx.AsyncClient, Services]]:
+    app = create_app(make_settings(admin_token=ADMIN_TOKEN))
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://hubline.test"
+        ) as http,
+    ):
+        yield http, app.state.services
+
+
+async def seed(resources: Services) -> dict[str, Any]:
+    async with transaction(resources.sessions) as session:
+        session.add(
+            Portal(
+                portal_id=1001,
+                hub_domain="acme-dental.example",
+                scopes="oauth crm.objects.contacts.read",
+            )
+        )
+        session.add(
+            Portal(portal_id=1002, hub_domain="bright.example", status=PortalStatus.needs_reauth)
+        )
+        await session.flush()
+        await create_secret(1001, session=session, cipher=resources.cipher)
+        failed = await enqueue(
+            NewEvent(
+                1001,
+                EventSource.receptionist,
+                "call.completed",
+                "evt-failed",
+                utcnow(),
+                {"summary": "x"},
+            ),
+            session=session,
+            cipher=resources.cipher,
+        )
+        await session.execute(
+            sa.update(InboxEvent)
+            .where(col(InboxEvent.id) == failed.event_id)
+            .values(status=EventStatus.failed, last_error="HubSpot rejected the email", attempts=3)
+        )
+    return {"failed_event": failed.event_id}
+
+
+async def sign_in(http: httpx.AsyncClient, token: str = ADMIN_TOKEN) -> httpx.Response:
+    return await http.post("/admin/login", data={"token": token})
+
+
+def csrf_of(page: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert match, "the page has no CSRF token"
+    return match.group(1)
+
+
+async def test_console_does_not_exist_without_an_admin_token(client: httpx.AsyncClient) -> None:
+    for path in ("/admin", "/admin/portals/1001"):
+        assert (await client.get(path)).status_code == 404
+    assert (await client.post("/admin/login", data={"token": "x"})).status_code == 404
+
+
+async def test_signed_out_is_a_401_that_reveals_nothing(
+    console: tuple[httpx.AsyncClient, Services],
+) -> None:
+    http, resources = console
+    await seed(resources)
+    response = await http.get("/admin")
+    assert response.status_code == 401
+    assert "acme-dental" not in response.text
+    assert "1001" not in response.text
+    assert (await http.get("/admin/portals/1001")).status_code == 401
+
+
+async def test_wrong_tokens_are_refused_ever_more_slowly(
+    console: tuple[httpx.AsyncClient, Services],
+) -> None:
+    http, _ = console
+    for _ in range(3):
+        response = await sign_in(http, "guess")
+        assert response.status_code == 401
+        assert "hubline_admin" not in response.headers.get("set-cookie", "")
+    failures = http._transport.app.state.failed_sign_ins  # type: ignore[attr-defined]
+    assert failures.delay("127.0.0.1") == 1.0
+    failures.failed("127.0.0.1")
+    assert failures.delay("127.0.0.1") == 2.0
+
+
+async def test_sign_in_sets_a_strict_http_only_session(
+    console: tuple[httpx.AsyncClient, Services],
+) -> None:
+    http, resources = console
+    await seed(resources)
+    response = await sign_in(http)
+    assert response.status_code == 303
+    cookie = response.headers["set-cookie"].lower()
+    assert "httponly" in cookie
+    assert "samesite=strict" in cookie
+    assert ADMIN_TOKEN not in response.headers["set-cookie"]
+    page = await http.get("/admin")
+    assert page.status_code == 200
+    assert page.headers["cache-control"] == "no-store"
+    assert 'data-testid="portal-1001"' in page.text
+    assert "needs re-authorization" in page.text
+    filtered = await http.get("/admin", params={"status": "needs_reauth"})
+    assert 'data-testid="portal-1002"' in filtered.text
+    assert 'data-testid="portal-1001"' not in filtered.text
+    searched = await http.get("/admin", params={"q": "acme"})
+    assert 'data-testid="portal-1001"' in searched.text
+    assert 'data-testid="portal-1002"' not in searched.text
+
+
+async def test_a_forged_session_cookie_is_refused(
+    console: tuple[httpx.AsyncClient, Services],
+) -> None:
+    http, _ = console
+    await sign_in(http)
+    value = http.cookies.get("hubline_admin", path="/admin")
+    assert value
+    expires, nonce, signature = value.split(".")
+    http.cookies.clear()
+    http.cookies.set("hubline_admin", f"{int(expires) + 99999}.{nonce}.{signature}", path="/admin")
+    assert (await http.get("/admin")).status_code == 401
+
+
+async def test_forms_without_the_csrf_token_are_refused(
+    console: tuple[httpx.AsyncClient, Services],
+) -> None:
+    http, resources = console
+    seeded = await seed(resources)
+    await sign_in(http)
+    response = await http.post(
+        "/admin/portals/1001/retry", data={"event_id": str(seeded["failed_event"])}
+    )
+    assert response.status_code == 403
+    async with resources.sessions() as session:
+        event = await session.get(InboxEvent, seeded["failed_event"])
+    assert event is not None
+    assert event.status == EventStatus.failed
+
+
+async def test_retry_a_failed_event_from_the_portal_page(
+    console: tuple[httpx.AsyncClient, Services],
+) -> None:
+    http, resources = console
+    seeded = await seed(resources)
+    await sign_in(http)
+    page = await http.get("/admin/portals/1001")
+    assert page.status_code == 200
+    assert "HubSpot rejected the email" in page.text
+    response = await http.post(
+        "/admin/portals/1001/retry",
+        data={"csrf": csrf_of(page.text), "event_id": str(seeded["failed_event"])},
+    )
+    assert response.status_code == 200
+    assert "Queued 1 failed event(s) again." in response.text
+    async with resources.sessions() as session:
+        event = await session.get(InboxEvent, seeded["failed_event"])
+    assert event is not None
+    assert event.status == EventStatus.pending
+
+
+async def test_rotating_the_secret_shows_the_new_one_once(
+    console: tuple[httpx.AsyncClient, Services],
+) -> None:
+    http, resources = console
+    await seed(resources)
+    await sign_in(http)
+    page = await http.get("/admin/portals/1001")
+    response = await http.post(
+        "/admin/portals/1001/rotate-secret", data={"csrf": csrf_of(page.text)}
+    )
+    shown = re.search(r'data-testid="new-secret">([^<]+)<', response.text)
+    assert shown
+    assert shown.group(1).startswith("whsec_")
+    async with resources.sessions() as session:
+        secrets = [
+            s.reveal()
+            for s in await accepted_secrets(1001, session=session, cipher=resources.cipher)
+        ]
+    assert secrets[0] == shown.group(1)
+    assert len(secrets) == 2, "the old secret keeps working during the grace period"
+    assert shown.group(1) not in (await http.get("/admin/portals/1001")).text
+
+
+async def test_disconnect_needs_confirmation(console: tuple[httpx.AsyncClient, Services]) -> None:
+    http, resources = console
+    await seed(resources)
+    await sign_in(http)
+    page = await http.get("/admin/portals/1001")
+    response = await http.post("/admin/portals/1001/disconnect", data={"csrf": csrf_of(page.text)})
+    assert response.status_code == 400
+    async with resources.sessions() as session:
+        portal = await session.get(Portal, 1001)
+    assert portal is not None
+    assert portal.status == PortalStatus.active
