@@ -237,6 +237,13 @@ async def merge_contact(request: Request) -> Response:
     return RedirectResponse(f"/portals/{world.portal_id}/contacts/{primary.id}", status_code=303)
 
 
+async def hubspot_record_link(request: Request) -> Response:
+    """HubSpot's own record URL shape (`/contacts/{portal}/record/0-1/{id}`), as apps link to it."""
+    portal_id = request.path_params["portal_id"]
+    contact_id = request.path_params["contact_id"]
+    return RedirectResponse(f"/portals/{portal_id}/contacts/{contact_id}", status_code=302)
+
+
 def routes() -> list[BaseRoute]:
     """The UI routes."""
     contact = "/portals/{portal_id}/contacts/{contact_id}"
@@ -249,4 +256,5 @@ def routes() -> list[BaseRoute]:
         Route(f"{contact}/edit", edit_contact, methods=["POST"]),
         Route(f"{contact}/delete", delete_contact, methods=["POST"]),
         Route(f"{contact}/merge", merge_contact, methods=["POST"]),
+        Route("/contacts/{portal_id}/record/0-1/{contact_id}", hubspot_record_link),
     ]

@@ -154,3 +154,9 @@ async def test_demo_seed_gives_each_portal_contacts(sandbox: Sandbox) -> None:
         for c in sandbox.state.contacts(1002)
     ]
     assert "4155550142" in phones
+
+
+async def test_hubspot_record_urls_lead_to_the_contact_page(sandbox: Sandbox) -> None:
+    response = await sandbox.client.get("/contacts/1001/record/0-1/42")
+    assert response.status_code == 302
+    assert response.headers["location"] == "/portals/1001/contacts/42"
