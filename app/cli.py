@@ -70,13 +70,13 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 async def cmd_worker(args: argparse.Namespace) -> int:
     from app.logs import configure_logging
     from app.main import close_services, open_services
-    from app.worker import Worker
+    from app.worker import build_worker
 
     settings = settings_from_environment()
     configure_logging(args.log_level)
     resources = await open_services(settings)
     try:
-        worker = Worker(resources, concurrency=args.concurrency)
+        worker = build_worker(resources, concurrency=args.concurrency)
         await worker.run_until_signalled()
     finally:
         await close_services(resources)

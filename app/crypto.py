@@ -119,6 +119,7 @@ class TokenCipher:
             for key in keys
         ]
         self._by_id = {key.key_id: key for key in self._keys}
+        self._purpose_root = _derive(keys[0], b"hubline purpose keys v1")
 
     @classmethod
     def from_setting(cls, setting: str) -> TokenCipher:
@@ -178,6 +179,10 @@ class TokenCipher:
         if self.key_id_of_ciphertext(ciphertext, context=context) == self.primary_key_id:
             return None
         return self.encrypt(self.decrypt(ciphertext, context=context), context=context)
+
+    def derive_key(self, purpose: str) -> bytes:
+        """A key for one purpose (signing a session cookie), derived from the primary key."""
+        return _derive(self._purpose_root, b"hubline purpose: " + purpose.encode())
 
     def blind_index(self, kind: str, normalized: str, portal_id: int) -> str:
         """A keyed hash of a normalized phone or email: lookups without storing the value."""

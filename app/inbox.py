@@ -127,12 +127,17 @@ def read_payload(event: InboxEvent, cipher: TokenCipher) -> dict[str, Any]:
 
 
 async def park_portal_events(portal_id: int, *, session: AsyncSession) -> int:
-    """Park a portal's pending events (it cannot be served now); returns how many."""
+    """Park a portal's pending events (it cannot be served now); returns how many.
+
+    Lifecycle signals are never parked: an uninstall must be handled precisely when
+    the portal cannot be served.
+    """
     result = await session.execute(
         sa.update(InboxEvent)
         .where(
             col(InboxEvent.portal_id) == portal_id,
             col(InboxEvent.status) == EventStatus.pending,
+            col(InboxEvent.source) != EventSource.lifecycle,
         )
         .values(status=EventStatus.parked)
         .execution_options(synchronize_session=False)
@@ -282,7 +287,7 @@ class Registry:
 registry = Registry()
 
 # Modules that declare handlers on `registry`; the worker imports them all.
-HANDLER_MODULES: list[str] = []
+HANDLER_MODULES: list[str] = ["app.contacts", "app.lifecycle", "app.sync", "app.properties"]
 
 
 def load_handlers() -> Registry:

@@ -40,7 +40,8 @@ _PATTERNS = [
     ),
     # Emails and phone-like digit runs: callers' details have no business in a log line.
     (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "[email]"),
-    (re.compile(r"\+?\d[\d\s().-]{8,}\d"), "[phone]"),
+    # Not inside a longer token, so ids such as UUIDs and correlation ids stay readable.
+    (re.compile(r"(?<![\w-])\+?\d[\d\s().-]{8,}\d(?![\w-])"), "[phone]"),
 ]
 
 

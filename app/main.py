@@ -20,6 +20,8 @@ from starlette.routing import BaseRoute, Route
 from app import db
 from app.crypto import TokenCipher
 from app.errors import ConfigurationError
+from app.hubspot.runtime import HubSpotRuntime
+from app.middleware import RequestContextMiddleware
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ class Services:
     sessions: db.SessionFactory
     http: httpx.AsyncClient
     cipher: TokenCipher
+    # Per-process HubSpot state: refresh locks, rate budgets, backoff, the app token.
+    hubspot: HubSpotRuntime = field(default_factory=HubSpotRuntime)
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -151,11 +155,11 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        from app.worker import Worker
+        from app.worker import build_worker
 
         resources = await open_services(settings, transport=transport)
         app.state.services = resources
-        worker = Worker(resources) if run_worker else None
+        worker = build_worker(resources) if run_worker else None
         worker_task = asyncio.create_task(worker.run(), name="worker") if worker else None
         try:
             yield

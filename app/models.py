@@ -159,7 +159,11 @@ class ReceptionistSecret(SQLModel, table=True):
 
 
 class IdentityEntry(SQLModel, table=True):
-    """Blind index: a keyed hash of a normalized phone or email → the HubSpot contact id."""
+    """Blind index: a keyed hash of a normalized phone or email → the HubSpot contact id.
+
+    `removed_at` marks an entry whose contact was deleted: lookups skip it, but a privacy
+    deletion arriving after the deletion can still find which callers were that contact.
+    """
 
     __tablename__ = "identity_index"
     __table_args__ = (
@@ -173,6 +177,7 @@ class IdentityEntry(SQLModel, table=True):
     value_hash: str = Field(max_length=80)
     contact_id: str = Field(max_length=32)
     updated_at: datetime = _created()
+    removed_at: datetime | None = _when(nullable=True)
 
 
 class InboxEvent(SQLModel, table=True):

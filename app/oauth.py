@@ -1,7 +1,391 @@
-"""Routes of the oauth capability (filled in by its issue)."""
+"""The install flow: landing page, `/oauth/install` and the `/oauth/callback` guard clauses.
+
+The state is 256 random bits, stored only as a hash with a 10-minute expiry, bound to
+the browser by a cookie, and consumed by one atomic `DELETE … RETURNING`. A callback
+with a code and no state at all is an install that began on HubSpot's marketplace
+listing: it binds the portal to no local account, and the code exchange (client
+secret plus the exact redirect URI) proves HubSpot issued the code for this app.
+"""
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+import base64
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
-routes: list[BaseRoute] = []
+import sqlalchemy as sa
+from authlib.common.security import generate_token
+from sqlmodel import col
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.templating import Jinja2Templates
+
+from app.db import transaction
+from app.errors import HubSpotAuthError, HubSpotError
+from app.hubspot.oauth2 import HubSpotOAuth, TokenResponse
+from app.lifecycle import InstallOutcome, reauth_url, record_install, webhook_url
+from app.main import Services, services
+from app.models import OAuthState, PortalStatus, utcnow
+from app.portals import list_problems
+from app.vault import code_verifier_context
+
+log = logging.getLogger(__name__)
+
+STATE_COOKIE = "hubline_oauth"
+SESSION_COOKIE = "hubline_portal"
+STATE_LIFETIME = timedelta(minutes=10)
+SESSION_LIFETIME = timedelta(minutes=30)
+NO_STORE = {"Cache-Control": "no-store"}
+# HubSpot's own app domains: app.hubspot.com and regional app-<hublet>.hubspot.com.
+HUBSPOT_APP_HOST = re.compile(r"app(-[a-z0-9]+)?\.hubspot\.com")
+
+templates = Jinja2Templates(directory=Path(__file__).resolve().parent / "templates")
+
+
+def _hash(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def _secure(resources: Services) -> bool:
+    return resources.settings.public_url.startswith("https://")
+
+
+async def landing(request: Request) -> Response:
+    """The landing page: install, or manage an existing installation (the same flow)."""
+    return templates.TemplateResponse(request, "landing.html", {"install_url": "/oauth/install"})
+
+
+async def install(request: Request) -> Response:
+    """Start the OAuth flow: a one-time state bound to this browser, then HubSpot's consent."""
+    resources = services(request)
+    settings = resources.settings
+    # Reuse this browser's binding so two install tabs do not invalidate each other.
+    browser = request.cookies.get(STATE_COOKIE) or ""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{43,}", browser):
+        browser = secrets.token_urlsafe(32)
+    state = secrets.token_urlsafe(32)
+    state_hash = _hash(state)
+    verifier = generate_token(64) if settings.hubspot_pkce else None
+    async with transaction(resources.sessions) as session:
+        session.add(
+            OAuthState(
+                state_hash=state_hash,
+                browser_hash=_hash(browser),
+                code_verifier_ct=(
+                    resources.cipher.encrypt(verifier, context=code_verifier_context(state_hash))
+                    if verifier
+                    else None
+                ),
+                key_id=resources.cipher.primary_key_id if verifier else None,
+                expires_at=utcnow() + STATE_LIFETIME,
+            )
+        )
+    url = HubSpotOAuth(settings, resources.http).authorization_url(
+        state=state, code_verifier=verifier
+    )
+    response = RedirectResponse(url, status_code=302, headers=NO_STORE)
+    response.set_cookie(
+        STATE_COOKIE,
+        browser,
+        max_age=int(STATE_LIFETIME.total_seconds()),
+        path="/oauth",
+        secure=_secure(resources),
+        httponly=True,
+        samesite="lax",
+    )
+    return response
+
+
+# --- the callback -----------------------------------------------------------------------
+
+
+@dataclass
+class CallbackFailure(Exception):
+    """Why a callback failed: a named reason, an HTTP status and words a person understands."""
+
+    reason: str
+    status: int
+    title: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Installed:
+    outcome: InstallOutcome
+    portal_id: int
+
+
+async def callback(request: Request) -> Response:
+    """Finish the install and show the portal's settings page, or a clear error page."""
+    resources = services(request)
+    try:
+        installed = await complete_install(request, resources)
+    except CallbackFailure as failure:
+        log.info("install callback failed: %s", failure.reason, extra={"reason": failure.reason})
+        return error_page(request, failure)
+    # The browser-binding cookie stays (it expires by itself): it holds no state, and a
+    # second tab's install still needs it.
+    return await settings_page(request, resources, installed)
+
+
+async def complete_install(request: Request, resources: Services) -> Installed:
+    """The callback's guard clauses, in order; each failure is a `CallbackFailure`."""
+    params = request.query_params
+    if "error" in params:
+        raise CallbackFailure(
+            "hubspot_error",
+            400,
+            "HubSpot did not complete the install",
+            params.get("error_description") or params["error"],
+        )
+    verifier: str | None = None
+    if "state" in params:
+        verifier = await consume_state(
+            params["state"], request.cookies.get(STATE_COOKIE), resources
+        )
+    code = params.get("code")
+    if not code:
+        raise CallbackFailure(
+            "missing_code",
+            400,
+            "The install link is incomplete",
+            "HubSpot's answer carried no authorization code. Please start the install again.",
+        )
+    tokens = await exchange(code, verifier, resources)
+    portal_id, hub_domain = await identify(tokens, resources)
+    async with transaction(resources.sessions) as session:
+        outcome = await record_install(
+            portal_id,
+            tokens,
+            hub_domain=hub_domain,
+            settings=resources.settings,
+            session=session,
+            cipher=resources.cipher,
+        )
+    log.info(
+        "portal %s",
+        "reinstalled" if outcome.reinstall else "installed",
+        extra={"portal_id": portal_id, "install_generation": outcome.portal.install_generation},
+    )
+    return Installed(outcome, portal_id)
+
+
+async def consume_state(state: str, cookie: str | None, resources: Services) -> str | None:
+    """Check and use up a state; returns its PKCE verifier (if any)."""
+    if not cookie:
+        raise CallbackFailure(
+            "missing_cookie",
+            400,
+            "This install was started in another browser",
+            "Finish the install in the browser where you clicked Install, or start again here.",
+        )
+    state_hash = _hash(state)
+    async with transaction(resources.sessions) as session:
+        # One atomic statement: of any number of concurrent callbacks, one gets the row.
+        row = (
+            await session.execute(
+                sa.delete(OAuthState)
+                .where(col(OAuthState.state_hash) == state_hash)
+                .returning(
+                    col(OAuthState.browser_hash),
+                    col(OAuthState.code_verifier_ct),
+                    col(OAuthState.expires_at),
+                )
+            )
+        ).first()
+    if row is None:
+        raise CallbackFailure(
+            "unknown_state",
+            400,
+            "This install link was already used",
+            "Each install link works once. Please start the install again.",
+        )
+    browser_hash, verifier_ct, expires_at = row
+    if expires_at <= utcnow():
+        raise CallbackFailure(
+            "expired_state",
+            400,
+            "This install link has expired",
+            "Install links are valid for 10 minutes. Please start the install again.",
+        )
+    if not hmac.compare_digest(browser_hash, _hash(cookie)):
+        raise CallbackFailure(
+            "state_mismatch",
+            403,
+            "This install was started in another browser",
+            "Finish the install in the browser where you clicked Install, or start again here.",
+        )
+    if verifier_ct is None:
+        return None
+    return resources.cipher.decrypt_str(verifier_ct, context=code_verifier_context(state_hash))
+
+
+async def exchange(code: str, verifier: str | None, resources: Services) -> TokenResponse:
+    """Trade the code for tokens; never retried, since a code works only once."""
+    oauth = HubSpotOAuth(resources.settings, resources.http)
+    try:
+        return await oauth.exchange_code(code, code_verifier=verifier)
+    except HubSpotAuthError as error:
+        log.info(
+            "code exchange refused", extra={"status": error.status_code, "category": error.category}
+        )
+        raise CallbackFailure(
+            "exchange_rejected",
+            400,
+            "HubSpot did not accept this install",
+            "The authorization code was refused (it may have expired or been used). "
+            "Please start the install again.",
+        ) from None
+    except HubSpotError as error:
+        log.warning("code exchange failed", extra={"status": error.status_code})
+        raise CallbackFailure(
+            "exchange_failed",
+            400,
+            "HubSpot could not be reached",
+            "HubSpot did not answer in time. Nothing was installed; please try again.",
+        ) from None
+
+
+async def identify(tokens: TokenResponse, resources: Services) -> tuple[int, str]:
+    """The portal id from the token answer (or introspection), never from the query string."""
+    oauth = HubSpotOAuth(resources.settings, resources.http)
+    hub_id = tokens.hub_id
+    try:
+        described = await oauth.introspect(tokens.access_token)
+    except HubSpotError as error:
+        if hub_id is None:
+            raise CallbackFailure(
+                "no_portal_id",
+                400,
+                "HubSpot did not say which account this is",
+                "Please start the install again.",
+            ) from None
+        log.info(
+            "introspection failed; continuing without the hub domain",
+            extra={"status": error.status_code},
+        )
+        described = {}
+    if hub_id is None and described.get("hub_id") is not None:
+        hub_id = int(described["hub_id"])
+    if hub_id is None:
+        raise CallbackFailure(
+            "no_portal_id",
+            400,
+            "HubSpot did not say which account this is",
+            "Please start the install again.",
+        )
+    return hub_id, str(described.get("hub_domain") or "")
+
+
+# --- pages --------------------------------------------------------------------------------
+
+
+def safe_return_url(value: str | None) -> str | None:
+    """A `returnUrl` on HubSpot's own app domain, else None (never an open redirect)."""
+    if not value:
+        return None
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme != "https" or parts.username or parts.password or port is not None:
+        return None
+    if not HUBSPOT_APP_HOST.fullmatch(parts.hostname or ""):
+        return None
+    return value
+
+
+async def settings_page(request: Request, resources: Services, installed: Installed) -> Response:
+    """The portal's settings page: what to paste into the receptionist (never cached)."""
+    outcome = installed.outcome
+    settings = resources.settings
+    async with resources.sessions() as session:
+        problems = await list_problems(installed.portal_id, session=session)
+    context: dict[str, Any] = {
+        "portal_id": installed.portal_id,
+        "hub_domain": outcome.portal.hub_domain,
+        "status": outcome.portal.status,
+        "needs_reauth": outcome.portal.status == PortalStatus.needs_reauth,
+        "reauth_url": reauth_url(settings),
+        "reinstall": outcome.reinstall,
+        "webhook_url": webhook_url(settings, installed.portal_id),
+        "webhook_secret": outcome.secret.reveal(),
+        "problems": problems,
+        "return_url": safe_return_url(request.query_params.get("returnUrl")),
+        "grace_hours": settings.secret_rotation_grace_hours,
+    }
+    response = templates.TemplateResponse(request, "portal.html", context, headers=NO_STORE)
+    response.set_cookie(
+        SESSION_COOKIE,
+        sign_portal_session(resources, installed.portal_id, outcome.portal.install_generation),
+        max_age=int(SESSION_LIFETIME.total_seconds()),
+        path="/",
+        secure=_secure(resources),
+        httponly=True,
+        samesite="lax",
+    )
+    return response
+
+
+def error_page(request: Request, failure: CallbackFailure) -> Response:
+    return templates.TemplateResponse(
+        request,
+        "error.html",
+        {
+            "title": failure.title,
+            "message": failure.message,
+            "reason": failure.reason,
+            "install_url": "/oauth/install",
+        },
+        status_code=failure.status,
+        headers=NO_STORE,
+    )
+
+
+# --- the portal settings session ---------------------------------------------------------
+
+
+def _session_mac(resources: Services, payload: str) -> str:
+    key = resources.cipher.derive_key("portal-session")
+    digest = hmac.new(key, payload.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def sign_portal_session(resources: Services, portal_id: int, install_generation: int) -> str:
+    """A short-lived cookie value scoped to one portal's settings actions."""
+    expires = int(time.time() + SESSION_LIFETIME.total_seconds())
+    payload = f"{portal_id}.{install_generation}.{expires}"
+    return f"{payload}.{_session_mac(resources, payload)}"
+
+
+def read_portal_session(request: Request, resources: Services) -> tuple[int, int] | None:
+    """(portal id, install generation) of a valid, unexpired session cookie, else None."""
+    value = request.cookies.get(SESSION_COOKIE) or ""
+    payload, _, mac = value.rpartition(".")
+    parts = payload.split(".")
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        return None
+    if not hmac.compare_digest(mac, _session_mac(resources, payload)):
+        return None
+    portal_id, generation, expires = (int(part) for part in parts)
+    if expires < time.time():
+        return None
+    return portal_id, generation
+
+
+routes: list[BaseRoute] = [
+    Route("/", landing, methods=["GET"]),
+    Route("/oauth/install", install, methods=["GET"]),
+    Route("/oauth/callback", callback, methods=["GET"]),
+]

@@ -1,7 +1,366 @@
-"""Routes of the webhooks capability (filled in by its issue)."""
+"""Webhook intake: HubSpot's signed app webhook and each portal's receptionist webhook.
+
+Both routes verify at the edge, store into the inbox in one transaction, and answer 2xx
+only after it commits. Checks run in DESIGN.md's order: 413 body too large, 404 unknown
+portal (receptionist route), 401 authentication, 400 malformed JSON, 422 invalid event,
+503 database unavailable. Nothing rejected is stored; a repeat is a 2xx that stores nothing.
+"""
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
-routes: list[BaseRoute] = []
+import asyncpg
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from app.crypto import TokenCipher
+from app.db import transaction
+from app.errors import EventRejected
+from app.inbox import NewEvent, enqueue
+from app.main import Services, services
+from app.metrics import counted
+from app.models import EventSource, EventStatus, Portal, PortalStatus, utcnow
+from app.portals import accepted_secrets, get_portal
+from app.receptionist import parse_event
+from app.signatures import authenticate_receptionist, hubspot_signed_url, verify_hubspot_v3
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+MAX_HUBSPOT_EVENTS = 100
+
+# What "the database cannot store it" looks like: SQLAlchemy wraps driver errors, but a
+# refused connection or a pool timeout can surface as the driver's or the OS's own.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    sa.exc.SQLAlchemyError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+Clock = Callable[[], float]
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def error_response(status: int, reason: str, detail: Any = None) -> JSONResponse:
+    return JSONResponse({"error": reason, "detail": detail}, status_code=status)
+
+
+def database_unavailable(error: BaseException) -> JSONResponse:
+    log.warning("webhook not stored: database unavailable (%s)", type(error).__name__)
+    return error_response(503, "database_unavailable", "the event was not stored; retry later")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The raw body, refusing one over `limit` before reading it when its length is declared."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    # A chunked body declares no length: count while reading and stop at the limit.
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large() -> JSONResponse:
+    return error_response(413, "body_too_large", f"the body must not exceed {MAX_BODY_BYTES} bytes")
+
+
+def _parse_json(body: bytes) -> tuple[bool, Any]:
+    try:
+        return True, json.loads(body)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+        return False, None
+
+
+# --- HubSpot --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HubSpotEvent:
+    """One event of HubSpot's batch, with what identifies it."""
+
+    portal_id: int
+    app_id: str
+    subscription_type: str
+    occurred_at: datetime
+    idempotency_key: str
+    raw: dict[str, Any]
+
+
+def _integer(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
+
+def parse_hubspot_event(raw: Any, position: int) -> HubSpotEvent | list[dict[str, str]]:
+    """The event, or the problems that make it unusable."""
+    if not isinstance(raw, dict):
+        return [{"field": f"[{position}]", "message": "must be an object"}]
+    problems = []
+    portal_id = _integer(raw.get("portalId"))
+    occurred_ms = _integer(raw.get("occurredAt"))
+    subscription_type = raw.get("subscriptionType")
+    if portal_id is None:
+        problems.append({"field": f"[{position}].portalId", "message": "must be an integer"})
+    if occurred_ms is None or occurred_ms > 10**14:
+        problems.append({"field": f"[{position}].occurredAt", "message": "must be epoch ms"})
+    if not isinstance(subscription_type, str) or not 0 < len(subscription_type) <= 64:
+        problems.append(
+            {"field": f"[{position}].subscriptionType", "message": "must be a short string"}
+        )
+    if problems:
+        return problems
+    assert portal_id is not None
+    assert occurred_ms is not None
+    assert isinstance(subscription_type, str)
+    # Everything that identifies the change, never attemptNumber (it grows on each retry).
+    identity: list[Any] = [
+        portal_id,
+        subscription_type,
+        raw.get("objectId"),
+        occurred_ms,
+        raw.get("eventId"),
+    ]
+    if subscription_type.endswith(".propertyChange"):
+        identity += [raw.get("propertyName"), raw.get("propertyValue")]
+    return HubSpotEvent(
+        portal_id=portal_id,
+        app_id=str(raw.get("appId", "")),
+        subscription_type=subscription_type,
+        occurred_at=datetime.fromtimestamp(occurred_ms / 1000, UTC),
+        idempotency_key=json.dumps(identity, separators=(",", ":"), default=str),
+        raw=raw,
+    )
+
+
+def parse_hubspot_batch(data: Any) -> tuple[list[HubSpotEvent], list[dict[str, str]]]:
+    if not isinstance(data, list):
+        return [], [{"field": "", "message": "must be a JSON array of events"}]
+    if len(data) > MAX_HUBSPOT_EVENTS:
+        return [], [{"field": "", "message": f"at most {MAX_HUBSPOT_EVENTS} events"}]
+    events: list[HubSpotEvent] = []
+    problems: list[dict[str, str]] = []
+    for position, raw in enumerate(data):
+        parsed = parse_hubspot_event(raw, position)
+        if isinstance(parsed, HubSpotEvent):
+            events.append(parsed)
+        else:
+            problems.extend(parsed)
+    return events, problems
+
+
+@dataclass
+class IntakeCounts:
+    stored: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+
+
+async def store_hubspot_events(
+    events: list[HubSpotEvent], *, session: AsyncSession, cipher: TokenCipher, app_id: str
+) -> IntakeCounts:
+    """Enqueue the events of installed portals (parked while a portal needs re-authorization)."""
+    counts = IntakeCounts()
+    portal_ids = {event.portal_id for event in events}
+    found = await session.execute(
+        sa.select(col(Portal.portal_id), col(Portal.status)).where(
+            col(Portal.portal_id).in_(portal_ids)
+        )
+    )
+    statuses = dict(found.all())
+    for event in events:
+        status = statuses.get(event.portal_id)
+        # HubSpot retries every 4xx for a day: what is not ours is acknowledged and dropped.
+        if status in (None, PortalStatus.uninstalled) or (app_id and event.app_id != app_id):
+            counts.ignored += 1
+            continue
+        enqueued = await enqueue(
+            NewEvent(
+                portal_id=event.portal_id,
+                source=EventSource.hubspot,
+                type=event.subscription_type,
+                idempotency_key=event.idempotency_key,
+                occurred_at=event.occurred_at,
+                payload=event.raw,
+            ),
+            session=session,
+            cipher=cipher,
+            status=EventStatus.parked
+            if status == PortalStatus.needs_reauth
+            else EventStatus.pending,
+        )
+        if enqueued.created:
+            counts.stored += 1
+        else:
+            counts.duplicates += 1
+    return counts
+
+
+def hubspot_endpoint(clock: Clock = time.time) -> Endpoint:
+    """`POST /webhooks/hubspot`; `clock` (epoch seconds) is what the signature window uses."""
+
+    async def hubspot_webhook(request: Request) -> Response:
+        """HubSpot's app webhook: a signed JSON array of events for any installed portal."""
+        resources = services(request)
+        settings = resources.settings
+        try:
+            body = await read_body(request)
+        except BodyTooLarge:
+            return _too_large()
+        raw_path = request.scope.get("raw_path") or request.url.path.encode()
+        url = hubspot_signed_url(settings.public_url, raw_path.decode("latin-1"), request.url.query)
+        if not verify_hubspot_v3(
+            secret=settings.hubspot_client_secret.get_secret_value(),
+            method=request.method,
+            url=url,
+            body=body,
+            signature=request.headers.get("x-hubspot-signature-v3"),
+            timestamp=request.headers.get("x-hubspot-request-timestamp"),
+            now=clock(),
+        ):
+            return error_response(401, "invalid_signature", "X-HubSpot-Signature-v3 check failed")
+        parsed, data = _parse_json(body)
+        if not parsed:
+            return error_response(400, "malformed_json", "the body is not JSON")
+        events, problems = parse_hubspot_batch(data)
+        if problems:
+            return error_response(400, "malformed_events", problems)
+        try:
+            async with transaction(resources.sessions) as session:
+                counts = await store_hubspot_events(
+                    events, session=session, cipher=resources.cipher, app_id=settings.hubspot_app_id
+                )
+        except DATABASE_ERRORS as error:
+            return database_unavailable(error)
+        log.info(
+            "hubspot webhook: %d stored, %d duplicates, %d ignored",
+            counts.stored,
+            counts.duplicates,
+            counts.ignored,
+        )
+        return JSONResponse(
+            {"stored": counts.stored, "duplicates": counts.duplicates, "ignored": counts.ignored}
+        )
+
+    return hubspot_webhook
+
+
+# --- receptionist ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PortalAuth:
+    portal: Portal
+    accepts: bool
+
+
+async def _check_portal(
+    resources: Services, portal_id: int, body: bytes, headers: Mapping[str, str]
+) -> _PortalAuth | None:
+    async with resources.sessions() as session:
+        portal = await get_portal(portal_id, session=session)
+        if portal is None:
+            return None
+        secrets = await accepted_secrets(portal_id, session=session, cipher=resources.cipher)
+    return _PortalAuth(portal, authenticate_receptionist(body, headers, secrets))
+
+
+async def receptionist_webhook(request: Request) -> Response:
+    """One receptionist event for a portal, authenticated with the portal's secret."""
+    resources = services(request)
+    try:
+        body = await read_body(request)
+    except BodyTooLarge:
+        return _too_large()
+    raw_portal_id = request.path_params["portal_id"]
+    # A portal id is a BIGINT: anything else names no portal (and never reaches the database).
+    if not (raw_portal_id.isascii() and raw_portal_id.isdigit() and len(raw_portal_id) <= 18):
+        return error_response(404, "unknown_portal", None)
+    portal_id = int(raw_portal_id)
+    try:
+        checked = await _check_portal(resources, portal_id, body, request.headers)
+    except DATABASE_ERRORS as error:
+        return database_unavailable(error)
+    if checked is None:
+        return error_response(404, "unknown_portal", None)
+    if not checked.accepts:
+        return error_response(
+            401, "unauthorized", "sign with Standard Webhooks or send Authorization: Bearer"
+        )
+    parsed, data = _parse_json(body)
+    if not parsed:
+        return error_response(400, "malformed_json", "the body is not JSON")
+    received_at = utcnow()
+    portal = checked.portal
+    try:
+        event = parse_event(
+            data,
+            webhook_id=request.headers.get("webhook-id"),
+            region=portal.default_phone_region or resources.settings.default_phone_region,
+            received_at=received_at,
+        )
+    except EventRejected as rejected:
+        return error_response(422, "invalid_event", rejected.problems)
+    # An uninstalled portal's events wait, parked, for a reinstall; so do those of a
+    # portal whose authorization lapsed, until it is renewed.
+    status = EventStatus.pending if portal.status == PortalStatus.active else EventStatus.parked
+    try:
+        async with transaction(resources.sessions) as session:
+            enqueued = await enqueue(
+                NewEvent(
+                    portal_id=portal_id,
+                    source=EventSource.receptionist,
+                    type=event.type,
+                    idempotency_key=event.id,
+                    occurred_at=event.occurred_at,
+                    payload=event.payload(),
+                ),
+                session=session,
+                cipher=resources.cipher,
+                status=status,
+            )
+    except DATABASE_ERRORS as error:
+        return database_unavailable(error)
+    return JSONResponse(
+        {"status": "accepted" if enqueued.created else "duplicate", "event_id": enqueued.event_id},
+        status_code=202 if enqueued.created else 200,
+    )
+
+
+def webhook_routes(*, clock: Clock = time.time) -> list[BaseRoute]:
+    return [
+        Route("/webhooks/hubspot", counted("hubspot", hubspot_endpoint(clock)), methods=["POST"]),
+        Route(
+            "/webhooks/portals/{portal_id}/receptionist",
+            counted("receptionist", receptionist_webhook),
+            methods=["POST"],
+        ),
+    ]
+
+
+routes: list[BaseRoute] = webhook_routes()

@@ -31,6 +31,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
+from app import identity
 from app.db import rowcount, transaction
 from app.errors import CryptoError
 from app.inbox import (
@@ -581,6 +582,16 @@ class Worker:
             return (await session.execute(query.limit(1))).first() is not None
 
 
+def build_worker(services: Services, **options: Any) -> Worker:
+    """A worker with Hubline's periodic jobs: journal polling, scope checks, daily provisioning."""
+    from app import lifecycle, properties
+
+    worker = Worker(services, **options)
+    lifecycle.add_periodic_jobs(worker, services.settings)
+    properties.register_periodic(worker)
+    return worker
+
+
 def describe_error(error: BaseException) -> str:
     """The error as an operator reads it, with anything that looks like a secret or PII removed."""
     text = str(error) or type(error).__name__
@@ -602,6 +613,11 @@ async def _retention(services: Services) -> None:
             sa.delete(OAuthState)
             .where(col(OAuthState.expires_at) < utcnow())
             .execution_options(synchronize_session=False)
+        )
+        # Deleted contacts' index entries are kept a while so a late privacy deletion
+        # can still find their callers; after the retention period they go too.
+        await identity.purge_removed(
+            session=session, before=utcnow() - timedelta(days=settings.event_retention_days)
         )
     if payloads or parked:
         log.info("retention: deleted %d payloads and %d parked events", payloads, parked)

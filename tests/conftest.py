@@ -12,6 +12,7 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _worker_suffix() -> str:
-    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+    # Unique per pytest process: concurrent sessions on one server must not share templates.
+    return f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_{os.getpid()}"
 
 
 @pytest.fixture(scope="session")
@@ -213,3 +215,64 @@ async def client(hubline_app: Any) -> AsyncIterator[Any]:
 def services(hubline_app: Any) -> Any:
     """Hubline's Services (settings, engine, sessions, http, cipher)."""
     return hubline_app.state.services
+
+
+# --- installing a portal through the full redirect flow --------------------------------
+
+
+@dataclass(frozen=True)
+class InstalledPortal:
+    """A portal installed through /oauth/install → sandbox approve → /oauth/callback."""
+
+    portal_id: int
+    webhook_url: str
+    webhook_secret: str
+    page: str  # the settings page's HTML
+
+
+def settings_page_value(page: str, testid: str) -> str:
+    """The text of the element with this data-testid on a Hubline page."""
+    import html
+    import re
+
+    match = re.search(rf'data-testid="{re.escape(testid)}"[^>]*>([^<]*)<', page)
+    assert match is not None, f"no data-testid={testid!r} on the page"
+    return html.unescape(match.group(1)).strip()
+
+
+async def approve_in_sandbox(sandbox_app: Any, authorize_url: str, portal_id: int) -> str:
+    """Open the sandbox's authorize page and press Approve for a portal; the redirect URL."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    import httpx
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=sandbox_app), base_url=SANDBOX_URL
+    ) as browser:
+        page = await browser.get(authorize_url)
+        assert page.status_code == 200, page.text
+        form = dict(parse_qsl(urlsplit(authorize_url).query))
+        form["portal_id"] = str(portal_id)
+        approved = await browser.post("/oauth/authorize/approve", data=form)
+    assert approved.status_code == 302, approved.text
+    return approved.headers["location"]
+
+
+@pytest.fixture
+def install_portal(client: Any, sandbox_app: Any) -> Callable[..., Any]:
+    """`await install_portal(portal_id=1001) -> InstalledPortal`, through the real redirects."""
+
+    async def install(portal_id: int = 1001) -> InstalledPortal:
+        started = await client.get("/oauth/install")
+        assert started.status_code == 302, started.text
+        callback_url = await approve_in_sandbox(sandbox_app, started.headers["location"], portal_id)
+        page = await client.get(callback_url)
+        assert page.status_code == 200, page.text
+        return InstalledPortal(
+            portal_id=portal_id,
+            webhook_url=settings_page_value(page.text, "webhook-url"),
+            webhook_secret=settings_page_value(page.text, "webhook-secret"),
+            page=page.text,
+        )
+
+    return install

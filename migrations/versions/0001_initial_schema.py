@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-27 09:36:09.226375
+Create Date: 2026-11-27 09:44:49.126436
 """
 
 from collections.abc import Sequence
@@ -84,6 +84,7 @@ def upgrade() -> None:
         sa.Column("value_hash", sqlmodel.sql.sqltypes.AutoString(length=80), nullable=False),
         sa.Column("contact_id", sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
         sa.Column("updated_at", app.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("removed_at", app.models.UTCDateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("portal_id", "kind", "value_hash"),
     )

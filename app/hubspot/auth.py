@@ -1,0 +1,245 @@
+"""The refresh middleware: an `httpx.Auth` flow that keeps a portal's access token fresh.
+
+A token is refreshed when it expires within TOKEN_REFRESH_SKEW_SECONDS, once per
+portal however many requests wait: an `asyncio.Lock` per portal inside the process,
+and a row lock on the portal's token row across processes (`SELECT … FOR UPDATE` on
+PostgreSQL; on SQLite a no-op write takes the database's single write lock). After
+the lock the row is read again, so a refresh another process has just made is used
+instead of repeated. A 401 forces one refresh and one retry, never a loop.
+
+Refresh failures are classified at once: `invalid_grant` means the app was
+uninstalled (an uninstall signal goes into the inbox and `RefreshRejected` is
+raised); 5xx, 429 and timeouts are retried with capped exponential backoff and
+full jitter, leaving the stored tokens untouched, followed by a short cooldown.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
+from typing import TYPE_CHECKING
+
+import httpx
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from app.crypto import Secret
+from app.errors import HubSpotError, HubSpotUnavailable, PortalUnavailable, RefreshRejected
+from app.hubspot.oauth2 import HubSpotOAuth, TokenResponse
+from app.models import OAuthToken, Portal, PortalStatus, utcnow
+from app.tokens import TokenSet, load_tokens, store_tokens
+
+if TYPE_CHECKING:
+    from app.main import Services
+
+log = logging.getLogger(__name__)
+
+
+class TokenRefresher:
+    """Hands out a portal's current access token, refreshing it when needed."""
+
+    def __init__(self, services: Services, *, allow_needs_reauth: bool = False) -> None:
+        self._services = services
+        self._runtime = services.hubspot
+        # Disconnecting must still reach HubSpot for a portal that needs re-consent.
+        self._allow_needs_reauth = allow_needs_reauth
+
+    async def access_token(self, portal_id: int, *, rejected: Secret | None = None) -> Secret:
+        """A token to send; `rejected` is one HubSpot just answered 401 to (forces a refresh)."""
+        tokens = await self._usable_tokens(portal_id)
+        if self._fresh(tokens, rejected):
+            return tokens.access_token
+        async with self._runtime.refresh_lock(portal_id):
+            return await self._refresh_locked(portal_id, rejected)
+
+    def _fresh(self, tokens: TokenSet, rejected: Secret | None) -> bool:
+        skew = self._services.settings.token_refresh_skew_seconds
+        if tokens.expires_within(skew):
+            return False
+        return rejected is None or tokens.access_token != rejected
+
+    async def _usable_tokens(self, portal_id: int) -> TokenSet:
+        """The stored tokens, or PortalUnavailable: no call is made for a portal we cannot serve."""
+        settings = self._services.settings
+        async with self._services.sessions() as session:
+            portal = await session.get(Portal, portal_id, populate_existing=True)
+            if portal is None or portal.status == PortalStatus.uninstalled:
+                raise PortalUnavailable(portal_id, "not installed")
+            if portal.status == PortalStatus.needs_reauth and not self._allow_needs_reauth:
+                raise PortalUnavailable(portal_id, "needs re-authorization")
+            missing = sorted(set(settings.required_scopes) - portal.scope_set)
+            tokens = None
+            if not missing:
+                tokens = await load_tokens(portal_id, session=session, cipher=self._services.cipher)
+        # The read session is closed before writing: on SQLite every transaction holds
+        # the database's one write lock, so a writer opened inside it would wait forever.
+        if missing and not self._allow_needs_reauth:
+            from app.lifecycle import mark_needs_reauth  # lifecycle builds on this module
+
+            async with self._services.sessions() as writer, writer.begin():
+                await mark_needs_reauth(portal_id, missing, session=writer, settings=settings)
+            raise PortalUnavailable(portal_id, "needs re-authorization")
+        if missing:
+            async with self._services.sessions() as session:
+                tokens = await load_tokens(portal_id, session=session, cipher=self._services.cipher)
+        if tokens is None:
+            raise PortalUnavailable(portal_id, "no tokens stored")
+        return tokens
+
+    async def _refresh_locked(self, portal_id: int, rejected: Secret | None) -> Secret:
+        runtime = self._runtime
+        if runtime.refresh_cooldown_until.get(portal_id, 0.0) > runtime.clock():
+            raise HubSpotUnavailable(
+                "token refresh is cooling down after failed attempts", portal_id=portal_id
+            )
+        rejection: RefreshRejected | None = None
+        async with self._services.sessions() as session, session.begin():
+            await _lock_token_row(portal_id, session=session)
+            tokens = await load_tokens(
+                portal_id, session=session, cipher=self._services.cipher, for_update=True
+            )
+            if tokens is None:
+                raise PortalUnavailable(portal_id, "no tokens stored")
+            if self._fresh(tokens, rejected):
+                return tokens.access_token  # another request or process refreshed meanwhile
+            try:
+                answer = await self._refresh_with_retries(tokens)
+            except RefreshRejected as error:
+                rejection = error
+                await self._record_rejection(tokens, session=session)
+            else:
+                # HubSpot does not say whether a refresh rotates the refresh token: keep
+                # whatever the answer carries, else the one that was just used.
+                version = await store_tokens(
+                    portal_id,
+                    access_token=answer.access_token.reveal(),
+                    refresh_token=(answer.refresh_token or tokens.refresh_token).reveal(),
+                    expires_in=answer.expires_in,
+                    install_generation=tokens.install_generation,
+                    session=session,
+                    cipher=self._services.cipher,
+                    expected_version=tokens.version,
+                )
+                if version is None:  # cannot happen under the row lock; say so if it does
+                    log.warning("refreshed tokens lost a compare-and-swap", extra=_ctx(portal_id))
+                log.info("refreshed the access token", extra=_ctx(portal_id))
+                return answer.access_token
+        assert rejection is not None
+        raise rejection
+
+    async def _refresh_with_retries(self, tokens: TokenSet) -> TokenResponse:
+        runtime = self._runtime
+        oauth = HubSpotOAuth(self._services.settings, self._services.http)
+        attempts = runtime.backoff.refresh_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                return await oauth.refresh(tokens.refresh_token)
+            except RefreshRejected as error:
+                error.portal_id = tokens.portal_id
+                raise
+            except HubSpotError as error:
+                transient = (
+                    error.status_code is None
+                    or error.status_code in (429,)
+                    or (error.status_code >= 500)
+                )
+                if not transient:
+                    error.portal_id = tokens.portal_id
+                    raise
+                if attempt == attempts:
+                    runtime.refresh_cooldown_until[tokens.portal_id] = (
+                        runtime.clock() + runtime.backoff.refresh_cooldown_seconds
+                    )
+                    log.warning(
+                        "token refresh failed %d times; cooling down",
+                        attempts,
+                        extra=_ctx(tokens.portal_id, status=error.status_code),
+                    )
+                    error.portal_id = tokens.portal_id
+                    raise
+                delay = runtime.backoff.delay(attempt, minimum=error.retry_after or 0.0)
+                log.info(
+                    "token refresh failed; retrying in %.2fs",
+                    delay,
+                    extra=_ctx(tokens.portal_id, status=error.status_code),
+                )
+                await runtime.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _record_rejection(self, tokens: TokenSet, *, session: AsyncSession) -> None:
+        """invalid_grant: signal the uninstall, and apply it now in this locked transaction.
+
+        Applying it here (with the handler's own function) matters: the worker parks a
+        portal's pending events when a handler raises RefreshRejected, which would park
+        the signal itself before the uninstall handler could run.
+        """
+        from app.lifecycle import UninstallReason, apply_uninstall, signal_uninstall
+
+        log.warning(
+            "HubSpot rejected the refresh token: uninstalling", extra=_ctx(tokens.portal_id)
+        )
+        await signal_uninstall(
+            tokens.portal_id,
+            reason=UninstallReason.refresh_rejected,
+            install_generation=tokens.install_generation,
+            occurred_at=utcnow(),
+            session=session,
+            cipher=self._services.cipher,
+        )
+        await apply_uninstall(
+            tokens.portal_id,
+            install_generation=tokens.install_generation,
+            occurred_at=None,
+            session=session,
+        )
+
+
+async def _lock_token_row(portal_id: int, *, session: AsyncSession) -> None:
+    if session.get_bind().dialect.name == "sqlite":
+        # SQLite has no row locks: a write holds its single write lock (as BEGIN
+        # IMMEDIATE already does), so a refresh in another process waits here and
+        # then reads the refreshed row. PostgreSQL locks the row in load_tokens.
+        await session.execute(
+            sa.update(OAuthToken)
+            .where(col(OAuthToken.portal_id) == portal_id)
+            .values(version=col(OAuthToken.version))
+            .execution_options(synchronize_session=False)
+        )
+
+
+def _ctx(portal_id: int, **extra: object) -> dict[str, object]:
+    return {"portal_id": portal_id, **extra}
+
+
+Pace = Callable[[], Awaitable[None]]
+
+
+class PortalAuth(httpx.Auth):
+    """Bearer auth for one portal: fresh token, one refresh-and-retry on a 401."""
+
+    def __init__(self, refresher: TokenRefresher, portal_id: int, *, pace: Pace) -> None:
+        self._refresher = refresher
+        self._portal_id = portal_id
+        self._pace = pace
+
+    def __repr__(self) -> str:
+        return f"PortalAuth(portal_id={self._portal_id})"
+
+    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
+        raise RuntimeError("PortalAuth is async-only: use httpx.AsyncClient")
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        token = await self._refresher.access_token(self._portal_id)
+        request.headers["Authorization"] = f"Bearer {token.reveal()}"
+        await self._pace()
+        response = yield request
+        if response.status_code != 401:
+            return
+        log.info("HubSpot answered 401: refreshing once and retrying", extra=_ctx(self._portal_id))
+        token = await self._refresher.access_token(self._portal_id, rejected=token)
+        request.headers["Authorization"] = f"Bearer {token.reveal()}"
+        await self._pace()
+        yield request

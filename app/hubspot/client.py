@@ -1,0 +1,210 @@
+"""The one HubSpot client: every API call for a portal goes through `HubSpotClient.request`.
+
+It owns the refresh middleware (its httpx auth), the portal's rate budget, waiting
+and retrying on 429, retrying 5xx, 423 and timeouts with capped exponential backoff
+and full jitter up to a bound, and turning what is left into the app's error tree
+with the portal id, status, category and HubSpot's correlationId.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from app.errors import (
+    HubSpotAuthError,
+    HubSpotConflict,
+    HubSpotError,
+    HubSpotRateLimited,
+    HubSpotUnavailable,
+    HubSpotValidationError,
+)
+from app.hubspot.auth import PortalAuth, TokenRefresher
+from app.logs import redact_text
+
+if TYPE_CHECKING:
+    from app.main import Services
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUSES = frozenset({423, 500, 502, 503, 504})
+# HubSpot asks for at least two seconds after a 423 (a record is locked).
+LOCKED_MINIMUM_WAIT = 2.0
+# Without Retry-After, a 429 waits at least this long before the portal sends again.
+RATE_LIMITED_MINIMUM_WAIT = 1.0
+
+
+class HubSpotClient:
+    """HubSpot's API for one portal, as seen through Hubline's rules."""
+
+    def __init__(
+        self, services: Services, portal_id: int, *, allow_needs_reauth: bool = False
+    ) -> None:
+        self.portal_id = portal_id
+        self._services = services
+        self._runtime = services.hubspot
+        self._base = services.settings.hubspot_api_url
+        self._refresher = TokenRefresher(services, allow_needs_reauth=allow_needs_reauth)
+
+    def __repr__(self) -> str:
+        return f"HubSpotClient(portal_id={self.portal_id})"
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        search: bool = False,
+    ) -> httpx.Response:
+        """Send one call, waiting and retrying as HubSpot asks; raises `HubSpotError`s."""
+        backoff = self._runtime.backoff
+        settings = self._services.settings
+        limit = (
+            settings.hubspot_searches_per_second if search else settings.hubspot_requests_per_10s
+        )
+
+        async def pace() -> None:
+            await self._runtime.budget.acquire(self.portal_id, limit=limit, search=search)
+
+        auth = PortalAuth(self._refresher, self.portal_id, pace=pace)
+        failures = 0
+        rate_limited = 0
+        while True:
+            try:
+                response = await self._services.http.request(
+                    method, self._base + path, json=json, params=params, auth=auth
+                )
+            except httpx.TransportError as error:
+                failures += 1
+                if failures >= backoff.api_attempts:
+                    raise HubSpotUnavailable(
+                        f"HubSpot did not answer {method} {_route(path)} ({type(error).__name__})",
+                        portal_id=self.portal_id,
+                    ) from None
+                await self._wait(backoff.delay(failures), method, path, reason=type(error).__name__)
+                continue
+            self._runtime.budget.observe(self.portal_id, response.headers)
+            if response.is_success:
+                return response
+            status = response.status_code
+            if status == 429:
+                rate_limited += 1
+                failure = self._error(response, method, path)
+                if rate_limited >= backoff.rate_limit_attempts:
+                    raise failure
+                wait = failure.retry_after or backoff.delay(
+                    rate_limited, minimum=RATE_LIMITED_MINIMUM_WAIT
+                )
+                # Nothing more goes out for this portal until the wait is over.
+                self._runtime.budget.block(self.portal_id, wait, search=search)
+                log.info(
+                    "HubSpot answered 429; waiting %.2fs",
+                    wait,
+                    extra={"portal_id": self.portal_id, "correlation_id": failure.correlation_id},
+                )
+                continue
+            if status in RETRYABLE_STATUSES:
+                failures += 1
+                failure = self._error(response, method, path)
+                if failures >= backoff.api_attempts:
+                    raise failure
+                minimum = LOCKED_MINIMUM_WAIT if status == 423 else 0.0
+                await self._wait(
+                    backoff.delay(failures, minimum=minimum), method, path, reason=str(status)
+                )
+                continue
+            raise self._error(response, method, path)
+
+    async def _wait(self, seconds: float, method: str, path: str, *, reason: str) -> None:
+        log.info(
+            "HubSpot call %s %s failed (%s); retrying in %.2fs",
+            method,
+            _route(path),
+            reason,
+            seconds,
+            extra={"portal_id": self.portal_id},
+        )
+        await self._runtime.sleep(seconds)
+
+    def _error(self, response: httpx.Response, method: str, path: str) -> HubSpotError:
+        return error_from_response(
+            response, portal_id=self.portal_id, what=f"{method} {_route(path)}"
+        )
+
+    async def get_json(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        return _json(await self.request("GET", path, params=params))
+
+    async def post_json(self, path: str, body: Any, *, search: bool = False) -> Any:
+        return _json(await self.request("POST", path, json=body, search=search))
+
+    async def patch_json(self, path: str, body: Any) -> Any:
+        return _json(await self.request("PATCH", path, json=body))
+
+    async def put_json(self, path: str, body: Any) -> Any:
+        return _json(await self.request("PUT", path, json=body))
+
+    async def delete(self, path: str) -> None:
+        await self.request("DELETE", path)
+
+
+def hubspot_client(services: Services, portal_id: int) -> HubSpotClient:
+    """The client for one portal (cheap: the shared state lives in `services.hubspot`)."""
+    return HubSpotClient(services, portal_id)
+
+
+def error_from_response(
+    response: httpx.Response, *, portal_id: int | None, what: str = "HubSpot call"
+) -> HubSpotError:
+    """The error-tree exception for a failed answer, with HubSpot's category and correlationId."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    status = response.status_code
+    category = body.get("category") or body.get("errorType") or body.get("policyName")
+    # HubSpot's messages can echo the values we sent (an email, a phone): redact them.
+    message = redact_text(str(body.get("message") or response.reason_phrase or "error"))
+    kind: type[HubSpotError]
+    if status == 429:
+        kind = HubSpotRateLimited
+    elif status in (401, 403):
+        kind = HubSpotAuthError
+    elif status == 409:
+        kind = HubSpotConflict
+    elif status >= 500 or status == 423:
+        kind = HubSpotUnavailable
+    elif status in (400, 422):
+        kind = HubSpotValidationError
+    else:
+        kind = HubSpotError
+    retry_after: float | None = None
+    if "Retry-After" in response.headers:
+        try:
+            retry_after = float(response.headers["Retry-After"])
+        except ValueError:
+            retry_after = None
+    return kind(
+        f"{what}: {message}",
+        portal_id=portal_id,
+        status_code=status,
+        category=str(category) if category else None,
+        correlation_id=body.get("correlationId"),
+        retry_after=retry_after,
+    )
+
+
+def _json(response: httpx.Response) -> Any:
+    if response.status_code == 204 or not response.content:
+        return None
+    return response.json()
+
+
+def _route(path: str) -> str:
+    # Paths can hold an email (`/contacts/{email}?idProperty=email`): keep logs free of them.
+    return redact_text(path.split("?", 1)[0])

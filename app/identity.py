@@ -1,0 +1,354 @@
+"""The identity index: which HubSpot contact a caller's phone or email belongs to, per portal.
+
+It is a blind index: rows hold keyed hashes of normalized values (`TokenCipher.blind_index`),
+never a phone or an email, so a copy of the table reveals no caller. It is a cache kept
+up to date by HubSpot's contact webhooks; whoever reads it must stay correct when it is
+stale or empty (confirm with HubSpot before trusting a hit for anything irreversible).
+
+Kinds of rows:
+- `phone` (E.164) and `email` (lowercase) entries: value hash → contact id. A deleted
+  contact's entries are kept with `removed_at` set (lookups skip them) so that a privacy
+  deletion arriving after the deletion still knows which callers were that contact.
+- `erased` markers: the contact was privacy-deleted (`value_hash` is `contact:<id>`, no
+  personal data); events about it that arrive later are dropped, not indexed.
+
+Lookups try the hash under every configured key (`blind_indexes`), so the index keeps
+working while keys rotate; writes store the hash under the primary key and drop the
+same value's rows under older keys. Functions take `*, session` and never commit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import phonenumbers
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from app.crypto import TokenCipher
+from app.db import rowcount
+from app.models import IdentityEntry
+
+PHONE = "phone"
+EMAIL = "email"
+ERASED = "erased"
+VALUE_KINDS = (PHONE, EMAIL)
+
+_EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]+")
+_MAX_PHONE_INPUT = 64
+
+
+def normalize_phone(raw: str | None, region: str) -> str | None:
+    """The number in E.164, reading one without a country code in `region`; None if not one."""
+    if not raw or len(raw) > _MAX_PHONE_INPUT:
+        return None
+    try:
+        number = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException:
+        return None
+    # "Possible" rather than "valid": valid depends on numbering-plan metadata that lags
+    # behind new area codes, and refusing a real caller's number is worse than a cache miss.
+    if not phonenumbers.is_possible_number(number):
+        return None
+    formatted: str = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return formatted
+
+
+def normalize_email(raw: str | None) -> str | None:
+    """The address trimmed and lowercased; None when it is not an email address."""
+    if not raw:
+        return None
+    email = raw.strip().lower()
+    if len(email) > 320 or not _EMAIL_RE.fullmatch(email):
+        return None
+    return email
+
+
+def value_hashes(cipher: TokenCipher, kind: str, normalized: str, portal_id: int) -> list[str]:
+    """The value's hash under every configured key; the first is what gets stored."""
+    return cipher.blind_indexes(kind, normalized, portal_id)
+
+
+def erased_marker(contact_id: str) -> str:
+    return f"contact:{contact_id}"
+
+
+# --- lookups ------------------------------------------------------------------------
+
+
+async def lookup(
+    portal_id: int, kind: str, normalized: str, *, session: AsyncSession, cipher: TokenCipher
+) -> str | None:
+    """The contact id indexed for this normalized phone or email, or None."""
+    hashes = value_hashes(cipher, kind, normalized, portal_id)
+    rows = await session.execute(
+        sa.select(col(IdentityEntry.value_hash), col(IdentityEntry.contact_id)).where(
+            col(IdentityEntry.portal_id) == portal_id,
+            col(IdentityEntry.kind) == kind,
+            col(IdentityEntry.value_hash).in_(hashes),
+            col(IdentityEntry.removed_at).is_(None),
+        )
+    )
+    found = dict(rows.all())
+    # Prefer the hash under the newest key: an older key's row may predate a change.
+    return next((found[value_hash] for value_hash in hashes if value_hash in found), None)
+
+
+async def find_contact(
+    portal_id: int,
+    *,
+    phones: Iterable[str] = (),
+    emails: Iterable[str] = (),
+    session: AsyncSession,
+    cipher: TokenCipher,
+) -> str | None:
+    """The contact for a caller: by phone first (in the order given), then by email."""
+    candidates = [(PHONE, phone) for phone in phones] + [(EMAIL, email) for email in emails]
+    for kind, normalized in candidates:
+        contact_id = await lookup(portal_id, kind, normalized, session=session, cipher=cipher)
+        if contact_id is not None:
+            return contact_id
+    return None
+
+
+async def contact_hashes(
+    portal_id: int, contact_id: str, *, session: AsyncSession, include_removed: bool = True
+) -> set[tuple[str, str]]:
+    """The (kind, value hash) pairs indexed for a contact (removed ones too, by default)."""
+    query = sa.select(col(IdentityEntry.kind), col(IdentityEntry.value_hash)).where(
+        col(IdentityEntry.portal_id) == portal_id,
+        col(IdentityEntry.contact_id) == contact_id,
+        col(IdentityEntry.kind).in_(VALUE_KINDS),
+    )
+    if not include_removed:
+        query = query.where(col(IdentityEntry.removed_at).is_(None))
+    return {(kind, value_hash) for kind, value_hash in await session.execute(query)}
+
+
+async def last_change(
+    portal_id: int, contact_id: str, kind: str, *, session: AsyncSession
+) -> datetime | None:
+    """When the contact's entries of this kind last changed (written or removed), if ever."""
+    entries = await session.execute(
+        sa.select(col(IdentityEntry.updated_at), col(IdentityEntry.removed_at)).where(
+            col(IdentityEntry.portal_id) == portal_id,
+            col(IdentityEntry.contact_id) == contact_id,
+            col(IdentityEntry.kind) == kind,
+        )
+    )
+    moments = [moment for row in entries for moment in row if moment is not None]
+    return max(moments, default=None)
+
+
+async def erased_contacts(
+    portal_id: int, contact_ids: Iterable[str], *, session: AsyncSession
+) -> set[str]:
+    """Which of these contacts were privacy-deleted."""
+    markers = {erased_marker(contact_id): contact_id for contact_id in contact_ids}
+    if not markers:
+        return set()
+    rows = await session.execute(
+        sa.select(col(IdentityEntry.value_hash)).where(
+            col(IdentityEntry.portal_id) == portal_id,
+            col(IdentityEntry.kind) == ERASED,
+            col(IdentityEntry.value_hash).in_(list(markers)),
+        )
+    )
+    return {markers[value_hash] for value_hash in rows.scalars()}
+
+
+# --- writes -------------------------------------------------------------------------
+
+
+async def upsert(
+    portal_id: int,
+    kind: str,
+    normalized: str,
+    contact_id: str,
+    *,
+    session: AsyncSession,
+    cipher: TokenCipher,
+    as_of: datetime,
+) -> None:
+    """Point this phone or email at the contact (whichever contact it pointed at before)."""
+    hashes = value_hashes(cipher, kind, normalized, portal_id)
+    if len(hashes) > 1:
+        await session.execute(
+            sa.delete(IdentityEntry)
+            .where(
+                col(IdentityEntry.portal_id) == portal_id,
+                col(IdentityEntry.kind) == kind,
+                col(IdentityEntry.value_hash).in_(hashes[1:]),
+            )
+            .execution_options(synchronize_session=False)
+        )
+    changes: dict[str, Any] = {"contact_id": contact_id, "updated_at": as_of, "removed_at": None}
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    await session.execute(
+        insert(IdentityEntry)
+        .values(portal_id=portal_id, kind=kind, value_hash=hashes[0], **changes)
+        .on_conflict_do_update(index_elements=["portal_id", "kind", "value_hash"], set_=changes)
+    )
+
+
+async def replace_kind(
+    portal_id: int,
+    contact_id: str,
+    kind: str,
+    values: Iterable[str],
+    *,
+    session: AsyncSession,
+    cipher: TokenCipher,
+    as_of: datetime,
+) -> None:
+    """Make `values` (normalized) the contact's only entries of this kind."""
+    keep: list[str] = []
+    for normalized in dict.fromkeys(values):
+        await upsert(
+            portal_id, kind, normalized, contact_id, session=session, cipher=cipher, as_of=as_of
+        )
+        keep.append(cipher.blind_index(kind, normalized, portal_id))
+    await session.execute(
+        sa.delete(IdentityEntry)
+        .where(
+            col(IdentityEntry.portal_id) == portal_id,
+            col(IdentityEntry.contact_id) == contact_id,
+            col(IdentityEntry.kind) == kind,
+            col(IdentityEntry.value_hash).not_in(keep),
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def set_identities(
+    portal_id: int,
+    contact_id: str,
+    *,
+    phones: Iterable[str],
+    emails: Iterable[str],
+    session: AsyncSession,
+    cipher: TokenCipher,
+    as_of: datetime,
+) -> None:
+    """Make these normalized phones and emails the contact's entries, reviving a removed one."""
+    for kind, values in ((PHONE, phones), (EMAIL, emails)):
+        await replace_kind(
+            portal_id, contact_id, kind, values, session=session, cipher=cipher, as_of=as_of
+        )
+
+
+async def remove_contact(
+    portal_id: int, contact_id: str, *, session: AsyncSession, as_of: datetime
+) -> int:
+    """Take a deleted contact out of lookups (its entries stay, marked); returns how many."""
+    result = await session.execute(
+        sa.update(IdentityEntry)
+        .where(
+            col(IdentityEntry.portal_id) == portal_id,
+            col(IdentityEntry.contact_id) == contact_id,
+            col(IdentityEntry.kind).in_(VALUE_KINDS),
+            col(IdentityEntry.removed_at).is_(None),
+        )
+        .values(removed_at=as_of)
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(result)
+
+
+async def repoint(
+    portal_id: int,
+    merged_ids: Iterable[str],
+    survivor_id: str,
+    *,
+    session: AsyncSession,
+    as_of: datetime,
+) -> int:
+    """Point the entries of merged contacts at the contact that survived the merge."""
+    merged = [contact_id for contact_id in merged_ids if contact_id != survivor_id]
+    if not merged:
+        return 0
+    result = await session.execute(
+        sa.update(IdentityEntry)
+        .where(
+            col(IdentityEntry.portal_id) == portal_id,
+            col(IdentityEntry.contact_id).in_(merged),
+            col(IdentityEntry.kind).in_(VALUE_KINDS),
+        )
+        .values(contact_id=survivor_id, updated_at=as_of)
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(result)
+
+
+async def erase_contact(
+    portal_id: int, contact_id: str, *, session: AsyncSession, as_of: datetime
+) -> set[tuple[str, str]]:
+    """Delete every entry of a privacy-deleted contact and mark it erased.
+
+    Returns the (kind, value hash) pairs it had, removed ones included, so the caller can
+    find other records of the same person.
+    """
+    hashes = await contact_hashes(portal_id, contact_id, session=session)
+    await session.execute(
+        sa.delete(IdentityEntry)
+        .where(
+            col(IdentityEntry.portal_id) == portal_id,
+            col(IdentityEntry.contact_id) == contact_id,
+            col(IdentityEntry.kind).in_(VALUE_KINDS),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    await session.execute(
+        insert(IdentityEntry)
+        .values(
+            portal_id=portal_id,
+            kind=ERASED,
+            value_hash=erased_marker(contact_id),
+            contact_id=contact_id,
+            updated_at=as_of,
+            removed_at=as_of,
+        )
+        .on_conflict_do_nothing(index_elements=["portal_id", "kind", "value_hash"])
+    )
+    return hashes
+
+
+async def purge_removed(*, session: AsyncSession, before: datetime) -> int:
+    """Delete entries and markers of contacts removed before `before` (retention)."""
+    result = await session.execute(
+        sa.delete(IdentityEntry)
+        .where(col(IdentityEntry.removed_at) < before)
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(result)
+
+
+@dataclass(frozen=True)
+class CallerHashes:
+    """A caller's normalized phone and email as index hashes under every key (for matching)."""
+
+    hashes: frozenset[tuple[str, str]]
+
+    @classmethod
+    def of(
+        cls, cipher: TokenCipher, portal_id: int, *, phone: str | None, email: str | None
+    ) -> CallerHashes:
+        pairs: set[tuple[str, str]] = set()
+        for kind, normalized in ((PHONE, phone), (EMAIL, email)):
+            if normalized:
+                pairs.update(
+                    (kind, value_hash)
+                    for value_hash in value_hashes(cipher, kind, normalized, portal_id)
+                )
+        return cls(frozenset(pairs))
+
+    def matches(self, indexed: set[tuple[str, str]]) -> bool:
+        return not self.hashes.isdisjoint(indexed)

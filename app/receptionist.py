@@ -1,0 +1,225 @@
+"""The receptionist event: its two accepted forms, validated into one normalized event.
+
+The nested form is DESIGN.md's (`id`, `type`, `caller: {name, phone, email}`, `summary`, …);
+the flat post-call form (`call_id`, `caller_name`, `caller_phone`, `caller_email`,
+`call_summary`, …) is always a `call.completed`. Both become a `ReceptionistEvent`,
+whose JSON is the inbox payload the receptionist handlers read:
+
+    id, type, occurred_at (ISO 8601, UTC), form ("nested" | "flat"),
+    caller: {name, phone (as given), phone_e164, email (normalized)},
+    summary, transcript, duration_seconds, outcome, appointment_booked, lead_score,
+    follow_up_required, campaign_id, recording_url
+
+A caller needs a phone or an email that Hubline can read (a `test.ping` needs no
+caller). Unknown fields are ignored: platforms add fields, and refusing them would
+lose calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.errors import EventRejected
+from app.identity import normalize_email, normalize_phone
+
+EventType = Literal["call.completed", "text.received", "chat.completed", "test.ping"]
+PING = "test.ping"
+FLAT_FIELDS = frozenset({"call_id", "caller_name", "caller_phone", "caller_email", "call_summary"})
+
+_Text = Field(default=None, max_length=256)
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+    occurred_at: datetime | None = None
+    transcript: str | None = None
+    duration_seconds: float | None = Field(default=None, ge=0)
+    outcome: str | None = Field(default=None, max_length=128)
+    appointment_booked: bool | None = None
+    lead_score: float | None = None
+    follow_up_required: bool | None = None
+    campaign_id: str | None = _Text
+    recording_url: str | None = Field(default=None, max_length=2048)
+
+
+class CallerInput(BaseModel):
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+    name: str | None = _Text
+    phone: str | None = Field(default=None, max_length=64)
+    email: str | None = Field(default=None, max_length=320)
+
+
+class NestedInput(_Input):
+    """DESIGN.md's receptionist event."""
+
+    id: str | None = _Text
+    type: EventType
+    caller: CallerInput | None = None
+    summary: str | None = None
+
+
+class FlatInput(_Input):
+    """The flat post-call form receptionist platforms commonly send."""
+
+    call_id: str | None = _Text
+    caller_name: str | None = _Text
+    caller_phone: str | None = Field(default=None, max_length=64)
+    caller_email: str | None = Field(default=None, max_length=320)
+    call_summary: str | None = None
+
+
+class Caller(BaseModel):
+    name: str | None = None
+    phone: str | None = None
+    phone_e164: str | None = None
+    email: str | None = None
+
+
+class ReceptionistEvent(BaseModel):
+    """One receptionist event, whichever form it came in."""
+
+    id: str
+    type: EventType
+    occurred_at: datetime
+    form: Literal["nested", "flat"]
+    caller: Caller
+    summary: str | None = None
+    transcript: str | None = None
+    duration_seconds: float | None = None
+    outcome: str | None = None
+    appointment_booked: bool | None = None
+    lead_score: float | None = None
+    follow_up_required: bool | None = None
+    campaign_id: str | None = None
+    recording_url: str | None = None
+
+    def payload(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def is_flat(data: dict[str, Any]) -> bool:
+    return "type" not in data and "caller" not in data and not FLAT_FIELDS.isdisjoint(data)
+
+
+def parse_event(
+    data: Any, *, webhook_id: str | None, region: str, received_at: datetime
+) -> ReceptionistEvent:
+    """Validate a parsed JSON body; raises EventRejected listing every field problem."""
+    if not isinstance(data, dict):
+        raise EventRejected([{"field": "", "message": "the event must be a JSON object"}])
+    flat = is_flat(data)
+    model: type[NestedInput] | type[FlatInput] = FlatInput if flat else NestedInput
+    try:
+        given: NestedInput | FlatInput | None = model.model_validate(data)
+    except ValidationError as error:
+        given, problems = None, _problems(error)
+    else:
+        problems = []
+
+    # Who called and which event this is are checked even when other fields failed, so
+    # one answer lists everything the sender must fix.
+    shape = _FLAT if flat else _NESTED
+    caller = _caller(given, data, flat)
+    event_type = "call.completed" if flat else data.get("type")
+    event_id = _text(given, data, shape.id) or (webhook_id or "").strip() or None
+    if event_id is None:
+        problems.append(
+            {"field": shape.id, "message": "is required (or a webhook-id header) to identify it"}
+        )
+    phone_e164 = normalize_phone(caller.phone, region)
+    email = normalize_email(caller.email)
+    if event_type != PING and phone_e164 is None and email is None:
+        if caller.phone:
+            problems.append({"field": shape.phone, "message": "is not a phone number"})
+        if caller.email:
+            problems.append({"field": shape.email, "message": "is not an email address"})
+        if not caller.phone and not caller.email:
+            problems.append({"field": shape.caller, "message": "needs a phone or an email"})
+    if problems or given is None:
+        raise EventRejected(_unique(problems))
+    assert event_id is not None
+
+    occurred_at = given.occurred_at or received_at
+    if occurred_at.tzinfo is None:
+        occurred_at = occurred_at.replace(tzinfo=UTC)
+    return ReceptionistEvent(
+        id=event_id,
+        type="call.completed" if isinstance(given, FlatInput) else given.type,
+        occurred_at=occurred_at.astimezone(UTC),
+        form="flat" if flat else "nested",
+        caller=Caller(name=caller.name, phone=caller.phone, phone_e164=phone_e164, email=email),
+        summary=given.call_summary if isinstance(given, FlatInput) else given.summary,
+        transcript=given.transcript,
+        duration_seconds=given.duration_seconds,
+        outcome=given.outcome,
+        appointment_booked=given.appointment_booked,
+        lead_score=given.lead_score,
+        follow_up_required=given.follow_up_required,
+        campaign_id=given.campaign_id,
+        recording_url=given.recording_url,
+    )
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Where each form keeps the event id and the caller's details (for field errors)."""
+
+    id: str
+    caller: str
+    phone: str
+    email: str
+
+
+_NESTED = _Shape(id="id", caller="caller", phone="caller.phone", email="caller.email")
+_FLAT = _Shape(id="call_id", caller="caller_phone", phone="caller_phone", email="caller_email")
+
+
+def _caller(given: NestedInput | FlatInput | None, data: dict[str, Any], flat: bool) -> CallerInput:
+    if isinstance(given, FlatInput):
+        return CallerInput(
+            name=given.caller_name, phone=given.caller_phone, email=given.caller_email
+        )
+    if isinstance(given, NestedInput):
+        return given.caller or CallerInput()
+    # The event failed validation: read what can be read, to report on it.
+    source = data if flat else data.get("caller")
+    if not isinstance(source, dict):
+        return CallerInput()
+    prefix = "caller_" if flat else ""
+    return CallerInput(
+        phone=_raw_text(source.get(prefix + "phone")),
+        email=_raw_text(source.get(prefix + "email")),
+    )
+
+
+def _text(given: NestedInput | FlatInput | None, data: dict[str, Any], name: str) -> str | None:
+    value = getattr(given, name) if given is not None else _raw_text(data.get(name))
+    return value or None
+
+
+def _raw_text(value: Any) -> str | None:
+    return value.strip() or None if isinstance(value, str) else None
+
+
+def _unique(problems: list[dict[str, str]]) -> list[dict[str, str]]:
+    """One problem per field: a schema error already says what is wrong with it."""
+    seen: set[str] = set()
+    unique = []
+    for problem in problems:
+        if problem["field"] not in seen:
+            seen.add(problem["field"])
+            unique.append(problem)
+    return unique
+
+
+def _problems(error: ValidationError) -> list[dict[str, str]]:
+    return [
+        {"field": ".".join(str(part) for part in item["loc"]), "message": item["msg"]}
+        for item in error.errors(include_url=False, include_input=False)
+    ]

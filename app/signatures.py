@@ -1,0 +1,139 @@
+"""Webhook authentication: HubSpot's signature v3, Standard Webhooks, and bearer secrets.
+
+Every verifier answers only True or False, whatever it is given: a forged, stale or
+garbled request is a 401 at the route, never a 500.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from collections.abc import Mapping, Sequence
+
+from standardwebhooks.webhooks import Webhook
+
+from app.crypto import Secret
+
+# HubSpot rejects nothing older than this itself; we also reject the same distance ahead,
+# so a captured request cannot be replayed later by pre-dating its timestamp.
+HUBSPOT_TOLERANCE_MS = 5 * 60 * 1000
+
+# The only escapes HubSpot's v3 recipe decodes before signing (hubspot.md).
+_SIGNED_URL_ESCAPES = {
+    "%3A": ":",
+    "%2F": "/",
+    "%3F": "?",
+    "%40": "@",
+    "%21": "!",
+    "%24": "$",
+    "%27": "'",
+    "%28": "(",
+    "%29": ")",
+    "%2A": "*",
+    "%2C": ",",
+    "%3B": ";",
+}
+_ESCAPE_RE = re.compile("|".join(_SIGNED_URL_ESCAPES), re.IGNORECASE)
+_V1_SIGNATURE_RE = re.compile(r"v1,[A-Za-z0-9+/]+={0,2}")
+_STANDARD_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
+
+
+def hubspot_signed_url(public_url: str, raw_path: str, query: str = "") -> str:
+    """The URL HubSpot called, as v3 signs it: PUBLIC_URL + path (+ query), escapes decoded."""
+    url = public_url.rstrip("/") + raw_path
+    if query:
+        url += "?" + query
+    return _ESCAPE_RE.sub(lambda match: _SIGNED_URL_ESCAPES[match.group(0).upper()], url)
+
+
+def hubspot_v3_signature(secret: str, method: str, url: str, body: bytes, timestamp: str) -> str:
+    """base64(HMAC-SHA256(client secret, method + url + body + timestamp))."""
+    message = method.encode() + url.encode() + body + timestamp.encode()
+    return base64.b64encode(hmac.new(secret.encode(), message, hashlib.sha256).digest()).decode()
+
+
+def verify_hubspot_v3(
+    *,
+    secret: str,
+    method: str,
+    url: str,
+    body: bytes,
+    signature: str | None,
+    timestamp: str | None,
+    now: float,
+) -> bool:
+    """True when `signature` is HubSpot's v3 signature of this request, made within 5 minutes.
+
+    `url` is what `hubspot_signed_url` returns; `now` is the time in epoch seconds.
+    """
+    if not signature or not timestamp:
+        return False
+    # Digits only: int() would also take "+1_0 " and read it as a timestamp.
+    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 16:
+        return False
+    if abs(now * 1000 - int(timestamp)) > HUBSPOT_TOLERANCE_MS:
+        return False
+    try:
+        expected = hubspot_v3_signature(secret, method, url, body, timestamp)
+    except UnicodeEncodeError:  # a URL or method no HTTP request can carry
+        return False
+    return hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogatepass"))
+
+
+def verify_bearer(authorization: str | None, secrets: Sequence[Secret]) -> bool:
+    """True when the Authorization header is `Bearer <one of the secrets>`."""
+    if not authorization:
+        return False
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return False
+    given = token.strip().encode("utf-8", "surrogatepass")
+    matched = False
+    # Compare against every secret, not stopping at a match, so timing tells nothing.
+    for secret in secrets:
+        matched |= hmac.compare_digest(given, secret.reveal().encode())
+    return matched
+
+
+def verify_standard_webhook(
+    body: bytes, headers: Mapping[str, str], secrets: Sequence[Secret]
+) -> bool:
+    """True when the Standard Webhooks headers carry a valid signature by one of the secrets.
+
+    The signature header may list several signatures separated by spaces (a sender
+    rotating its secret signs with both); malformed entries in it are ignored.
+    """
+    lowered = {key.lower(): value for key, value in headers.items()}
+    if not all(lowered.get(name) for name in _STANDARD_HEADERS):
+        return False
+    signatures = [
+        part for part in lowered["webhook-signature"].split() if _V1_SIGNATURE_RE.fullmatch(part)
+    ]
+    if not signatures:
+        return False
+    checked = {
+        "webhook-id": lowered["webhook-id"],
+        "webhook-timestamp": lowered["webhook-timestamp"],
+        "webhook-signature": " ".join(signatures),
+    }
+    for secret in secrets:
+        try:
+            # json_parse=False: verify the raw bytes here and parse them at the route, so a
+            # correctly signed malformed body is told apart (400) from a forged one (401).
+            Webhook(secret.reveal()).verify(body, checked, json_parse=False)
+        except Exception:  # noqa: S112 - the library raises bare ValueErrors and friends on garbage
+            continue
+        return True
+    return False
+
+
+def authenticate_receptionist(
+    body: bytes, headers: Mapping[str, str], secrets: Sequence[Secret]
+) -> bool:
+    """True when the request carries the portal's secret: as a bearer token or a signature."""
+    lowered = {key.lower(): value for key, value in headers.items()}
+    return verify_bearer(lowered.get("authorization"), secrets) or verify_standard_webhook(
+        body, lowered, secrets
+    )

@@ -1,0 +1,76 @@
+"""Helpers for the receptionist-sync tests: posting events through the real route, draining."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from app.models import EngagementRecord, InboxEvent
+from app.worker import Worker
+
+BASE_TIME = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)
+_ids = itertools.count(1)
+
+
+def call(**overrides: Any) -> dict[str, Any]:
+    """A nested call.completed event; keyword arguments override fields."""
+    number = next(_ids)
+    event: dict[str, Any] = {
+        "id": f"evt_{number}",
+        "type": "call.completed",
+        "occurred_at": (BASE_TIME + timedelta(seconds=number)).isoformat(),
+        "caller": {"name": "Ada Lovelace", "phone": "+1 415 555 0100", "email": "ada@example.com"},
+        "summary": "Wants a cleaning appointment next week",
+        "transcript": "Caller: hello",
+        "duration_seconds": 480,
+        "outcome": "Appointment Booked",
+        "appointment_booked": True,
+        "lead_score": 82,
+        "follow_up_required": False,
+        "recording_url": "https://recordings.example.com/1.mp3",
+    }
+    event.update(overrides)
+    return event
+
+
+async def post_event(client: Any, portal: Any, event: dict[str, Any]) -> Any:
+    response = await client.post(
+        f"/webhooks/portals/{portal.portal_id}/receptionist",
+        json=event,
+        headers={"Authorization": f"Bearer {portal.webhook_secret}"},
+    )
+    assert response.status_code in (200, 201, 202), response.text
+    return response
+
+
+async def drain(services: Any, timeout: float = 20.0) -> None:
+    await Worker(services, poll_seconds=0.01).drain(timeout=timeout)
+
+
+def portal_requests(sandbox: Any, portal_id: int) -> int:
+    """HubSpot API requests the sandbox served for a portal so far."""
+    return sum(n for (pid, _, _), n in sandbox.request_counts.items() if pid == portal_id)
+
+
+def rate_limited(sandbox: Any, portal_id: int) -> int:
+    return sum(
+        n
+        for (pid, _, status), n in sandbox.request_counts.items()
+        if pid == portal_id and status == 429
+    )
+
+
+async def events_by_status(services: Any) -> dict[str, int]:
+    async with services.sessions() as session:
+        rows = await session.execute(
+            sa.select(InboxEvent.status, sa.func.count()).group_by(InboxEvent.status)
+        )
+        return {row[0]: row[1] for row in rows}
+
+
+async def engagement_rows(services: Any) -> list[EngagementRecord]:
+    async with services.sessions() as session:
+        return list((await session.execute(sa.select(EngagementRecord))).scalars())

@@ -1,0 +1,343 @@
+"""The HubSpot client against the sandbox: refresh middleware, retries, rate budget, errors."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from sqlmodel import col
+
+from app.crypto import Secret
+from app.errors import (
+    HubSpotAuthError,
+    HubSpotConflict,
+    HubSpotError,
+    HubSpotRateLimited,
+    HubSpotUnavailable,
+    HubSpotValidationError,
+)
+from app.hubspot import HubSpotClient, TokenResponse, hubspot_client
+from app.hubspot.ratelimit import RateBudget
+from app.models import OAuthToken, utcnow
+from app.sandbox.limits import Fault
+from app.tokens import load_tokens
+from tests.support_hubline import fast_backoff
+
+CONTACTS = "/crm/v3/objects/contacts"
+
+
+class FakeTime:
+    """A clock and a sleep that moves it, so waits are measured without being waited."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def portal(install_portal: Any, services: Any) -> int:
+    await install_portal(1001)
+    fast_backoff(services)
+    return 1001
+
+
+def crm_requests(sandbox: Any, portal_id: int) -> int:
+    return sum(
+        1 for r in sandbox.request_log if r.portal_id == portal_id and r.path.startswith("/crm/")
+    )
+
+
+def token_requests(sandbox: Any) -> int:
+    return sum(1 for r in sandbox.request_log if r.path == "/oauth/v3/token")
+
+
+async def expire_stored_tokens(services: Any, portal_id: int) -> None:
+    """Hubline's copy says the token expired (as it would after 30 minutes)."""
+    async with services.sessions() as session, session.begin():
+        await session.execute(
+            sa.update(OAuthToken)
+            .where(col(OAuthToken.portal_id) == portal_id)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+async def stored_tokens(services: Any, portal_id: int) -> Any:
+    async with services.sessions() as session:
+        return await load_tokens(portal_id, session=session, cipher=services.cipher)
+
+
+async def test_a_call_carries_the_portals_token(portal: int, services: Any, sandbox: Any) -> None:
+    answer = await hubspot_client(services, portal).get_json(CONTACTS)
+    assert answer == {"results": []}
+    assert crm_requests(sandbox, portal) == 1
+    assert sum(sandbox.refresh_count.values()) == 0
+
+
+async def test_fifty_concurrent_calls_with_an_expired_token_refresh_once(
+    portal: int, services: Any, sandbox: Any
+) -> None:
+    sandbox.expire_portal_tokens(portal)
+    await expire_stored_tokens(services, portal)
+    before = await stored_tokens(services, portal)
+
+    client = hubspot_client(services, portal)
+    answers = await asyncio.gather(*(client.get_json(CONTACTS) for _ in range(50)))
+
+    assert all(answer == {"results": []} for answer in answers)
+    assert sandbox.refresh_count[portal] == 1
+    assert crm_requests(sandbox, portal) == 50  # refreshed before sending: no 401s
+    after = await stored_tokens(services, portal)
+    assert after.version == before.version + 1
+    assert after.access_token != before.access_token
+    assert after.expires_at > utcnow() + timedelta(minutes=25)
+
+
+async def test_fifty_concurrent_calls_answered_401_refresh_once(
+    portal: int, services: Any, sandbox: Any
+) -> None:
+    # Only HubSpot knows: every call is answered 401 and forces the one refresh.
+    sandbox.expire_portal_tokens(portal)
+    client = hubspot_client(services, portal)
+    answers = await asyncio.gather(*(client.get_json(CONTACTS) for _ in range(50)))
+    assert all(answer == {"results": []} for answer in answers)
+    assert sandbox.refresh_count[portal] == 1
+    # At most one 401 and one retry each (calls that read the token after the refresh
+    # went out with the fresh one at once).
+    assert 50 < crm_requests(sandbox, portal) <= 100
+
+
+async def test_a_token_answered_401_forever_makes_two_calls_and_one_refresh(
+    portal: int, services: Any, sandbox: Any
+) -> None:
+    sandbox.faults.append(Fault(count=1000, status=401, path_prefix="/crm/"))
+    with pytest.raises(HubSpotAuthError) as raised:
+        await hubspot_client(services, portal).get_json(CONTACTS)
+    assert raised.value.status_code == 401
+    assert raised.value.portal_id == portal
+    assert crm_requests(sandbox, portal) == 2
+    assert sandbox.refresh_count[portal] == 1
+
+
+async def test_every_refresh_stores_the_refresh_token_it_returns(
+    portal: int, services: Any, sandbox: Any
+) -> None:
+    sandbox.config.rotate_refresh_tokens = True
+    for expected_refreshes in (1, 2, 3):
+        await expire_stored_tokens(services, portal)
+        await hubspot_client(services, portal).get_json(CONTACTS)
+        assert sandbox.refresh_count[portal] == expected_refreshes
+        stored = await stored_tokens(services, portal)
+        live = [
+            t for t, r in sandbox.refresh_tokens.items() if r.portal_id == portal and not r.revoked
+        ]
+        assert live == [stored.refresh_token.reveal()]
+
+
+async def test_a_failing_token_endpoint_is_retried_then_cools_down(
+    portal: int, services: Any, sandbox: Any
+) -> None:
+    await expire_stored_tokens(services, portal)
+    before = await stored_tokens(services, portal)
+    attempts = services.hubspot.backoff.refresh_attempts
+    baseline = token_requests(sandbox)  # the install's code exchange
+    sandbox.faults.append(Fault(count=attempts, status=503, path_prefix="/oauth/v3/token"))
+    client = hubspot_client(services, portal)
+
+    with pytest.raises(HubSpotUnavailable):
+        await client.get_json(CONTACTS)
+    assert token_requests(sandbox) - baseline == attempts
+    assert await stored_tokens(services, portal) == before  # untouched
+
+    # During the cooldown a herd of callers fails fast without a refresh grant.
+    results = await asyncio.gather(
+        *(client.get_json(CONTACTS) for _ in range(10)), return_exceptions=True
+    )
+    assert all(isinstance(r, HubSpotUnavailable) for r in results)
+    assert token_requests(sandbox) - baseline == attempts
+
+    await asyncio.sleep(services.hubspot.backoff.refresh_cooldown_seconds + 0.05)
+    assert await client.get_json(CONTACTS) == {"results": []}
+    assert sandbox.refresh_count[portal] == 1
+
+
+async def test_a_transient_refresh_failure_is_retried(
+    portal: int, services: Any, sandbox: Any
+) -> None:
+    await expire_stored_tokens(services, portal)
+    baseline = token_requests(sandbox)
+    sandbox.faults.append(Fault(count=1, status=502, path_prefix="/oauth/v3/token"))
+    assert await hubspot_client(services, portal).get_json(CONTACTS) == {"results": []}
+    assert token_requests(sandbox) - baseline == 2
+    assert sandbox.refresh_count[portal] == 1
+
+
+async def test_429_waits_before_sending_again(portal: int, services: Any, sandbox: Any) -> None:
+    fake = FakeTime()
+    services.hubspot.budget = RateBudget(clock=fake.clock, sleep=fake.sleep)
+    sandbox.faults.append(Fault(count=2, status=429, path_prefix="/crm/"))
+    assert await hubspot_client(services, portal).get_json(CONTACTS) == {"results": []}
+    assert crm_requests(sandbox, portal) == 3
+    # Each 429 blocked the portal at least a second before the next request went out.
+    assert len(fake.sleeps) == 2
+    assert all(wait >= 1.0 for wait in fake.sleeps)
+
+
+async def test_429_with_retry_after_waits_that_long_then_gives_up(
+    portal: int, services: Any, sandbox: Any
+) -> None:
+    fake = FakeTime()
+    services.hubspot.budget = RateBudget(clock=fake.clock, sleep=fake.sleep)
+    sandbox.config.requests_per_10s = 1
+    sandbox.config.send_retry_after = True
+    client = hubspot_client(services, portal)
+    await client.get_json(CONTACTS)  # spends the sandbox's whole (real-time) window
+    with pytest.raises(HubSpotRateLimited) as raised:
+        await client.get_json(CONTACTS)
+    attempts = services.hubspot.backoff.rate_limit_attempts
+    assert crm_requests(sandbox, portal) == 1 + attempts
+    assert fake.sleeps
+    assert all(wait >= 1.0 for wait in fake.sleeps)
+    assert raised.value.retry_after == 1.0
+    assert raised.value.category == "RATE_LIMIT"
+    assert raised.value.correlation_id
+
+
+async def test_5xx_is_retried_up_to_a_bound_then_raised_with_context(
+    portal: int, services: Any, sandbox: Any
+) -> None:
+    sandbox.faults.append(Fault(count=100, status=502, path_prefix="/crm/"))
+    with pytest.raises(HubSpotUnavailable) as raised:
+        await hubspot_client(services, portal).get_json(CONTACTS)
+    assert crm_requests(sandbox, portal) == services.hubspot.backoff.api_attempts
+    error = raised.value
+    assert (error.portal_id, error.status_code) == (portal, 502)
+    assert error.correlation_id
+    assert f"portal={portal}" in str(error)
+    assert "correlationId=" in str(error)
+
+
+async def test_a_few_5xx_then_success(portal: int, services: Any, sandbox: Any) -> None:
+    sandbox.faults.append(Fault(count=2, status=503, path_prefix="/crm/"))
+    assert await hubspot_client(services, portal).get_json(CONTACTS) == {"results": []}
+    assert crm_requests(sandbox, portal) == 3
+
+
+class FlakyTransport(httpx.AsyncBaseTransport):
+    """The sandbox, except that the first `failures` CRM calls time out."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/crm/") and self.failures > 0:
+            self.failures -= 1
+            raise httpx.ReadTimeout("timed out", request=request)
+        return await self.inner.handle_async_request(request)
+
+
+async def test_timeouts_are_retried_up_to_a_bound(
+    portal: int, services: Any, sandbox_app: Any
+) -> None:
+    flaky = FlakyTransport(httpx.ASGITransport(app=sandbox_app), failures=2)
+    services.http._transport = flaky  # the one transport seam every call goes through
+    assert await hubspot_client(services, portal).get_json(CONTACTS) == {"results": []}
+    flaky.failures = 100
+    with pytest.raises(HubSpotUnavailable) as raised:
+        await hubspot_client(services, portal).get_json(CONTACTS)
+    assert "ReadTimeout" in str(raised.value)
+    assert raised.value.portal_id == portal
+
+
+async def test_hubspot_errors_become_the_error_tree(portal: int, services: Any) -> None:
+    client = hubspot_client(services, portal)
+    with pytest.raises(HubSpotError) as missing:
+        await client.get_json(f"{CONTACTS}/999999999")
+    assert missing.value.status_code == 404
+    assert missing.value.category == "OBJECT_NOT_FOUND"
+    assert missing.value.correlation_id
+
+    body = {"properties": {"email": "ada@example.com", "firstname": "Ada"}}
+    created = await client.post_json(CONTACTS, body)
+    with pytest.raises(HubSpotConflict) as conflict:
+        await client.post_json(CONTACTS, body)
+    assert conflict.value.existing_id == created["id"]
+    assert "ada@example.com" not in str(conflict.value)
+
+    with pytest.raises(HubSpotValidationError) as invalid:
+        await client.post_json(CONTACTS, {"properties": {"no_such_property": "x"}})
+    assert invalid.value.status_code == 400
+    assert invalid.value.category == "VALIDATION_ERROR"
+
+
+async def test_search_calls_spend_the_search_budget(portal: int, services: Any) -> None:
+    client = hubspot_client(services, portal)
+    await client.post_json(f"{CONTACTS}/search", {"filterGroups": [], "limit": 1}, search=True)
+    budget = services.hubspot.budget
+    assert budget.spent(portal, search=True) == 1
+    assert budget.spent(portal) == 0
+
+
+async def test_the_budget_follows_hubspots_rate_limit_headers(
+    portal: int, services: Any, sandbox: Any
+) -> None:
+    # Another process spent part of the portal's window: HubSpot's headers say so.
+    for _ in range(30):
+        sandbox.request_window.acquire(portal, 110, sandbox.now())
+    await hubspot_client(services, portal).get_json(CONTACTS)
+    assert services.hubspot.budget.spent(portal) == 31
+
+
+# --- the budget and secrecy, without HubSpot ---------------------------------------------
+
+
+async def test_the_budget_never_exceeds_its_window() -> None:
+    fake = FakeTime()
+    budget = RateBudget(clock=fake.clock, sleep=fake.sleep)
+    for _ in range(5):
+        await budget.acquire(7, limit=5)
+    assert fake.sleeps == []
+    await budget.acquire(7, limit=5)
+    assert fake.sleeps == [10.0]
+    await budget.acquire(8, limit=5)  # another portal has its own window
+    assert fake.sleeps == [10.0]
+
+
+async def test_a_blocked_portal_sends_nothing_until_the_wait_is_over() -> None:
+    fake = FakeTime()
+    budget = RateBudget(clock=fake.clock, sleep=fake.sleep)
+    budget.block(7, 2.5)
+    await budget.acquire(7, limit=100)
+    assert fake.sleeps == [2.5]
+    await budget.acquire(7, limit=100, search=True)  # searches have their own budget
+    assert fake.sleeps == [2.5]
+
+
+def test_tokens_never_appear_in_reprs() -> None:
+    answer = TokenResponse(
+        access_token=Secret("CN-access-secret"),
+        refresh_token=Secret("na1-refresh-secret"),
+        expires_in=1800,
+        hub_id=1001,
+        scopes=("oauth",),
+    )
+    assert "secret" not in repr(answer).replace("Secret(", "")
+    assert "CN-access" not in repr(answer)
+    assert "na1-refresh" not in repr(answer)
+
+
+async def test_the_client_repr_names_only_the_portal(portal: int, services: Any) -> None:
+    client = HubSpotClient(services, portal)
+    assert repr(client) == f"HubSpotClient(portal_id={portal})"

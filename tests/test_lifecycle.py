@@ -1,0 +1,390 @@
+"""A portal's life against the sandbox: uninstall signals, reinstall, scopes, disconnect."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from asgi_lifespan import LifespanManager
+from sqlmodel import col
+
+from app.crypto import generate_key
+from app.db import transaction
+from app.errors import ConfigurationError, PortalUnavailable, RefreshRejected
+from app.hubspot import hubspot_client
+from app.inbox import EventView, HandlerContext, NewEvent, enqueue, registry
+from app.lifecycle import (
+    UNINSTALL_EVENT,
+    apply_uninstall,
+    check_scopes,
+    disconnect,
+    poll_journal,
+)
+from app.main import close_services, create_app, open_services
+from app.models import AppState, EventSource, EventStatus, InboxEvent, OAuthToken, Portal, utcnow
+from app.portals import list_problems
+from app.tokens import load_tokens
+from app.worker import Worker
+from tests.conftest import HUBLINE_URL, SANDBOX_URL, approve_in_sandbox, settings_page_value
+from tests.support_hubline import fast_backoff
+
+CONTACTS = "/crm/v3/objects/contacts"
+PROBE = "test.lifecycle_probe"
+delivered: list[tuple[int, int]] = []
+
+
+@registry.handler(PROBE)
+async def probe(ctx: HandlerContext, events: list[EventView]) -> None:
+    """A stand-in for real work: it needs the portal's token to work."""
+    await hubspot_client(ctx.services, ctx.portal_id).get_json(CONTACTS)
+    delivered.extend((event.portal_id, event.id) for event in events)
+
+
+@pytest.fixture(autouse=True)
+def _forget_deliveries() -> None:
+    delivered.clear()
+
+
+async def enqueue_probe(services: Any, portal_id: int, key: str) -> int:
+    async with transaction(services.sessions) as session:
+        enqueued = await enqueue(
+            NewEvent(
+                portal_id=portal_id,
+                source=EventSource.internal,
+                type=PROBE,
+                idempotency_key=key,
+                occurred_at=utcnow(),
+            ),
+            session=session,
+            cipher=services.cipher,
+        )
+    return enqueued.event_id
+
+
+async def drain(services: Any) -> None:
+    await Worker(services, poll_seconds=0.02).drain(timeout=20)
+
+
+async def uninstall_in_sandbox(sandbox_app: Any, portal_id: int) -> None:
+    """The customer uninstalls the app in HubSpot (the sandbox's control endpoint)."""
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=sandbox_app), base_url=SANDBOX_URL
+    ) as hubspot:
+        answer = await hubspot.post(f"/_sandbox/portals/{portal_id}/uninstall")
+    assert answer.status_code < 300, answer.text
+
+
+async def portal_state(services: Any, portal_id: int) -> tuple[str, bool]:
+    async with services.sessions() as session:
+        portal = await session.get(Portal, portal_id, populate_existing=True)
+        tokens = await load_tokens(portal_id, session=session, cipher=services.cipher)
+    assert portal is not None
+    return portal.status, tokens is not None
+
+
+async def event_status(services: Any, event_id: int) -> str:
+    async with services.sessions() as session:
+        event = await session.get(InboxEvent, event_id, populate_existing=True)
+    assert event is not None
+    return event.status
+
+
+def requests_for(sandbox: Any, portal_id: int) -> int:
+    return sum(1 for r in sandbox.request_log if r.portal_id == portal_id)
+
+
+async def assert_no_more_calls(services: Any, sandbox: Any, portal_id: int) -> None:
+    before = requests_for(sandbox, portal_id)
+    with pytest.raises(PortalUnavailable):
+        await hubspot_client(services, portal_id).get_json(CONTACTS)
+    assert requests_for(sandbox, portal_id) == before
+
+
+async def test_an_uninstall_in_hubspot_is_noticed_within_one_poll(
+    install_portal: Any, services: Any, sandbox: Any, sandbox_app: Any
+) -> None:
+    await install_portal(1001)
+    await install_portal(1002)
+    await uninstall_in_sandbox(sandbox_app, 1001)
+
+    assert await poll_journal(services) >= 3  # two installs and the uninstall
+    await drain(services)
+
+    assert await portal_state(services, 1001) == ("uninstalled", False)
+    assert await portal_state(services, 1002) == ("active", True)
+    await assert_no_more_calls(services, sandbox, 1001)
+
+
+async def test_the_journal_poller_resumes_from_its_offset(
+    install_portal: Any, services: Any, sandbox_app: Any
+) -> None:
+    await install_portal(1001)
+    assert await poll_journal(services) == 1
+    assert await poll_journal(services) == 0
+    await uninstall_in_sandbox(sandbox_app, 1001)
+    assert await poll_journal(services) == 1
+    async with services.sessions() as session:
+        offset = await session.get(AppState, "journal_offset")
+    assert offset is not None
+    assert offset.value
+
+
+async def test_a_refresh_answered_invalid_grant_uninstalls(
+    install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    await install_portal(1001)
+    fast_backoff(services)
+    # Access revoked on HubSpot's side, with no journal entry to read.
+    sandbox.revoke_portal_tokens(1001)
+    event_id = await enqueue_probe(services, 1001, "work-1")
+
+    await drain(services)
+
+    assert await portal_state(services, 1001) == ("uninstalled", False)
+    assert await event_status(services, event_id) == EventStatus.parked
+    assert sandbox.refresh_count[1001] == 0  # HubSpot refused: no refresh succeeded
+    async with services.sessions() as session:
+        signals = (
+            (
+                await session.execute(
+                    sa.select(InboxEvent).where(col(InboxEvent.type) == UNINSTALL_EVENT)
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert [s.source for s in signals] == [EventSource.lifecycle]
+    await assert_no_more_calls(services, sandbox, 1001)
+
+
+async def test_a_refresh_rejected_outside_the_worker_raises_and_uninstalls(
+    install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    await install_portal(1001)
+    sandbox.revoke_portal_tokens(1001)
+    with pytest.raises(RefreshRejected) as raised:
+        await hubspot_client(services, 1001).get_json(CONTACTS)
+    assert raised.value.portal_id == 1001
+    assert raised.value.category == "invalid_grant"
+    assert await portal_state(services, 1001) == ("uninstalled", False)
+
+
+async def test_a_reinstall_resumes_the_parked_events(
+    install_portal: Any, services: Any, sandbox_app: Any
+) -> None:
+    await install_portal(1001)
+    await uninstall_in_sandbox(sandbox_app, 1001)
+    await poll_journal(services)
+    waiting = await enqueue_probe(services, 1001, "call-after-uninstall")
+    await drain(services)
+    assert await event_status(services, waiting) == EventStatus.parked
+    assert delivered == []
+
+    await install_portal(1001)
+    assert await portal_state(services, 1001) == ("active", True)
+    await drain(services)
+    assert delivered == [(1001, waiting)]
+    assert await event_status(services, waiting) == EventStatus.done
+
+
+async def test_a_stale_uninstall_entry_after_a_reinstall_changes_nothing(
+    install_portal: Any, services: Any, sandbox_app: Any
+) -> None:
+    await install_portal(1001)
+    await uninstall_in_sandbox(sandbox_app, 1001)
+    await install_portal(1001)  # reinstalled before Hubline read the journal
+
+    await poll_journal(services)
+    await drain(services)
+
+    assert await portal_state(services, 1001) == ("active", True)
+    assert await hubspot_client(services, 1001).get_json(CONTACTS) == {"results": []}
+    async with services.sessions() as session:
+        results = (
+            (
+                await session.execute(
+                    sa.select(col(InboxEvent.result)).where(col(InboxEvent.type) == UNINSTALL_EVENT)
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert results
+    assert all('"stale"' in (result or "") for result in results)
+
+
+async def test_the_uninstall_handler_is_idempotent_and_ignores_older_generations(
+    install_portal: Any, services: Any
+) -> None:
+    await install_portal(1001)
+    await install_portal(1001)  # generation 2
+    async with transaction(services.sessions) as session:
+        stale = await apply_uninstall(1001, install_generation=1, occurred_at=None, session=session)
+    assert stale == "stale"
+    assert await portal_state(services, 1001) == ("active", True)
+    outcomes = []
+    for _ in range(2):
+        async with transaction(services.sessions) as session:
+            outcomes.append(
+                await apply_uninstall(1001, install_generation=2, occurred_at=None, session=session)
+            )
+    assert outcomes == ["uninstalled", "already_uninstalled"]
+    async with transaction(services.sessions) as session:
+        assert (
+            await apply_uninstall(4242, install_generation=None, occurred_at=None, session=session)
+            == "unknown_portal"
+        )
+
+
+async def test_disconnect_uninstalls_on_hubspot_revokes_and_signals(
+    install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    await install_portal(1001)
+    result = await disconnect(services, 1001)
+    assert result.uninstalled_on_hubspot
+    assert result.revoked
+    assert sandbox.portal(1001).installed is False
+    endpoints = {r.endpoint for r in sandbox.request_log}
+    assert "DELETE /appinstalls/v3/external-install" in endpoints
+    assert "POST /oauth/v3/token/revoke" in endpoints
+
+    await drain(services)
+    assert await portal_state(services, 1001) == ("uninstalled", False)
+    await assert_no_more_calls(services, sandbox, 1001)
+    # The journal's own record of the uninstall, read later, changes nothing more.
+    await poll_journal(services)
+    await drain(services)
+    assert await portal_state(services, 1001) == ("uninstalled", False)
+
+
+# --- scopes ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def wider_app(make_settings: Any, settings: Any, sandbox_app: Any) -> AsyncIterator[Any]:
+    """The next Hubline version: it requires one scope more than the installs granted."""
+    wider = make_settings(hubspot_scopes=settings.hubspot_scopes + " crm.objects.companies.read")
+    app = create_app(wider, transport=httpx.ASGITransport(app=sandbox_app))
+    async with LifespanManager(app):
+        yield app
+
+
+async def test_a_portal_missing_a_required_scope_needs_reauth_until_it_consents(
+    install_portal: Any, wider_app: Any, sandbox_app: Any
+) -> None:
+    await install_portal(1001)
+    newer = wider_app.state.services
+    waiting = await enqueue_probe(newer, 1001, "needs-companies")
+
+    await drain(newer)
+
+    assert await portal_state(newer, 1001) == ("needs_reauth", True)
+    assert await event_status(newer, waiting) == EventStatus.parked  # parked, not failed
+    async with newer.sessions() as session:
+        problems = await list_problems(1001, session=session)
+    assert [p.code for p in problems] == ["needs_reauth"]
+    assert "crm.objects.companies.read" in problems[0].message
+    assert f"{HUBLINE_URL}/oauth/install" in problems[0].message
+
+    # The admin consents again through the (new) install link: the work resumes.
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=wider_app), base_url=HUBLINE_URL
+    ) as browser:
+        started = await browser.get("/oauth/install")
+        page = await browser.get(
+            await approve_in_sandbox(sandbox_app, started.headers["location"], 1001)
+        )
+    assert settings_page_value(page.text, "portal-status") == "active"
+    await drain(newer)
+    assert delivered == [(1001, waiting)]
+
+
+async def test_the_scope_check_marks_portals_missing_a_scope(
+    install_portal: Any, wider_app: Any
+) -> None:
+    await install_portal(1001)
+    await install_portal(1002)
+    assert await check_scopes(wider_app.state.services) == 2
+    assert await portal_state(wider_app.state.services, 1002) == ("needs_reauth", True)
+
+
+# --- keys -------------------------------------------------------------------------------
+
+
+async def test_start_up_refuses_keys_that_cannot_read_the_stored_tokens(
+    install_portal: Any, make_settings: Any
+) -> None:
+    await install_portal(1001)
+    with pytest.raises(ConfigurationError) as raised:
+        resources = await open_services(make_settings(token_encryption_keys=generate_key()))
+        await close_services(resources)
+    assert "TOKEN_ENCRYPTION_KEYS" in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+# --- nothing secret in the logs ------------------------------------------------------------
+
+
+async def test_the_logs_of_install_refresh_and_uninstall_hold_no_secret(
+    caplog: pytest.LogCaptureFixture,
+    client: httpx.AsyncClient,
+    install_portal: Any,
+    services: Any,
+    sandbox: Any,
+    sandbox_app: Any,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    fast_backoff(services)
+    installed = [await install_portal(1001), await install_portal(1002), await install_portal(1003)]
+    await install_portal(1001)  # a reinstall
+    api = hubspot_client(services, 1001)
+    # A refresh ahead of expiry, a refresh after a 401, a refresh that fails and is retried.
+    async with transaction(services.sessions) as session:
+        await session.execute(
+            sa.update(OAuthToken).values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    await api.get_json(CONTACTS)
+    sandbox.expire_portal_tokens(1001)
+    await api.get_json(CONTACTS)
+    # Uninstall through the journal, through invalid_grant, and through a disconnect.
+    await uninstall_in_sandbox(sandbox_app, 1001)
+    await poll_journal(services)
+    sandbox.revoke_portal_tokens(1002)
+    await enqueue_probe(services, 1002, "after-revoke")
+    await disconnect(services, 1003)
+    await drain(services)
+    assert [await portal_state(services, p) for p in (1001, 1002, 1003)] == [
+        ("uninstalled", False)
+    ] * 3
+    # Failed callbacks, whose queries hold a code and a state.
+    assert (
+        await client.get("/oauth/callback?code=leaked-code&state=leaked-state")
+    ).status_code == 400
+    assert (await client.get("/oauth/callback?code=leaked-code")).status_code == 400
+
+    secrets = [
+        *sandbox.issued_secrets(),
+        *sandbox.journal_urls,
+        *(p.webhook_secret for p in installed),
+        "leaked-code",
+        "leaked-state",
+    ]
+    formatter = logging.Formatter("%(name)s %(message)s %(exc_info)s")
+    checked = 0
+    for record in caplog.records:
+        # The sandbox is HubSpot, not Hubline. httpx logs every URL at INFO, which is why
+        # configure_logging keeps it at WARNING: the test browser's callback URLs hold codes.
+        if record.name.startswith(("app.sandbox", "httpx", "httpcore")):
+            continue
+        line = formatter.format(record) + repr(record.__dict__)
+        checked += 1
+        assert "Authorization" not in line, line
+        assert "Bearer " not in line, line
+        for secret in secrets:
+            assert secret not in line, f"a secret in a log line of {record.name}"
+    assert checked > 5

@@ -1,0 +1,150 @@
+"""The receptionist event: nested and flat forms validate into one normalized event."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from app.errors import EventRejected
+from app.receptionist import ReceptionistEvent, parse_event
+from tests.webhook_support import call_event
+
+RECEIVED = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
+
+
+def parse(data: Any, *, webhook_id: str | None = None, region: str = "US") -> ReceptionistEvent:
+    return parse_event(data, webhook_id=webhook_id, region=region, received_at=RECEIVED)
+
+
+def problems(data: Any, **kwargs: Any) -> list[dict[str, str]]:
+    with pytest.raises(EventRejected) as raised:
+        parse(data, **kwargs)
+    return raised.value.problems
+
+
+def test_nested_event_is_normalized() -> None:
+    event = parse(
+        call_event(caller={"name": " Ada ", "phone": "(415) 555-0100", "email": "Ada@Example.COM"})
+    )
+    payload = event.payload()
+    assert payload["id"] == "evt_01"
+    assert payload["type"] == "call.completed"
+    assert payload["form"] == "nested"
+    assert payload["occurred_at"] == "2026-03-02T14:30:00Z"
+    assert payload["caller"] == {
+        "name": "Ada",
+        "phone": "(415) 555-0100",
+        "phone_e164": "+14155550100",
+        "email": "ada@example.com",
+    }
+    assert payload["summary"] == "Wants a cleaning appointment next week"
+    assert payload["duration_seconds"] == 480
+    assert payload["appointment_booked"] is True
+    assert payload["lead_score"] == 82
+    assert payload["campaign_id"] == "google-ads-spring"
+
+
+def test_flat_post_call_form_becomes_a_completed_call() -> None:
+    event = parse(
+        {
+            "call_id": "call-9",
+            "caller_name": "Grace Hopper",
+            "caller_phone": "415 555 0199",
+            "caller_email": "grace@example.com",
+            "call_summary": "Asked about prices",
+            "appointment_booked": False,
+            "some_platform_field": {"ignored": True},
+        }
+    )
+    assert event.id == "call-9"
+    assert event.type == "call.completed"
+    assert event.form == "flat"
+    assert event.caller.name == "Grace Hopper"
+    assert event.caller.phone_e164 == "+14155550199"
+    assert event.caller.email == "grace@example.com"
+    assert event.summary == "Asked about prices"
+    assert event.appointment_booked is False
+    assert event.occurred_at == RECEIVED
+
+
+def test_a_number_without_country_code_is_read_in_the_portal_region() -> None:
+    event = parse(call_event(caller={"phone": "020 7946 0018"}), region="GB")
+    assert event.caller.phone_e164 == "+442079460018"
+
+
+def test_an_email_alone_identifies_the_caller() -> None:
+    event = parse(call_event(caller={"email": "ada@example.com"}))
+    assert event.caller.phone_e164 is None
+    assert event.caller.email == "ada@example.com"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            call_event(caller={"name": "Ada"}),
+            [{"field": "caller", "message": "needs a phone or an email"}],
+        ),
+        (call_event(caller=None), [{"field": "caller", "message": "needs a phone or an email"}]),
+        (
+            call_event(caller={"phone": "call me maybe"}),
+            [{"field": "caller.phone", "message": "is not a phone number"}],
+        ),
+        (
+            call_event(caller={"email": "not-an-email"}),
+            [{"field": "caller.email", "message": "is not an email address"}],
+        ),
+        (
+            {"call_id": "c1", "caller_name": "Ada"},
+            [{"field": "caller_phone", "message": "needs a phone or an email"}],
+        ),
+    ],
+)
+def test_a_caller_needs_a_phone_or_an_email(data: Any, expected: list[dict[str, str]]) -> None:
+    assert problems(data) == expected
+
+
+def test_field_errors_name_each_bad_field() -> None:
+    found = problems(
+        call_event(type="call.started", duration_seconds=-1, appointment_booked="perhaps")
+    )
+    fields = {problem["field"] for problem in found}
+    assert fields == {"type", "duration_seconds", "appointment_booked"}
+    assert all(problem["message"] for problem in found)
+
+
+def test_a_missing_type_is_a_field_error() -> None:
+    event = call_event()
+    del event["type"]
+    assert [p["field"] for p in problems(event)] == ["type"]
+
+
+@pytest.mark.parametrize("data", [[], "call", 42, None])
+def test_an_event_must_be_an_object(data: Any) -> None:
+    assert problems(data) == [{"field": "", "message": "the event must be a JSON object"}]
+
+
+def test_the_webhook_id_header_identifies_an_event_without_id() -> None:
+    event = call_event()
+    del event["id"]
+    assert parse(event, webhook_id="msg_7").id == "msg_7"
+    assert parse(call_event(), webhook_id="msg_7").id == "evt_01"
+    assert problems(event) == [
+        {"field": "id", "message": "is required (or a webhook-id header) to identify it"}
+    ]
+
+
+def test_a_ping_needs_no_caller() -> None:
+    event = parse({"id": "ping-1", "type": "test.ping"})
+    assert event.type == "test.ping"
+    assert event.caller.phone is None
+
+
+def test_occurred_at_without_zone_is_utc() -> None:
+    event = parse(call_event(occurred_at="2026-03-02T14:30:00"))
+    assert event.occurred_at == datetime(2026, 3, 2, 14, 30, tzinfo=UTC)
+    assert (
+        parse(call_event(occurred_at="2026-03-02T16:30:00+02:00")).occurred_at == event.occurred_at
+    )

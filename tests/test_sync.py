@@ -1,0 +1,544 @@
+"""Receptionist events → the portal's CRM, against the sandbox, on SQLite and PostgreSQL.
+
+Events go in through the real receptionist route and are synced by a real Worker; HubSpot
+is the sandbox behind `httpx.ASGITransport`, with its real rate limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from app.main import close_services, open_services
+from app.models import EngagementRecord, EventStatus, InboxEvent, PortalProblem, utcnow
+from app.sandbox.objects import create_object, update_object
+from app.sandbox.properties import options
+from app.sandbox.state import UI_SOURCE
+from app.settings import Settings
+from app.sync import SEARCH_LAG
+from tests.sync_support import (
+    call,
+    drain,
+    engagement_rows,
+    events_by_status,
+    portal_requests,
+    post_event,
+    rate_limited,
+)
+
+
+def person_contact(sandbox: Any, portal_id: int, **properties: str) -> Any:
+    """A contact a person typed into HubSpot's UI."""
+    world = sandbox.portal(portal_id)
+    return create_object(sandbox, world, "contacts", {"properties": properties}, UI_SOURCE)
+
+
+async def inbox_events(services: Any) -> list[InboxEvent]:
+    async with services.sessions() as session:
+        rows = await session.execute(
+            sa.select(InboxEvent).where(InboxEvent.source == "receptionist").order_by(InboxEvent.id)
+        )
+        return list(rows.scalars())
+
+
+async def test_new_caller_becomes_one_contact_with_one_call(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    caller = {"name": "Ada King Lovelace", "phone": "+1 415 555 0100", "email": "Ada@Example.com"}
+    await post_event(client, portal, call(caller=caller, campaign_id="spring"))
+    await drain(services)
+
+    [contact] = sandbox.contacts(1001)
+    props = contact.properties
+    assert props["phone"] == "+14155550100"
+    assert (props["firstname"], props["lastname"]) == ("Ada King", "Lovelace")
+    assert props["email"] == "ada@example.com"
+    assert props["lead_source"] == "ai_receptionist"
+    assert props["ai_call_summary"] == "Wants a cleaning appointment next week"
+    assert props["call_outcome"] == "appointment_booked"
+    assert props["ai_lead_score"] == "82"
+    assert props["appointment_booked"] == "true"
+    assert props["follow_up_required"] == "false"
+    assert props["marketing_campaign_id"] == "spring"
+    [engagement] = sandbox.calls(1001)
+    values = engagement.properties
+    assert values["hs_call_duration"] == "480000"
+    assert values["hs_call_title"] == "AI receptionist call"
+    assert (values["hs_call_direction"], values["hs_call_status"]) == ("INBOUND", "COMPLETED")
+    assert values["hs_call_from_number"] == "+14155550100"
+    assert values["hs_call_recording_url"] == "https://recordings.example.com/1.mp3"
+    assert values["hs_timestamp"].startswith("2026-03-02T14:30")
+    assert values["hs_call_body"].index("Wants a cleaning") < values["hs_call_body"].index("hello")
+    assert sandbox.portal(1001).associated("calls", engagement.id, "contacts") == [contact.id]
+    [record] = await engagement_rows(services)
+    assert (record.engagement_id, record.contact_id) == (engagement.id, contact.id)
+    [event] = await inbox_events(services)
+    assert (event.status, event.contact_id) == (EventStatus.done, contact.id)
+
+
+async def test_text_and_chat_become_notes_and_the_flat_form_a_call(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    grace = {"name": "Grace", "phone": "415-555-0142"}
+    await post_event(client, portal, call(type="text.received", caller=grace, summary="Confirms"))
+    await post_event(
+        client,
+        portal,
+        call(type="chat.completed", caller={"email": "k@example.com"}, summary="Prices"),
+    )
+    flat = {
+        "call_id": "flat-1",
+        "caller_name": "Alan Mathison Turing",
+        "caller_phone": "(415) 555-0199",
+        "caller_email": "alan@example.com",
+        "call_summary": "Asked about prices",
+        "appointment_booked": False,
+        "duration_seconds": 12.5,
+    }
+    await post_event(client, portal, flat)
+    await drain(services)
+
+    contacts = {
+        c.properties.get("email") or c.properties["phone"]: c for c in sandbox.contacts(1001)
+    }
+    assert set(contacts) == {"+14155550142", "k@example.com", "alan@example.com"}
+    assert contacts["+14155550142"].properties["firstname"] == "Grace"
+    assert "lastname" not in contacts["+14155550142"].properties
+    notes = {n.properties["hs_note_body"].split("<br>")[0]: n for n in sandbox.notes(1001)}
+    assert set(notes) == {"AI receptionist text", "AI receptionist chat"}
+    assert "Confirms" in notes["AI receptionist text"].properties["hs_note_body"]
+    world = sandbox.portal(1001)
+    assert world.associated("notes", notes["AI receptionist chat"].id, "contacts") == [
+        contacts["k@example.com"].id
+    ]
+    alan = contacts["alan@example.com"].properties
+    assert (alan["firstname"], alan["lastname"], alan["phone"]) == (
+        "Alan Mathison",
+        "Turing",
+        "+14155550199",
+    )
+    [flat_call] = sandbox.calls(1001)
+    assert flat_call.properties["hs_call_duration"] == "12500"
+    assert flat_call.properties["hs_call_body"] == "Asked about prices"
+
+
+async def test_a_phone_a_person_typed_in_national_format_is_matched_and_left_as_typed(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    saved = person_contact(sandbox, 1001, firstname="Augusta", phone="(415) 555-0100")
+    mobile = person_contact(sandbox, 1001, firstname="Mo", mobilephone="+1 (415) 555-0177")
+    await post_event(
+        client, portal, call(caller={"name": "Ada Lovelace", "phone": "+1 415 555 0100"})
+    )
+    await post_event(client, portal, call(caller={"name": "Mo Bile", "phone": "4155550177"}))
+    await drain(services)
+
+    assert len(sandbox.contacts(1001)) == 2
+    props = saved.properties
+    assert props["phone"] == "(415) 555-0100"  # as the person typed it
+    assert props["firstname"] == "Augusta"  # the person's choice stays
+    assert props["lastname"] == "Lovelace"  # only an empty field is filled
+    assert props["ai_call_summary"] == "Wants a cleaning appointment next week"
+    assert "phone" not in mobile.properties  # the caller's number is already its mobile
+    world = sandbox.portal(1001)
+    assert {world.associated("calls", c.id, "contacts")[0] for c in sandbox.calls(1001)} == {
+        saved.id,
+        mobile.id,
+    }
+
+
+async def test_a_person_set_firstname_is_kept_while_ai_properties_update(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    await post_event(client, portal, call(outcome="Message taken", lead_score=10))
+    await drain(services)
+    [contact] = sandbox.contacts(1001)
+    update_object(sandbox, sandbox.portal(1001), contact, {"firstname": "Countess"}, UI_SOURCE)
+
+    await post_event(
+        client, portal, call(outcome="Left a Voicemail", lead_score=97.5, follow_up_required=True)
+    )
+    await drain(services)
+
+    assert len(sandbox.contacts(1001)) == 1
+    props = contact.properties
+    assert props["firstname"] == "Countess"
+    assert props["call_outcome"] == "left_a_voicemail"  # a new option, added first
+    assert props["ai_lead_score"] == "97.5"
+    assert props["follow_up_required"] == "true"
+    options = sandbox.portal(1001).properties["contacts"]["call_outcome"].option_values()
+    assert "left_a_voicemail" in options
+    assert len(sandbox.calls(1001)) == 2
+
+
+PHONE_SPELLINGS = [
+    "+1 415 555 0100",
+    "(415) 555-0100",
+    "415.555.0100",
+    "4155550100",
+    "+1-415-555-0100",
+]
+
+
+def ada_call(n: int) -> dict[str, Any]:
+    caller: dict[str, Any] = {"name": "Ada Lovelace"}
+    if n % 4 == 3:
+        caller["email"] = "ADA@example.com "  # sometimes only the email
+    else:
+        caller["phone"] = PHONE_SPELLINGS[n % len(PHONE_SPELLINGS)]
+        if n % 3 == 0:
+            caller["email"] = "ada@example.com"
+    return call(id=f"ada-{n}", caller=caller)
+
+
+async def test_the_same_caller_twenty_times_is_one_contact_with_twenty_calls(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    sandbox.config.search_lag_seconds = 30.0  # what Hubline made is not searchable yet
+    # Eight concurrent deliveries, one batch.
+    await asyncio.gather(*(post_event(client, portal, ada_call(n)) for n in range(8)))
+    await drain(services)
+    # Six more, drained by two workers at once.
+    await asyncio.gather(*(post_event(client, portal, ada_call(n)) for n in range(8, 14)))
+    await asyncio.gather(drain(services), drain(services))
+    # Six more, one at a time, each synced before the next arrives.
+    for n in range(14, 20):
+        await post_event(client, portal, ada_call(n))
+        await drain(services)
+
+    [contact] = sandbox.contacts(1001)
+    assert contact.properties["phone"] == "+14155550100"
+    assert contact.properties["email"] == "ada@example.com"
+    assert len(sandbox.calls(1001)) == 20
+    world = sandbox.portal(1001)
+    assert all(
+        world.associated("calls", c.id, "contacts") == [contact.id] for c in sandbox.calls(1001)
+    )
+
+    # The same event delivered again: acknowledged, no second call.
+    await post_event(client, portal, ada_call(5))
+    await drain(services)
+    assert len(sandbox.calls(1001)) == 20
+    assert await events_by_status(services) == {EventStatus.done: 21}  # 20 + provisioning
+
+
+class CrashAfterCallsCreated(httpx.AsyncBaseTransport):
+    """The sandbox, except that the worker dies right after HubSpot created the calls.
+
+    HubSpot has done the work; the answer is never read and nothing is recorded: the
+    CancelledError unwinds the worker like a kill, and its batch goes back to pending.
+    """
+
+    def __init__(self, app: Any, before_crash: Callable[[], Awaitable[None]]) -> None:
+        self.inner = httpx.ASGITransport(app=app)
+        self.before_crash = before_crash
+        self.crashes = 1
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if self.crashes and request.url.path == "/crm/v3/objects/calls/batch/create":
+            self.crashes -= 1
+            await self.before_crash()
+            raise asyncio.CancelledError
+        return response
+
+
+@pytest.mark.parametrize("crash_age", ["recent", "old"])
+async def test_a_worker_killed_right_after_hubspot_created_a_call_leaves_one_call(
+    client: Any,
+    install_portal: Any,
+    services: Any,
+    sandbox: Any,
+    sandbox_app: Any,
+    settings: Settings,
+    crash_age: str,
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    await post_event(client, portal, call(caller={"name": "Ada", "phone": "+14155550100"}))
+    await post_event(client, portal, call(type="text.received", caller={"email": "b@example.com"}))
+
+    async def before_crash() -> None:
+        assert len(sandbox.calls(1001)) == 1
+        if crash_age == "old":
+            # Long enough ago that HubSpot's search sees what was made: the search path.
+            async with services.sessions() as session, session.begin():
+                await session.execute(
+                    sa.update(EngagementRecord).values(created_at=utcnow() - 2 * SEARCH_LAG)
+                )
+
+    crashing = await open_services(
+        settings, transport=CrashAfterCallsCreated(sandbox_app, before_crash)
+    )
+    try:
+        await drain(crashing)
+    finally:
+        await close_services(crashing)
+
+    [made] = sandbox.calls(1001)
+    assert len(sandbox.notes(1001)) == 1
+    records = {r.object_type: r for r in await engagement_rows(services)}
+    assert records["calls"].engagement_id == made.id
+    assert records["notes"].engagement_id == sandbox.notes(1001)[0].id
+    assert await events_by_status(services) == {EventStatus.done: 3}
+    search = [e for (p, e, _), n in sandbox.request_counts.items() if "calls/search" in e]
+    assert bool(search) == (crash_age == "old")
+
+
+async def test_300_events_sync_with_few_requests_and_no_429(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    rng = random.Random(7)
+    returning = []
+    for n in range(40):  # people the business already knows, phones typed by hand
+        phone = f"(628) 555-{n:04d}"
+        person_contact(sandbox, 1001, firstname=f"Known{n}", phone=phone)
+        returning.append(phone)
+    events = []
+    for n in range(300):
+        kind = "text.received" if n % 10 == 0 else "call.completed"
+        if rng.random() < 0.6:
+            caller = {"name": f"New Caller{n}", "phone": f"+1 212 555 {n:04d}"}
+        else:
+            caller = {"name": "Someone Known", "phone": rng.choice(returning).replace("(", "+1 (")}
+        events.append(call(id=f"bulk-{n}", type=kind, caller=caller))
+    before = portal_requests(sandbox, 1001)
+    for start in range(0, 300, 50):
+        await asyncio.gather(*(post_event(client, portal, e) for e in events[start : start + 50]))
+    await drain(services, timeout=120)
+    spent = portal_requests(sandbox, 1001) - before
+
+    print(f"\n300 receptionist events → {spent} HubSpot requests ({spent / 3:.1f} per 100 events)")
+    assert spent < 30
+    assert rate_limited(sandbox, 1001) == 0
+    assert len(sandbox.calls(1001)) + len(sandbox.notes(1001)) == 300
+    assert await events_by_status(services) == {EventStatus.done: 301}
+    phones = [c.properties.get("phone") for c in sandbox.contacts(1001)]
+    assert len(phones) == len(set(phones))  # nobody twice
+
+
+async def test_a_rejected_record_fails_alone_with_its_reason_on_the_contact(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    known = person_contact(sandbox, 1001, firstname="Kim", email="kim@example.com")
+    # Someone turned Hubline's yes/no property into a dropdown of their own: HubSpot now
+    # refuses "true" for it, record by record.
+    booked = sandbox.portal(1001).properties["contacts"]["appointment_booked"]
+    booked.type, booked.field_type, booked.options = "enumeration", "select", options("yes", "no")
+    await post_event(
+        client, portal, call(caller={"phone": "+1 415 555 0101"}, appointment_booked=None)
+    )
+    await post_event(client, portal, call(caller={"email": "kim@example.com"}))
+    await post_event(client, portal, call(caller={"phone": "+1 415 555 0102"}))
+    await post_event(
+        client,
+        portal,
+        call(type="text.received", caller={"phone": "+1 415 555 0103"}, appointment_booked=None),
+    )
+    await drain(services)
+
+    events = await inbox_events(services)
+    assert [e.status for e in events] == ["done", "failed", "failed", "done"]
+    for failed in (events[1], events[2]):
+        assert failed.last_error == (
+            "HubSpot rejected the record: appointment_booked is not one of the property's options"
+        )
+    assert known.properties["sync_error_message"] == events[1].last_error
+    assert known.properties["ai_call_summary"]  # the rest of the record synced
+    by_phone = {c.properties.get("phone"): c for c in sandbox.contacts(1001)}
+    # A new caller whose data was refused is still created, with the reason.
+    assert by_phone["+14155550102"].properties["sync_error_message"] == events[2].last_error
+    assert "sync_error_message" not in by_phone["+14155550101"].properties
+    assert len(sandbox.calls(1001)) == 1
+    assert len(sandbox.notes(1001)) == 1
+
+    # The next successful sync of that contact clears it.
+    await post_event(
+        client, portal, call(caller={"email": "kim@example.com"}, appointment_booked=None)
+    )
+    await drain(services)
+    assert "sync_error_message" not in known.properties
+
+
+async def test_a_summary_longer_than_hubspot_keeps_is_cut_not_lost(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    await post_event(client, portal, call(summary="s" * 70_000, transcript="t" * 70_000))
+    await drain(services)
+    [contact] = sandbox.contacts(1001)
+    assert len(contact.properties["ai_call_summary"]) == 65_536
+    [made] = sandbox.calls(1001)
+    assert len(made.properties["hs_call_body"]) <= 65_536
+    assert await events_by_status(services) == {EventStatus.done: 2}
+
+
+async def test_a_property_deleted_in_hubspot_is_left_out_until_provisioning_recreates_it(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)
+    del sandbox.portal(1001).properties["contacts"]["ai_lead_score"]
+
+    await post_event(client, portal, call())
+    await drain(services)
+    [contact] = sandbox.contacts(1001)
+    assert contact.properties["ai_call_summary"]  # everything else synced
+    assert "ai_lead_score" not in contact.properties
+    assert len(sandbox.calls(1001)) == 1
+    assert "property:ai_lead_score" in await problem_codes(services, 1001)
+
+    from app.properties import request_provisioning
+
+    await request_provisioning(services, 1001, key="manual:test")
+    await drain(services)
+    assert "ai_lead_score" in sandbox.portal(1001).properties["contacts"]
+    assert "property:ai_lead_score" not in await problem_codes(services, 1001)
+    await post_event(client, portal, call(lead_score=33))
+    await drain(services)
+    assert contact.properties["ai_lead_score"] == "33"
+
+
+async def problem_codes(services: Any, portal_id: int) -> set[str]:
+    async with services.sessions() as session:
+        rows = await session.execute(
+            sa.select(PortalProblem.code).where(PortalProblem.portal_id == portal_id)
+        )
+        return set(rows.scalars())
+
+
+async def test_campaigns_become_marketing_event_attendance_where_the_scope_is_granted(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    for n in range(3):
+        caller = {"name": f"Caller {n}", "phone": f"+1 415 555 01{n:02d}"}
+        await post_event(client, portal, call(caller=caller, campaign_id="google-ads-spring"))
+    await drain(services)
+    await post_event(client, portal, call(campaign_id="google-ads-spring"))
+    await drain(services)
+
+    world = sandbox.portal(1001)
+    [event] = world.marketing_events.values()
+    assert (event.external_event_id, event.external_account_id) == ("google-ads-spring", "1001")
+    assert event.event_name == "AI receptionist — google-ads-spring"
+    assert event.event_organizer == "Hubline"
+    assert len(world.attendance) == 4
+    assert {a.state for a in world.attendance} == {"ATTENDED"}
+    calls = {c.properties["hs_timestamp"] for c in sandbox.calls(1001)}
+    assert len(calls) == 4
+    creates = sum(
+        n
+        for (p, e, _), n in sandbox.request_counts.items()
+        if e.endswith("marketing-events/events")
+    )
+    assert creates == 1  # remembered, not re-created per batch
+
+
+async def test_without_the_marketing_scope_campaigns_are_skipped_and_reported_once(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1003)
+    for _ in range(2):
+        await post_event(client, portal, call(campaign_id="fall-promo"))
+        await drain(services)
+
+    [contact] = sandbox.contacts(1003)
+    assert contact.properties["marketing_campaign_id"] == "fall-promo"
+    assert len(sandbox.calls(1003)) == 2
+    assert not sandbox.portal(1003).marketing_events
+    assert "marketing_events:scope" in await problem_codes(services, 1003)
+    marketing = [e for (p, e, _), n in sandbox.request_counts.items() if "marketing" in e]
+    assert marketing == []
+    async with services.sessions() as session:
+        [problem] = (
+            await session.execute(
+                sa.select(PortalProblem).where(PortalProblem.code == "marketing_events:scope")
+            )
+        ).scalars()
+    assert problem.created_at == problem.updated_at  # said once, not per event
+
+
+async def test_a_ping_never_reaches_the_crm(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)
+    before = portal_requests(sandbox, 1001)
+    await post_event(client, portal, {"id": "ping-1", "type": "test.ping"})
+    await drain(services)
+    assert portal_requests(sandbox, 1001) == before
+    assert await events_by_status(services) == {EventStatus.done: 2}
+
+
+async def test_an_engagement_already_recorded_is_not_made_again(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    await post_event(client, portal, call(id="once"))
+    await drain(services)
+    async with services.sessions() as session, session.begin():
+        # An operator retries a done event by hand.
+        await session.execute(
+            sa.update(InboxEvent)
+            .where(InboxEvent.source == "receptionist")
+            .values(status=EventStatus.pending, run_after=utcnow() - timedelta(seconds=1))
+        )
+    await drain(services)
+    assert len(sandbox.calls(1001)) == 1
+
+
+async def test_a_contact_a_person_created_meanwhile_is_used_not_duplicated(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)
+    sandbox.config.search_lag_seconds = 30.0
+    person = person_contact(sandbox, 1001, firstname="Grace", email="grace@example.com")
+    caller = {"name": "Grace Hopper", "phone": "+1 415 555 0142", "email": "grace@example.com"}
+    await post_event(client, portal, call(caller=caller))
+    await drain(services)
+
+    [contact] = sandbox.contacts(1001)
+    assert contact.id == person.id  # the create answered 409 and named it
+    assert contact.properties["firstname"] == "Grace"
+    assert contact.properties["phone"] == "+14155550142"  # it had none
+    assert contact.properties["ai_call_summary"]
+    [made] = sandbox.calls(1001)
+    assert sandbox.portal(1001).associated("calls", made.id, "contacts") == [person.id]
+
+
+async def test_demo_events_land_in_every_installed_portal(
+    install_portal: Any, hubline_app: Any, services: Any, sandbox: Any
+) -> None:
+    from app.demo import send_demo
+
+    portals = [await install_portal(1001), await install_portal(1003)]
+    sent = await send_demo(
+        "http://hubline.test",
+        [(p.portal_id, p.webhook_secret) for p in portals],
+        transport=httpx.ASGITransport(app=hubline_app),
+    )
+    assert sent == 12
+    await drain(services)
+    for portal_id in (1001, 1003):
+        assert len(sandbox.contacts(portal_id)) == 5  # Ada called twice
+        assert len(sandbox.calls(portal_id)) == 4
+        assert len(sandbox.notes(portal_id)) == 2
+    assert len(sandbox.portal(1001).marketing_events) == 1

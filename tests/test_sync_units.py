@@ -1,0 +1,71 @@
+"""The pure parts of the sync: names, phones, timestamps, bodies, HubSpot's error details."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from app.errors import HubSpotValidationError
+from app.sync import (
+    MAX_TEXT,
+    engagement_body,
+    millis,
+    national_digits,
+    property_errors,
+    reason_of,
+    split_name,
+    stamp,
+)
+
+
+def test_the_last_word_is_the_last_name() -> None:
+    assert split_name("Ada King Lovelace") == ("Ada King", "Lovelace")
+    assert split_name("  Cher ") == ("Cher", None)
+    assert split_name(None) == (None, None)
+    assert split_name("") == (None, None)
+
+
+def test_national_digits_are_what_hubspot_calculates() -> None:
+    assert national_digits("+14155550100") == "4155550100"
+    assert national_digits("+442079460958") == "2079460958"
+    assert national_digits("not a phone") is None
+
+
+def test_timestamps_keep_milliseconds_and_compare_exactly() -> None:
+    moment = datetime(2026, 3, 2, 14, 30, 0, 123456, tzinfo=UTC)
+    assert stamp(moment) == "2026-03-02T14:30:00.123Z"
+    assert millis(stamp(moment)) == millis("1772461800123") == 1772461800123
+    assert millis("2026-03-02T14:30:00Z") == 1772461800000
+    assert millis(None) is None
+    assert millis("soon") is None
+
+
+def test_bodies_are_escaped_and_fit_hubspot() -> None:
+    body = engagement_body("AI receptionist text", "<b>hi</b>", "line 1\nline 2")
+    assert body == "AI receptionist text<br><br>&lt;b&gt;hi&lt;/b&gt;<br><br>line 1<br>line 2"
+    long = engagement_body(None, "s" * 70_000, "t" * 70_000)
+    assert len(long) <= MAX_TEXT
+    assert long.startswith("sss")
+    assert long.endswith("(truncated)")
+
+
+def test_the_reason_names_the_property_not_the_value() -> None:
+    error = HubSpotValidationError(
+        'POST /crm/v3/objects/contacts/batch/create: Property values were not valid: [{"isValid"'
+        ':false,"message":"Secret summary was not one of the allowed options: [a, b]","error":'
+        '"INVALID_OPTION","name":"call_outcome","localizedErrorMessage":"..."},{"isValid":false,'
+        '"message":"x","error":"WEIRD","name":"ai_lead_score"}]',
+        status_code=400,
+        category="VALIDATION_ERROR",
+    )
+    assert [(p.name, p.code) for p in property_errors(error)] == [
+        ("call_outcome", "INVALID_OPTION"),
+        ("ai_lead_score", "WEIRD"),
+    ]
+    reason = reason_of(error)
+    assert reason == (
+        "HubSpot rejected the record: call_outcome is not one of the property's options; "
+        "ai_lead_score was refused (WEIRD)"
+    )
+    assert "Secret" not in reason
+    other = HubSpotValidationError("POST x: Secret", status_code=400, category="VALIDATION_ERROR")
+    assert reason_of(other) == "HubSpot rejected the record: VALIDATION_ERROR 400"
