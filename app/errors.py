@@ -82,6 +82,7 @@ class HubSpotError(HublineError):
         category: str | None = None,
         correlation_id: str | None = None,
         retry_after: float | None = None,
+        ambiguous: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -90,6 +91,8 @@ class HubSpotError(HublineError):
         self.category = category
         self.correlation_id = correlation_id
         self.retry_after = retry_after
+        # A write that failed in a way that leaves open whether HubSpot carried it out.
+        self.ambiguous = ambiguous
 
     def __str__(self) -> str:
         parts = [self.message]
@@ -123,9 +126,11 @@ class HubSpotValidationError(HubSpotError):
 class HubSpotConflict(HubSpotError):
     """HubSpot answered 409: a record with that unique value already exists."""
 
-    @property
-    def existing_id(self) -> str | None:
-        match = re.search(r"Existing ID:\s*(\d+)", self.message)
+    existing_id: str | None = None
+
+    @staticmethod
+    def parse_existing_id(message: str) -> str | None:
+        match = re.search(r"Existing ID:\s*(\d+)", message)
         return match.group(1) if match else None
 
 

@@ -10,6 +10,7 @@ from app.errors import (
     CryptoError,
     HubSpotAuthError,
     HubSpotConflict,
+    HubSpotError,
     HubSpotRateLimited,
     HubSpotValidationError,
     PermanentError,
@@ -30,6 +31,10 @@ class Decision:
     delay: float = 0.0
 
 
+# HubSpot's search shows new records within a few seconds.
+AMBIGUOUS_WRITE_MIN_DELAY = 15.0
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with full jitter, capped, for at most `max_attempts` attempts."""
@@ -37,6 +42,7 @@ class RetryPolicy:
     base_seconds: float = 2.0
     cap_seconds: float = 600.0
     max_attempts: int = 10
+    ambiguous_write_min_delay: float = AMBIGUOUS_WRITE_MIN_DELAY
 
     def ceiling(self, attempt: int) -> float:
         """The largest delay after the `attempt`-th failed attempt (1-based)."""
@@ -56,6 +62,10 @@ class RetryPolicy:
         if attempt >= self.max_attempts:
             return Decision(Action.fail)
         delay = (rng or random).uniform(0, self.ceiling(attempt))
+        if isinstance(error, HubSpotError) and error.ambiguous:
+            # The retry looks for what the lost write may have created; give HubSpot's
+            # search index time to show it.
+            delay = max(delay, self.ambiguous_write_min_delay)
         if isinstance(error, HubSpotRateLimited) and error.retry_after:
             # Never come back before HubSpot said the window reopens.
             delay = max(delay, error.retry_after)

@@ -21,6 +21,7 @@ from app.errors import (
     HubSpotValidationError,
 )
 from app.hubspot import HubSpotClient, TokenResponse, hubspot_client
+from app.hubspot.client import error_from_response
 from app.hubspot.ratelimit import RateBudget
 from app.models import OAuthToken, utcnow
 from app.sandbox.limits import Fault
@@ -341,3 +342,52 @@ def test_tokens_never_appear_in_reprs() -> None:
 async def test_the_client_repr_names_only_the_portal(portal: int, services: Any) -> None:
     client = HubSpotClient(services, portal)
     assert repr(client) == f"HubSpotClient(portal_id={portal})"
+
+
+async def test_a_create_that_may_have_happened_is_not_sent_again(
+    portal: int, services: Any, sandbox: Any
+) -> None:
+    sandbox.faults.append(Fault(count=1, status=503, path_prefix="/crm/v3/objects/calls"))
+    body = {"inputs": [{"properties": {"hs_timestamp": "2026-03-02T14:30:00Z"}}]}
+    with pytest.raises(HubSpotUnavailable) as raised:
+        await hubspot_client(services, portal).post_json("/crm/v3/objects/calls/batch/create", body)
+    assert raised.value.ambiguous
+    assert crm_requests(sandbox, portal) == 1, "a second create could duplicate the call"
+
+
+async def test_a_create_that_timed_out_is_not_sent_again(
+    portal: int, services: Any, sandbox_app: Any
+) -> None:
+    flaky = FlakyTransport(httpx.ASGITransport(app=sandbox_app), failures=1)
+    services.http._transport = flaky
+    body = {"inputs": [{"properties": {"hs_timestamp": "2026-03-02T14:30:00Z"}}]}
+    with pytest.raises(HubSpotUnavailable) as raised:
+        await hubspot_client(services, portal).post_json("/crm/v3/objects/calls/batch/create", body)
+    assert raised.value.ambiguous
+    assert flaky.failures == 0
+
+
+async def test_repeatable_posts_are_retried_after_5xx(
+    portal: int, services: Any, sandbox: Any
+) -> None:
+    sandbox.faults.append(Fault(count=2, status=503, path_prefix="/crm/v3/objects/contacts"))
+    search = {"filterGroups": [], "limit": 1}
+    found = await hubspot_client(services, portal).post_json(
+        "/crm/v3/objects/contacts/search", search, search=True
+    )
+    assert found["results"] == []
+    assert crm_requests(sandbox, portal) == 3
+
+
+def test_a_conflicts_existing_id_survives_redaction() -> None:
+    response = httpx.Response(
+        409,
+        json={
+            "category": "CONFLICT",
+            "message": "Contact already exists. Existing ID: 123456789012",
+        },
+        request=httpx.Request("POST", "http://hubspot.test/crm/v3/objects/contacts"),
+    )
+    error = error_from_response(response, portal_id=1)
+    assert isinstance(error, HubSpotConflict)
+    assert error.existing_id == "123456789012"

@@ -64,3 +64,11 @@ def test_rate_limit_waits_at_least_as_long_as_hubspot_asked() -> None:
     error = HubSpotRateLimited("429", status_code=429, retry_after=9.0)
     for seed in range(20):
         assert POLICY.decide(error, 1, rng=random.Random(seed)).delay >= 9.0
+
+
+def test_an_ambiguous_write_waits_for_hubspots_search_to_catch_up() -> None:
+    error = HubSpotUnavailable("503 on batch create", status_code=503, ambiguous=True)
+    for seed in range(20):
+        decision = POLICY.decide(error, 1, rng=random.Random(seed))
+        assert decision.action is Action.retry
+        assert decision.delay >= POLICY.ambiguous_write_min_delay

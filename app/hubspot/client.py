@@ -30,6 +30,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUSES = frozenset({423, 500, 502, 503, 504})
+# Failures after which HubSpot may or may not have carried the request out.
+AMBIGUOUS_STATUSES = frozenset({500, 502, 503, 504})
+# Transport failures that prove the request never reached HubSpot.
+NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# POSTs that only read, or write the same result however often they are repeated.
+REPEATABLE_POST_SUFFIXES = (
+    "/search",
+    "/batch/read",
+    "/batch/update",
+    "/batch/upsert",
+    "/batch/archive",
+)
 # HubSpot asks for at least two seconds after a 423 (a record is locked).
 LOCKED_MINIMUM_WAIT = 2.0
 # Without Retry-After, a 429 waits at least this long before the portal sends again.
@@ -71,6 +83,11 @@ class HubSpotClient:
             await self._runtime.budget.acquire(self.portal_id, limit=limit, search=search)
 
         auth = PortalAuth(self._refresher, self.portal_id, pace=pace)
+        # A create that HubSpot may have carried out is never sent twice from here: the
+        # caller's retry first checks what exists, so a retry cannot duplicate a record.
+        repeatable = (
+            method != "POST" or search or path.split("?", 1)[0].endswith(REPEATABLE_POST_SUFFIXES)
+        )
         failures = 0
         rate_limited = 0
         while True:
@@ -80,6 +97,13 @@ class HubSpotClient:
                 )
             except httpx.TransportError as error:
                 failures += 1
+                if not repeatable and not isinstance(error, NOT_SENT_ERRORS):
+                    raise HubSpotUnavailable(
+                        f"HubSpot did not answer {method} {_route(path)} ({type(error).__name__}); "
+                        "it may have been carried out",
+                        portal_id=self.portal_id,
+                        ambiguous=True,
+                    ) from None
                 if failures >= backoff.api_attempts:
                     raise HubSpotUnavailable(
                         f"HubSpot did not answer {method} {_route(path)} ({type(error).__name__})",
@@ -110,6 +134,9 @@ class HubSpotClient:
             if status in RETRYABLE_STATUSES:
                 failures += 1
                 failure = self._error(response, method, path)
+                if not repeatable and status in AMBIGUOUS_STATUSES:
+                    failure.ambiguous = True
+                    raise failure
                 if failures >= backoff.api_attempts:
                     raise failure
                 minimum = LOCKED_MINIMUM_WAIT if status == 423 else 0.0
@@ -168,8 +195,9 @@ def error_from_response(
         body = {}
     status = response.status_code
     category = body.get("category") or body.get("errorType") or body.get("policyName")
+    raw_message = str(body.get("message") or response.reason_phrase or "error")
     # HubSpot's messages can echo the values we sent (an email, a phone): redact them.
-    message = redact_text(str(body.get("message") or response.reason_phrase or "error"))
+    message = redact_text(raw_message)
     kind: type[HubSpotError]
     if status == 429:
         kind = HubSpotRateLimited
@@ -189,7 +217,7 @@ def error_from_response(
             retry_after = float(response.headers["Retry-After"])
         except ValueError:
             retry_after = None
-    return kind(
+    error = kind(
         f"{what}: {message}",
         portal_id=portal_id,
         status_code=status,
@@ -197,6 +225,10 @@ def error_from_response(
         correlation_id=body.get("correlationId"),
         retry_after=retry_after,
     )
+    if isinstance(error, HubSpotConflict):
+        # Read before redaction: a long contact id looks like a phone number to the redactor.
+        error.existing_id = HubSpotConflict.parse_existing_id(raw_message)
+    return error
 
 
 def _json(response: httpx.Response) -> Any:
