@@ -28,7 +28,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
 from app.db import transaction
-from app.inbox import NewEvent, enqueue, retry_events
+from app.inbox import retry_events
 from app.main import Services, services
 from app.models import (
     EngagementRecord,
@@ -42,6 +42,7 @@ from app.models import (
     utcnow,
 )
 from app.portals import rotate_secret
+from app.properties import request_provisioning
 
 templates = Jinja2Templates(directory=Path(__file__).resolve().parent / "templates")
 
@@ -450,18 +451,7 @@ async def portal_action(request: Request) -> Response:
             new_secret=secret.reveal(),
         )
     if action == "provision":
-        async with transaction(resources.sessions) as db:
-            await enqueue(
-                NewEvent(
-                    portal_id,
-                    EventSource.internal,
-                    "properties.provision",
-                    f"console:{uuid.uuid4()}",
-                    utcnow(),
-                ),
-                session=db,
-                cipher=resources.cipher,
-            )
+        await request_provisioning(resources, portal_id, key=f"console:{uuid.uuid4()}")
         return await _portal_page(request, session, notice="Properties provisioning queued.")
     if action == "disconnect":
         if form.get("confirm") != "yes":

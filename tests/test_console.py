@@ -220,3 +220,23 @@ async def test_disconnect_needs_confirmation(console: tuple[httpx.AsyncClient, S
         portal = await session.get(Portal, 1001)
     assert portal is not None
     assert portal.status == PortalStatus.active
+
+
+async def test_rerun_provisioning_queues_a_job(console: tuple[httpx.AsyncClient, Services]) -> None:
+    http, resources = console
+    await seed(resources)
+    await sign_in(http)
+    page = await http.get("/admin/portals/1001")
+    response = await http.post("/admin/portals/1001/provision", data={"csrf": csrf_of(page.text)})
+    assert "Properties provisioning queued." in response.text
+    async with resources.sessions() as session:
+        jobs = (
+            (
+                await session.execute(
+                    sa.select(InboxEvent).where(col(InboxEvent.type) == "properties.provision")
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert [(job.portal_id, job.status) for job in jobs] == [(1001, EventStatus.pending)]
