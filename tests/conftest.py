@@ -36,6 +36,18 @@ TEST_CLIENT_SECRET = "test-client-secret-0123456789"
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not POSTGRES_ADMIN_URL and REQUIRE_POSTGRES:
         raise pytest.UsageError("HUBLINE_REQUIRE_POSTGRES=1 but HUBLINE_TEST_POSTGRES_URL is unset")
+    # A test marked for one engine is not collected for the other (rather than skipped).
+    kept, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("database_url") if callspec else None
+        wrong_engine = (backend == "sqlite" and item.get_closest_marker("postgres_only")) or (
+            backend == "postgres" and item.get_closest_marker("sqlite_only")
+        )
+        (dropped if wrong_engine else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 def _worker_suffix() -> str:
