@@ -27,6 +27,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
+from app.crypto import Secret
 from app.db import transaction
 from app.inbox import retry_events
 from app.main import Services, services
@@ -204,12 +205,14 @@ async def _guard(
 
 
 async def portal_rows(
-    resources: Services, *, query: str = "", status: str = ""
+    resources: Services, *, query: str = "", status: str = "", portal_id: int | None = None
 ) -> list[dict[str, Any]]:
-    """Every portal with what an operator needs at a glance, in a handful of queries."""
+    """Every portal (or one) with what an operator needs at a glance, in a handful of queries."""
     day_ago = utcnow() - timedelta(hours=24)
     async with resources.sessions() as session:
         select = sa.select(Portal).order_by(col(Portal.portal_id))
+        if portal_id is not None:
+            select = select.where(col(Portal.portal_id) == portal_id)
         if status:
             select = select.where(col(Portal.status) == status)
         if query:
@@ -342,29 +345,10 @@ def hubspot_contact_url(resources: Services, portal_id: int, contact_id: str) ->
     return f"{resources.settings.hubspot_auth_url}/contacts/{portal_id}/record/0-1/{contact_id}"
 
 
-async def console_portal(request: Request) -> Response:
-    """A portal's recent events, problems and actions."""
-    session, denial = await _guard(request)
-    if denial is not None:
-        return denial
-    assert session is not None
-    return await _portal_page(request, session, notice="")
-
-
-async def _portal_page(
-    request: Request,
-    session: AdminSession,
-    *,
-    notice: str,
-    new_secret: str = "",
-    status_code: int = 200,
-) -> Response:
-    resources = services(request)
-    portal_id = int(request.path_params["portal_id"])
-    rows = await portal_rows(resources, query="", status="")
-    row = next((r for r in rows if r["portal"].portal_id == portal_id), None)
-    if row is None:
-        return Response("No such portal.", status_code=404)
+async def recent_events(
+    resources: Services, portal_id: int, *, limit: int = 50
+) -> list[dict[str, Any]]:
+    """A portal's newest events, each with the engagement it made and its contact's link."""
     async with resources.sessions() as db:
         events = list(
             (
@@ -372,7 +356,7 @@ async def _portal_page(
                     sa.select(InboxEvent)
                     .where(col(InboxEvent.portal_id) == portal_id)
                     .order_by(col(InboxEvent.id).desc())
-                    .limit(50)
+                    .limit(limit)
                 )
             ).scalars()
         )
@@ -399,6 +383,46 @@ async def _portal_page(
                 else None,
             }
         )
+    return shown
+
+
+async def retry_failed(resources: Services, portal_id: int, event_ids: list[int] | None) -> int:
+    """Queue a portal's failed events (these, or all of them) again; returns how many."""
+    async with transaction(resources.sessions) as db:
+        return await retry_events(session=db, portal_id=portal_id, event_ids=event_ids)
+
+
+async def rotate_portal_secret(resources: Services, portal_id: int) -> Secret:
+    """A new receptionist secret; the old one keeps working for the grace period."""
+    grace = timedelta(hours=resources.settings.secret_rotation_grace_hours)
+    async with transaction(resources.sessions) as db:
+        return await rotate_secret(portal_id, session=db, cipher=resources.cipher, grace=grace)
+
+
+async def console_portal(request: Request) -> Response:
+    """A portal's recent events, problems and actions."""
+    session, denial = await _guard(request)
+    if denial is not None:
+        return denial
+    assert session is not None
+    return await _portal_page(request, session, notice="")
+
+
+async def _portal_page(
+    request: Request,
+    session: AdminSession,
+    *,
+    notice: str,
+    new_secret: str = "",
+    status_code: int = 200,
+) -> Response:
+    resources = services(request)
+    portal_id = int(request.path_params["portal_id"])
+    rows = await portal_rows(resources, portal_id=portal_id)
+    if not rows:
+        return Response("No such portal.", status_code=404)
+    row = rows[0]
+    shown = await recent_events(resources, portal_id)
     return templates.TemplateResponse(
         request,
         "console_portal.html",
@@ -408,6 +432,7 @@ async def _portal_page(
             "csrf": session.csrf_token,
             "notice": notice,
             "new_secret": new_secret,
+            "default_region": resources.settings.default_phone_region,
         },
         status_code=status_code,
         headers=NO_STORE,
@@ -430,19 +455,12 @@ async def portal_action(request: Request) -> Response:
         return Response("No such portal.", status_code=404)
     if action == "retry":
         event_id = str(form.get("event_id", ""))
-        async with transaction(resources.sessions) as db:
-            count = await retry_events(
-                session=db,
-                portal_id=portal_id,
-                event_ids=[int(event_id)] if event_id.isdigit() else None,
-            )
+        count = await retry_failed(
+            resources, portal_id, [int(event_id)] if event_id.isdigit() else None
+        )
         return await _portal_page(request, session, notice=f"Queued {count} failed event(s) again.")
     if action == "rotate-secret":
-        grace = timedelta(hours=resources.settings.secret_rotation_grace_hours)
-        async with transaction(resources.sessions) as db:
-            secret = await rotate_secret(
-                portal_id, session=db, cipher=resources.cipher, grace=grace
-            )
+        secret = await rotate_portal_secret(resources, portal_id)
         return await _portal_page(
             request,
             session,

@@ -42,6 +42,7 @@ from app.inbox import (
     registry,
     unpark_portal_events,
 )
+from app.metrics import count_hubspot_request
 from app.models import AppState, EventSource, Portal, PortalProblem, PortalStatus, utcnow
 from app.portals import clear_problem, create_secret, current_secret, record_problem
 from app.settings import Settings
@@ -422,12 +423,14 @@ async def _journal_get(services: Services, path: str) -> httpx.Response:
     url = services.settings.hubspot_api_url + path
     token = await app_token(services)
     response = await services.http.get(url, headers={"Authorization": f"Bearer {token.reveal()}"})
+    count_hubspot_request(path, response.status_code)
     if response.status_code == 401:
         services.hubspot.app_token = None  # expired early or revoked: fetch a new one once
         token = await app_token(services)
         response = await services.http.get(
             url, headers={"Authorization": f"Bearer {token.reveal()}"}
         )
+        count_hubspot_request(path, response.status_code)
     return response
 
 

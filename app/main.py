@@ -21,6 +21,7 @@ from app import db
 from app.crypto import TokenCipher
 from app.errors import ConfigurationError
 from app.hubspot.runtime import HubSpotRuntime
+from app.logs import install_redaction
 from app.middleware import RequestContextMiddleware
 from app.settings import Settings
 
@@ -52,6 +53,11 @@ async def open_services(
     settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
 ) -> Services:
     """Create the engine, the HTTP client and the cipher; migrate a fresh SQLite database."""
+    # Every log record this process makes is redacted, the app's own secrets included.
+    install_redaction(
+        settings.hubspot_client_secret.get_secret_value(),
+        settings.admin_token.get_secret_value(),
+    )
     cipher = TokenCipher.from_setting(settings.token_encryption_keys.get_secret_value())
     engine = db.create_engine(settings.database_url)
     if settings.is_sqlite:
@@ -131,7 +137,7 @@ async def readyz(request: Request) -> Response:
 
 
 def all_routes() -> list[BaseRoute]:
-    from app import admin, console, oauth, webhooks
+    from app import admin, console, oauth, settings_page, webhooks
     from app.metrics import metrics_endpoint
 
     return [
@@ -139,6 +145,7 @@ def all_routes() -> list[BaseRoute]:
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
         *oauth.routes,
+        *settings_page.routes,
         *webhooks.routes,
         *admin.routes,
         *console.routes,
@@ -170,8 +177,11 @@ def create_app(
                 await asyncio.wait([worker_task], timeout=worker.grace_seconds + 5)
             await close_services(resources)
 
+    from app.settings_page import exception_handlers
+
     return Starlette(
         routes=all_routes(),
         middleware=[Middleware(RequestContextMiddleware)],
+        exception_handlers=exception_handlers,
         lifespan=lifespan,
     )

@@ -50,12 +50,25 @@ PORTALS = Gauge("hubline_portals", "Portals by status.", ["status"])
 
 log = logging.getLogger(__name__)
 
-_ID_SEGMENT = re.compile(r"/(\d+|[0-9a-f-]{16,}|[^/]+@[^/]+)(?=/|$)")
+# Numeric and hex ids, emails (raw or URL-encoded) and long opaque values (tokens, offsets).
+_ID_SEGMENT = re.compile(
+    r"/(\d+|[0-9a-f-]{16,}|[^/]+@[^/]+|[^/]*%40[^/]*|[^/]{33,})(?=/|$)", re.IGNORECASE
+)
+# Segments that name a customer's own thing: a marketing event's (campaign's) external id.
+_NAMED_SEGMENT = re.compile(r"(/marketing-events/(?:events|attendance))/[^/]+")
 
 
 def endpoint_label(path: str) -> str:
     """A HubSpot path with ids (and emails used as ids) folded, so labels stay few."""
-    return _ID_SEGMENT.sub("/{id}", path.split("?", 1)[0])
+    path = _NAMED_SEGMENT.sub(r"\1/{id}", path.split("?", 1)[0])
+    return _ID_SEGMENT.sub("/{id}", path)
+
+
+def count_hubspot_request(path: str, status: int | str) -> None:
+    """One request sent to HubSpot and how it was answered (a status code, or `error`)."""
+    HUBSPOT_REQUESTS.labels(endpoint=endpoint_label(path), status=str(status)).inc()
+    if status == 429:
+        HUBSPOT_RATE_LIMITED.inc()
 
 
 def count_webhook(source: str, outcome: str, reason: str = "", amount: int = 1) -> None:

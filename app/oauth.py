@@ -9,17 +9,14 @@ secret plus the exact redirect URI) proves HubSpot issued the code for this app.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import logging
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
@@ -33,18 +30,16 @@ from starlette.templating import Jinja2Templates
 from app.db import transaction
 from app.errors import HubSpotAuthError, HubSpotError
 from app.hubspot.oauth2 import HubSpotOAuth, TokenResponse
-from app.lifecycle import InstallOutcome, reauth_url, record_install, webhook_url
+from app.lifecycle import InstallOutcome, record_install
 from app.main import Services, services
-from app.models import OAuthState, PortalStatus, utcnow
-from app.portals import list_problems
+from app.models import OAuthState, utcnow
+from app.settings_page import render_settings, set_session_cookie, sign_portal_session
 from app.vault import code_verifier_context
 
 log = logging.getLogger(__name__)
 
 STATE_COOKIE = "hubline_oauth"
-SESSION_COOKIE = "hubline_portal"
 STATE_LIFETIME = timedelta(minutes=10)
-SESSION_LIFETIME = timedelta(minutes=30)
 NO_STORE = {"Cache-Control": "no-store"}
 # HubSpot's own app domains: app.hubspot.com and regional app-<hublet>.hubspot.com.
 HUBSPOT_APP_HOST = re.compile(r"app(-[a-z0-9]+)?\.hubspot\.com")
@@ -307,34 +302,20 @@ def safe_return_url(value: str | None) -> str | None:
 
 
 async def settings_page(request: Request, resources: Services, installed: Installed) -> Response:
-    """The portal's settings page: what to paste into the receptionist (never cached)."""
-    outcome = installed.outcome
-    settings = resources.settings
-    async with resources.sessions() as session:
-        problems = await list_problems(installed.portal_id, session=session)
-    context: dict[str, Any] = {
-        "portal_id": installed.portal_id,
-        "hub_domain": outcome.portal.hub_domain,
-        "status": outcome.portal.status,
-        "needs_reauth": outcome.portal.status == PortalStatus.needs_reauth,
-        "reauth_url": reauth_url(settings),
-        "reinstall": outcome.reinstall,
-        "webhook_url": webhook_url(settings, installed.portal_id),
-        "webhook_secret": outcome.secret.reveal(),
-        "problems": problems,
-        "return_url": safe_return_url(request.query_params.get("returnUrl")),
-        "grace_hours": settings.secret_rotation_grace_hours,
-    }
-    response = templates.TemplateResponse(request, "portal.html", context, headers=NO_STORE)
-    response.set_cookie(
-        SESSION_COOKIE,
-        sign_portal_session(resources, installed.portal_id, outcome.portal.install_generation),
-        max_age=int(SESSION_LIFETIME.total_seconds()),
-        path="/",
-        secure=_secure(resources),
-        httponly=True,
-        samesite="lax",
+    """The portal's settings page, opening this browser's session for its settings actions."""
+    session_value = sign_portal_session(
+        resources, installed.portal_id, installed.outcome.portal.install_generation
     )
+    response = await render_settings(
+        request,
+        resources,
+        portal_id=installed.portal_id,
+        session_value=session_value,
+        reinstall=installed.outcome.reinstall,
+        return_url=safe_return_url(request.query_params.get("returnUrl")),
+    )
+    if response.status_code == 200:
+        set_session_cookie(response, resources, session_value)
     return response
 
 
@@ -346,42 +327,12 @@ def error_page(request: Request, failure: CallbackFailure) -> Response:
             "title": failure.title,
             "message": failure.message,
             "reason": failure.reason,
-            "install_url": "/oauth/install",
+            "action_url": "/oauth/install",
+            "action_label": "Start the install again",
         },
         status_code=failure.status,
         headers=NO_STORE,
     )
-
-
-# --- the portal settings session ---------------------------------------------------------
-
-
-def _session_mac(resources: Services, payload: str) -> str:
-    key = resources.cipher.derive_key("portal-session")
-    digest = hmac.new(key, payload.encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
-
-
-def sign_portal_session(resources: Services, portal_id: int, install_generation: int) -> str:
-    """A short-lived cookie value scoped to one portal's settings actions."""
-    expires = int(time.time() + SESSION_LIFETIME.total_seconds())
-    payload = f"{portal_id}.{install_generation}.{expires}"
-    return f"{payload}.{_session_mac(resources, payload)}"
-
-
-def read_portal_session(request: Request, resources: Services) -> tuple[int, int] | None:
-    """(portal id, install generation) of a valid, unexpired session cookie, else None."""
-    value = request.cookies.get(SESSION_COOKIE) or ""
-    payload, _, mac = value.rpartition(".")
-    parts = payload.split(".")
-    if len(parts) != 3 or not all(part.isdigit() for part in parts):
-        return None
-    if not hmac.compare_digest(mac, _session_mac(resources, payload)):
-        return None
-    portal_id, generation, expires = (int(part) for part in parts)
-    if expires < time.time():
-        return None
-    return portal_id, generation
 
 
 routes: list[BaseRoute] = [

@@ -5,6 +5,7 @@ Functions take `*, session` and never commit: the caller owns the transaction.
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 import sqlalchemy as sa
@@ -12,8 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from app.crypto import Secret, TokenCipher, new_webhook_secret
+from app.errors import CryptoError
 from app.models import Portal, PortalProblem, ReceptionistSecret, utcnow
 from app.vault import receptionist_secret_context
+
+log = logging.getLogger(__name__)
 
 
 async def get_portal(portal_id: int, *, session: AsyncSession) -> Portal | None:
@@ -94,7 +98,15 @@ async def accepted_secrets(
         .all()
     )
     context = receptionist_secret_context(portal_id)
-    return [Secret(cipher.decrypt_str(row.secret_ct, context=context)) for row in rows]
+    readable = []
+    for row in rows:
+        try:
+            readable.append(Secret(cipher.decrypt_str(row.secret_ct, context=context)))
+        except CryptoError as error:
+            # Tampered with or copied from another portal's row: it authenticates nothing,
+            # so the request is refused (401) rather than failing with a 500.
+            log.error("receptionist secret unreadable: %s", error, extra={"portal_id": portal_id})
+    return readable
 
 
 async def record_problem(portal_id: int, code: str, message: str, *, session: AsyncSession) -> None:

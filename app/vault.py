@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -11,7 +12,7 @@ from sqlmodel import col
 
 from app.crypto import TokenCipher, field_context
 from app.db import SessionFactory, rowcount
-from app.models import InboxEvent, OAuthState, OAuthToken, ReceptionistSecret
+from app.models import EventSource, InboxEvent, OAuthState, OAuthToken, ReceptionistSecret, utcnow
 
 
 def access_token_context(portal_id: int) -> str:
@@ -50,17 +51,22 @@ Progress = Callable[[str, int], None]
 
 async def count_rows_to_rotate(*, session: AsyncSession, cipher: TokenCipher) -> int:
     total = 0
-    columns = (
-        col(OAuthToken.key_id),
-        col(ReceptionistSecret.key_id),
-        col(InboxEvent.key_id),
-        col(OAuthState.key_id),
-    )
+    columns = (col(OAuthToken.key_id), col(ReceptionistSecret.key_id), col(OAuthState.key_id))
     for column in columns:
         query = sa.select(sa.func.count()).where(
             column.is_not(None), column != cipher.primary_key_id
         )
         total += (await session.execute(query)).scalar_one()
+    events = sa.select(sa.func.count()).where(
+        sa.or_(
+            sa.and_(
+                col(InboxEvent.key_id).is_not(None),
+                col(InboxEvent.key_id) != cipher.primary_key_id,
+            ),
+            sa.not_(col(InboxEvent.idempotency_hash).startswith(f"{cipher.primary_key_id}:")),
+        )
+    )
+    total += (await session.execute(events)).scalar_one()
     return total
 
 
@@ -179,42 +185,97 @@ async def _rotate_secrets(
 async def _rotate_payloads(
     session: AsyncSession, cipher: TokenCipher, limit: int
 ) -> tuple[int, int]:
+    primary = cipher.primary_key_id
     rows = (
         await session.execute(
             sa.select(
                 col(InboxEvent.id),
                 col(InboxEvent.portal_id),
+                col(InboxEvent.source),
                 col(InboxEvent.idempotency_hash),
                 col(InboxEvent.payload_ct),
             )
             .where(
-                col(InboxEvent.key_id).is_not(None),
-                col(InboxEvent.key_id) != cipher.primary_key_id,
+                sa.or_(
+                    sa.and_(col(InboxEvent.key_id).is_not(None), col(InboxEvent.key_id) != primary),
+                    # The idempotency hash is keyed too: once the old key is removed, a
+                    # hash made with it no longer matches a redelivery of the same event.
+                    sa.not_(col(InboxEvent.idempotency_hash).startswith(f"{primary}:")),
+                )
             )
             .limit(limit)
         )
     ).all()
     changed = 0
-    for event_id, portal_id, idempotency_hash, payload_ct in rows:
-        if payload_ct is None:
+    for event_id, portal_id, source, old_hash, payload_ct in rows:
+        plain = None
+        if payload_ct is not None:
+            plain = cipher.decrypt(payload_ct, context=payload_context(portal_id, old_hash))
+        new_hash = _rekeyed_idempotency_hash(cipher, event_id, portal_id, source, old_hash, plain)
+        values: dict[str, object] = {"idempotency_hash": new_hash}
+        if plain is None:
             # Purged payload with a stale key id: nothing to re-encrypt.
-            values: dict[str, object] = {"key_id": None}
+            values |= {"payload_ct": None, "key_id": None}
         else:
-            context = payload_context(portal_id, idempotency_hash)
-            values = {
-                "payload_ct": cipher.encrypt(
-                    cipher.decrypt(payload_ct, context=context), context=context
-                ),
-                "key_id": cipher.primary_key_id,
+            values |= {
+                "payload_ct": cipher.encrypt(plain, context=payload_context(portal_id, new_hash)),
+                "key_id": primary,
             }
         result = await session.execute(
             sa.update(InboxEvent)
-            .where(col(InboxEvent.id) == event_id, col(InboxEvent.payload_ct) == payload_ct)
+            .where(
+                col(InboxEvent.id) == event_id,
+                col(InboxEvent.idempotency_hash) == old_hash,
+                col(InboxEvent.payload_ct) == payload_ct,
+            )
             .values(**values)
             .execution_options(synchronize_session=False)
         )
         changed += rowcount(result)
     return len(rows), changed
+
+
+def _rekeyed_idempotency_hash(
+    cipher: TokenCipher,
+    event_id: int | None,
+    portal_id: int,
+    source: str,
+    old_hash: str,
+    payload: bytes | None,
+) -> str:
+    """The event's idempotency hash under the primary key.
+
+    Receptionist and HubSpot events (the ones senders redeliver) carry their key in the
+    payload; it is checked against the old hash before use. Any other event gets a
+    unique hash under the new key: only its deduplication is given up, never its data.
+    """
+    if old_hash.startswith(f"{cipher.primary_key_id}:"):
+        return old_hash
+    from app.inbox import NewEvent, idempotency_hashes  # the inbox builds on this module
+
+    key = _idempotency_key(source, json.loads(payload)) if payload is not None else None
+    if key is not None:
+        hashes = idempotency_hashes(
+            cipher, NewEvent(portal_id, EventSource(source), "", key, utcnow())
+        )
+        if old_hash in hashes:
+            return hashes[0]
+    return cipher.blind_index("event-rekeyed", f"{source}\x00{event_id}", portal_id)
+
+
+def _idempotency_key(source: str, payload: object) -> str | None:
+    """The key an event was stored under, where its payload tells it."""
+    if not isinstance(payload, dict):
+        return None
+    if source == EventSource.receptionist:
+        value = payload.get("id")
+        return value if isinstance(value, str) and value else None
+    if source == EventSource.hubspot:
+        from app.webhooks import HubSpotEvent, parse_hubspot_event
+
+        parsed = parse_hubspot_event(payload, 0)
+        return parsed.idempotency_key if isinstance(parsed, HubSpotEvent) else None
+    return None
 
 
 async def _rotate_states(session: AsyncSession, cipher: TokenCipher, limit: int) -> tuple[int, int]:

@@ -90,7 +90,9 @@ def _too_large() -> JSONResponse:
 def _parse_json(body: bytes) -> tuple[bool, Any]:
     try:
         return True, json.loads(body)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors; a body nested deeper than
+    # the parser's recursion limit (a 1 MiB body can nest 500,000 deep) is malformed too.
+    except (ValueError, RecursionError):
         return False, None
 
 

@@ -46,7 +46,7 @@ from app.inbox import (
     purge_expired,
     read_payload,
 )
-from app.logs import portal_id_var, redact_text
+from app.logs import hubspot_error_fields, portal_id_var, redact_text
 from app.metrics import EVENTS_HANDLED, RECEIPT_TO_SYNCED
 from app.models import EventStatus, InboxEvent, Lease, OAuthState, PortalLease, utcnow
 from app.retry import DEFAULT_POLICY, Action, RetryPolicy
@@ -459,7 +459,11 @@ class Worker:
                         row.id,
                         decision.action,
                         values["last_error"],
-                        extra={"event_type": row.type, "attempt": row.attempts},
+                        extra={
+                            "event_type": row.type,
+                            "attempt": row.attempts,
+                            **hubspot_error_fields(outcome),
+                        },
                     )
                 result = await session.execute(
                     sa.update(InboxEvent)

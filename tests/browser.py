@@ -64,15 +64,20 @@ class DevServer:
 
 
 @contextmanager
-def hubline_dev(workdir: Path, *extra_args: str) -> Iterator[DevServer]:
-    """Start `hubline dev` in `workdir` the way a newcomer would, and stop it afterwards."""
+def hubline_dev(
+    workdir: Path, *extra_args: str, env: dict[str, str] | None = None
+) -> Iterator[DevServer]:
+    """Start `hubline dev` in `workdir` the way a newcomer would, and stop it afterwards.
+
+    `env` adds settings (SECRET_ROTATION_GRACE_HOURS, say) to its environment.
+    """
     port, sandbox_port = free_port(), free_port()
-    env = {
+    environment = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("HUBSPOT_", "TOKEN_", "DATABASE_URL", "ADMIN_"))
     }
-    env.update({"PYTHONPATH": str(ROOT), "JOURNAL_POLL_SECONDS": "1"})
+    environment.update({"PYTHONPATH": str(ROOT), "JOURNAL_POLL_SECONDS": "1", **(env or {})})
     process = subprocess.Popen(
         [
             sys.executable,
@@ -86,7 +91,7 @@ def hubline_dev(workdir: Path, *extra_args: str) -> Iterator[DevServer]:
             *extra_args,
         ],
         cwd=workdir,
-        env=env,
+        env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

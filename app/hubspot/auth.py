@@ -27,6 +27,8 @@ from sqlmodel import col
 from app.crypto import Secret
 from app.errors import HubSpotError, HubSpotUnavailable, PortalUnavailable, RefreshRejected
 from app.hubspot.oauth2 import HubSpotOAuth, TokenResponse
+from app.logs import hubspot_error_fields
+from app.metrics import TOKEN_REFRESHES, count_hubspot_request
 from app.models import OAuthToken, Portal, PortalStatus, utcnow
 from app.tokens import TokenSet, load_tokens, store_tokens
 
@@ -134,19 +136,23 @@ class TokenRefresher:
         attempts = runtime.backoff.refresh_attempts
         for attempt in range(1, attempts + 1):
             try:
-                return await oauth.refresh(tokens.refresh_token)
+                answer = await oauth.refresh(tokens.refresh_token)
             except RefreshRejected as error:
+                TOKEN_REFRESHES.labels(outcome="rejected").inc()
                 error.portal_id = tokens.portal_id
                 raise
             except HubSpotError as error:
+                error.portal_id = tokens.portal_id
                 transient = (
                     error.status_code is None
                     or error.status_code in (429,)
                     or (error.status_code >= 500)
                 )
                 if not transient:
-                    error.portal_id = tokens.portal_id
+                    TOKEN_REFRESHES.labels(outcome="refused").inc()
+                    log.warning("token refresh refused", extra=hubspot_error_fields(error))
                     raise
+                TOKEN_REFRESHES.labels(outcome="unavailable").inc()
                 if attempt == attempts:
                     runtime.refresh_cooldown_until[tokens.portal_id] = (
                         runtime.clock() + runtime.backoff.refresh_cooldown_seconds
@@ -154,17 +160,19 @@ class TokenRefresher:
                     log.warning(
                         "token refresh failed %d times; cooling down",
                         attempts,
-                        extra=_ctx(tokens.portal_id, status=error.status_code),
+                        extra=hubspot_error_fields(error),
                     )
-                    error.portal_id = tokens.portal_id
                     raise
                 delay = runtime.backoff.delay(attempt, minimum=error.retry_after or 0.0)
                 log.info(
                     "token refresh failed; retrying in %.2fs",
                     delay,
-                    extra=_ctx(tokens.portal_id, status=error.status_code),
+                    extra=hubspot_error_fields(error),
                 )
                 await runtime.sleep(delay)
+            else:
+                TOKEN_REFRESHES.labels(outcome="success").inc()
+                return answer
         raise AssertionError("unreachable")
 
     async def _record_rejection(self, tokens: TokenSet, *, session: AsyncSession) -> None:
@@ -238,6 +246,8 @@ class PortalAuth(httpx.Auth):
         response = yield request
         if response.status_code != 401:
             return
+        # The client counts the answer it is handed; this one is replaced by the retry's.
+        count_hubspot_request(request.url.path, 401)
         log.info("HubSpot answered 401: refreshing once and retrying", extra=_ctx(self._portal_id))
         token = await self._refresher.access_token(self._portal_id, rejected=token)
         request.headers["Authorization"] = f"Bearer {token.reveal()}"

@@ -22,7 +22,8 @@ from app.errors import (
     HubSpotValidationError,
 )
 from app.hubspot.auth import PortalAuth, TokenRefresher
-from app.logs import redact_text
+from app.logs import hubspot_error_fields, redact_text
+from app.metrics import count_hubspot_request
 
 if TYPE_CHECKING:
     from app.main import Services
@@ -96,6 +97,7 @@ class HubSpotClient:
                     method, self._base + path, json=json, params=params, auth=auth
                 )
             except httpx.TransportError as error:
+                count_hubspot_request(path, "error")
                 failures += 1
                 if not repeatable and not isinstance(error, NOT_SENT_ERRORS):
                     raise HubSpotUnavailable(
@@ -112,6 +114,15 @@ class HubSpotClient:
                 await self._wait(backoff.delay(failures), method, path, reason=type(error).__name__)
                 continue
             self._runtime.budget.observe(self.portal_id, response.headers)
+            count_hubspot_request(path, response.status_code)
+            # The raw path may name a contact by email: the log redactor masks it.
+            log.debug(
+                "HubSpot %s %s answered %d",
+                method,
+                path,
+                response.status_code,
+                extra={"portal_id": self.portal_id},
+            )
             if response.is_success:
                 return response
             status = response.status_code
@@ -119,16 +130,14 @@ class HubSpotClient:
                 rate_limited += 1
                 failure = self._error(response, method, path)
                 if rate_limited >= backoff.rate_limit_attempts:
-                    raise failure
+                    raise self._gave_up(failure)
                 wait = failure.retry_after or backoff.delay(
                     rate_limited, minimum=RATE_LIMITED_MINIMUM_WAIT
                 )
                 # Nothing more goes out for this portal until the wait is over.
                 self._runtime.budget.block(self.portal_id, wait, search=search)
                 log.info(
-                    "HubSpot answered 429; waiting %.2fs",
-                    wait,
-                    extra={"portal_id": self.portal_id, "correlation_id": failure.correlation_id},
+                    "HubSpot answered 429; waiting %.2fs", wait, extra=hubspot_error_fields(failure)
                 )
                 continue
             if status in RETRYABLE_STATUSES:
@@ -136,26 +145,43 @@ class HubSpotClient:
                 failure = self._error(response, method, path)
                 if not repeatable and status in AMBIGUOUS_STATUSES:
                     failure.ambiguous = True
-                    raise failure
+                    raise self._gave_up(failure)
                 if failures >= backoff.api_attempts:
-                    raise failure
+                    raise self._gave_up(failure)
                 minimum = LOCKED_MINIMUM_WAIT if status == 423 else 0.0
                 await self._wait(
-                    backoff.delay(failures, minimum=minimum), method, path, reason=str(status)
+                    backoff.delay(failures, minimum=minimum),
+                    method,
+                    path,
+                    reason=str(status),
+                    failure=failure,
                 )
                 continue
-            raise self._error(response, method, path)
+            raise self._gave_up(self._error(response, method, path))
 
-    async def _wait(self, seconds: float, method: str, path: str, *, reason: str) -> None:
+    async def _wait(
+        self,
+        seconds: float,
+        method: str,
+        path: str,
+        *,
+        reason: str,
+        failure: HubSpotError | None = None,
+    ) -> None:
         log.info(
             "HubSpot call %s %s failed (%s); retrying in %.2fs",
             method,
             _route(path),
             reason,
             seconds,
-            extra={"portal_id": self.portal_id},
+            extra={"portal_id": self.portal_id, **hubspot_error_fields(failure)},
         )
         await self._runtime.sleep(seconds)
+
+    def _gave_up(self, failure: HubSpotError) -> HubSpotError:
+        """Log the error answer the caller gets (with its correlationId), and return it."""
+        log.info("HubSpot error: %s", failure, extra=hubspot_error_fields(failure))
+        return failure
 
     def _error(self, response: httpx.Response, method: str, path: str) -> HubSpotError:
         return error_from_response(

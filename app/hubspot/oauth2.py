@@ -26,6 +26,7 @@ from app.errors import (
     RefreshRejected,
 )
 from app.logs import redact_text
+from app.metrics import count_hubspot_request
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,14 +95,17 @@ class _AsyncProtocol(OAuth2Client):  # type: ignore[misc]  # authlib is untyped
             url, headers, body = auth.prepare("POST", url, headers, body)
         http: httpx.AsyncClient = self.session
         try:
-            return await http.post(
+            response = await http.post(
                 url, data=dict(url_decode(body)), headers=headers, timeout=TOKEN_TIMEOUT
             )
         except httpx.TransportError as error:
+            count_hubspot_request(httpx.URL(url).path, "error")
             # httpx's message names only the URL; the form body (and its secrets) stays out.
             raise HubSpotUnavailable(
                 f"HubSpot's OAuth endpoint did not answer ({type(error).__name__})"
             ) from None
+        count_hubspot_request(response.url.path, response.status_code)
+        return response
 
     def _token_or_raise(self, response: httpx.Response, *, refresh: bool = False) -> Any:
         raise_for_token_error(response, refresh=refresh)

@@ -220,10 +220,12 @@ async def faults(request: Request) -> Response:
                 hang_seconds=float(body.get("hang_seconds") or 0.0),
                 portal_id=int(body["portal_id"]) if body.get("portal_id") is not None else None,
                 path_prefix=str(body["path_prefix"]) if body.get("path_prefix") else None,
+                probability=float(body.get("probability", 1.0)),
             )
         except (TypeError, ValueError):
             return JSONResponse(
-                {"error": "count, status, hang_seconds, portal_id are numbers"}, status_code=400
+                {"error": "count, status, hang_seconds, portal_id, probability are numbers"},
+                status_code=400,
             )
         state.faults.append(fault)
     return JSONResponse({"faults": [f.to_json() for f in state.faults]})

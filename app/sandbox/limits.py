@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from dataclasses import dataclass
 
@@ -32,13 +33,18 @@ class RollingWindow:
 
 @dataclass
 class Fault:
-    """The next `count` matching API requests answer `status` (after hanging `hang_seconds`)."""
+    """The next `count` matching API requests answer `status` (after hanging `hang_seconds`).
+
+    With `probability` below 1, each matching request is hit only with that chance (and
+    only hits use up `count`): "30% of requests answer 503" for a fault run.
+    """
 
     count: int
     status: int = 503
     hang_seconds: float = 0.0
     portal_id: int | None = None
     path_prefix: str | None = None
+    probability: float = 1.0
 
     def matches(self, portal_id: int | None, path: str) -> bool:
         """Whether this fault applies to a request."""
@@ -56,6 +62,7 @@ class Fault:
             "hang_seconds": self.hang_seconds,
             "portal_id": self.portal_id,
             "path_prefix": self.path_prefix,
+            "probability": self.probability,
         }
 
 
@@ -63,6 +70,8 @@ def take_fault(faults: list[Fault], portal_id: int | None, path: str) -> Fault |
     """Consume one use of the first fault that applies to a request, if any."""
     for fault in faults:
         if fault.matches(portal_id, path):
+            if fault.probability < 1.0 and random.random() >= fault.probability:
+                continue
             fault.count -= 1
             if fault.count <= 0:
                 faults.remove(fault)

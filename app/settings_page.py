@@ -1,0 +1,509 @@
+"""The customer's settings page and its actions, behind the portal session the OAuth flow grants.
+
+Only `/oauth/callback` issues the session: a signed, HttpOnly cookie naming one portal
+and its install generation, valid for SESSION_LIFETIME. Every action also needs a CSRF
+token derived from that cookie, so another site can neither read the page nor post its
+forms. A session outlives neither its install (a reinstall or an uninstall ends it) nor
+its half hour; without one, the answer says how to get back in: through HubSpot.
+
+Actions: rotate the receptionist secret (the old one keeps working for
+SECRET_ROTATION_GRACE_HOURS), send a signed `test.ping` through the real receptionist
+route (in-process, through the whole app: middleware, signature check, inbox), and set
+the portal's default phone region.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import phonenumbers
+import sqlalchemy as sa
+from sqlmodel import col
+from standardwebhooks.webhooks import Webhook
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.templating import Jinja2Templates
+
+from app.db import transaction
+from app.lifecycle import NEEDS_REAUTH_PROBLEM, reauth_url, webhook_url
+from app.logs import request_id_var
+from app.main import Services, services
+from app.models import EventSource, EventStatus, InboxEvent, Portal, PortalStatus, utcnow
+from app.portals import current_secret, list_problems, rotate_secret
+from app.receptionist import PING
+
+log = logging.getLogger(__name__)
+
+templates = Jinja2Templates(directory=Path(__file__).resolve().parent / "templates")
+
+SESSION_COOKIE = "hubline_portal"
+SESSION_LIFETIME = timedelta(minutes=30)
+NO_STORE = {"Cache-Control": "no-store"}
+RECENT_FAILURES = 5
+RECENT_WINDOW = timedelta(days=7)
+REGIONS = sorted(phonenumbers.SUPPORTED_REGIONS)
+MANAGE_URL = "/oauth/install"
+
+
+# --- the portal session --------------------------------------------------------------------
+
+
+def _mac(resources: Services, purpose: str, payload: str) -> str:
+    key = resources.cipher.derive_key(purpose)
+    digest = hmac.new(key, payload.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def sign_portal_session(resources: Services, portal_id: int, install_generation: int) -> str:
+    """A short-lived cookie value scoped to one portal's settings actions."""
+    expires = int(time.time() + SESSION_LIFETIME.total_seconds())
+    payload = f"{portal_id}.{install_generation}.{expires}"
+    return f"{payload}.{_mac(resources, 'portal-session', payload)}"
+
+
+def read_portal_session(request: Request, resources: Services) -> tuple[int, int] | None:
+    """(portal id, install generation) of a valid, unexpired session cookie, else None."""
+    value = request.cookies.get(SESSION_COOKIE) or ""
+    payload, _, mac = value.rpartition(".")
+    parts = payload.split(".")
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        return None
+    if not hmac.compare_digest(mac, _mac(resources, "portal-session", payload)):
+        return None
+    portal_id, generation, expires = (int(part) for part in parts)
+    if expires < time.time():
+        return None
+    return portal_id, generation
+
+
+def csrf_token(resources: Services, session_value: str) -> str:
+    """The token every settings form carries: bound to this browser's session cookie."""
+    return _mac(resources, "portal-csrf", session_value)
+
+
+def set_session_cookie(response: Response, resources: Services, value: str) -> None:
+    response.set_cookie(
+        SESSION_COOKIE,
+        value,
+        max_age=int(SESSION_LIFETIME.total_seconds()),
+        path="/",
+        secure=resources.settings.public_url.startswith("https://"),
+        httponly=True,
+        samesite="lax",
+    )
+
+
+# --- pages ---------------------------------------------------------------------------------
+
+
+def error_page(
+    request: Request,
+    *,
+    status_code: int,
+    title: str,
+    message: str,
+    reason: str,
+    action_url: str = MANAGE_URL,
+    action_label: str = "Start the install again",
+) -> Response:
+    """A page that says what happened and what to do next (never cached)."""
+    return templates.TemplateResponse(
+        request,
+        "error.html",
+        {
+            "title": title,
+            "message": message,
+            "reason": reason,
+            "action_url": action_url,
+            "action_label": action_label,
+        },
+        status_code=status_code,
+        headers=NO_STORE,
+    )
+
+
+def _signed_out(request: Request, *, status_code: int, reason: str, message: str) -> Response:
+    return error_page(
+        request,
+        status_code=status_code,
+        title="Sign in through HubSpot to manage Hubline",
+        message=message
+        + " To manage your settings, install Hubline again from HubSpot (or click the button"
+        " below): HubSpot confirms you administer the account, nothing is reset, and you"
+        " come back to this page.",
+        reason=reason,
+        action_label="Manage my installation",
+    )
+
+
+def describe_duration(hours: float) -> str:
+    """`24 hours`, `30 minutes`, `2 seconds`: how long a rotated secret keeps working."""
+    seconds = round(hours * 3600)
+    if seconds >= 7200 or (seconds and seconds % 3600 == 0):
+        count, unit = round(seconds / 3600), "hour"
+    elif seconds >= 120 or (seconds and seconds % 60 == 0):
+        count, unit = round(seconds / 60), "minute"
+    else:
+        count, unit = seconds, "second"
+    return f"{count} {unit}{'' if count == 1 else 's'}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong, in words a portal admin understands, and what to do about it."""
+
+    kind: str
+    message: str
+
+
+def _problem_kind(code: str, message: str) -> str:
+    if code == NEEDS_REAUTH_PROBLEM or code.startswith("properties:") or "scope" in message:
+        return "Missing permission"
+    if code.startswith("property:"):
+        return "Property clash"
+    return "Problem"
+
+
+async def _problems(resources: Services, portal_id: int) -> list[Problem]:
+    """The portal's standing problems, then its recent events that did not sync."""
+    since = utcnow() - RECENT_WINDOW
+    async with resources.sessions() as session:
+        standing = await list_problems(portal_id, session=session)
+        failed = (
+            await session.execute(
+                sa.select(InboxEvent)
+                .where(
+                    col(InboxEvent.portal_id) == portal_id,
+                    col(InboxEvent.source) == EventSource.receptionist,
+                    col(InboxEvent.status) == EventStatus.failed,
+                    col(InboxEvent.received_at) >= since,
+                )
+                .order_by(col(InboxEvent.id).desc())
+                .limit(RECENT_FAILURES)
+            )
+        ).scalars()
+        problems = [Problem(_problem_kind(p.code, p.message), p.message) for p in standing]
+        for event in failed:
+            when = event.received_at.strftime("%Y-%m-%d %H:%M UTC")
+            reason = event.last_error or "no reason was given"
+            kind = "HubSpot rejection" if "rejected" in reason.lower() else "Not synced"
+            problems.append(Problem(kind, f"An event received {when} was not synced: {reason}"))
+    return problems
+
+
+STATUS_WORDS = {
+    PortalStatus.active: "Connected: events sync to your CRM within seconds.",
+    PortalStatus.needs_reauth: "Paused: Hubline needs you to approve it again.",
+    PortalStatus.uninstalled: "Uninstalled: nothing syncs.",
+}
+
+
+async def render_settings(
+    request: Request,
+    resources: Services,
+    *,
+    portal_id: int,
+    session_value: str,
+    notice: str = "",
+    error: str = "",
+    test_event: dict[str, Any] | None = None,
+    rotated: bool = False,
+    reinstall: bool = False,
+    return_url: str | None = None,
+    status_code: int = 200,
+) -> Response:
+    """The settings page for the portal this browser's session names."""
+    settings = resources.settings
+    async with resources.sessions() as session:
+        portal = await session.get(Portal, portal_id)
+        secret = await current_secret(portal_id, session=session, cipher=resources.cipher)
+        last_event = (
+            await session.execute(
+                sa.select(sa.func.max(col(InboxEvent.received_at))).where(
+                    col(InboxEvent.portal_id) == portal_id,
+                    col(InboxEvent.source) == EventSource.receptionist,
+                )
+            )
+        ).scalar_one_or_none()
+    if portal is None or secret is None:
+        return _signed_out(
+            request, status_code=403, reason="unknown_portal", message="This installation is gone."
+        )
+    context: dict[str, Any] = {
+        "portal_id": portal_id,
+        "hub_domain": portal.hub_domain,
+        "status": portal.status,
+        "status_words": STATUS_WORDS.get(PortalStatus(portal.status), ""),
+        "needs_reauth": portal.status == PortalStatus.needs_reauth,
+        "reauth_url": reauth_url(settings),
+        "reinstall": reinstall,
+        "webhook_url": webhook_url(settings, portal_id),
+        "webhook_secret": secret.reveal(),
+        "rotated": rotated,
+        "grace": describe_duration(settings.secret_rotation_grace_hours),
+        "problems": await _problems(resources, portal_id),
+        "last_event_at": last_event,
+        "region": portal.default_phone_region or settings.default_phone_region,
+        "region_overridden": portal.default_phone_region is not None,
+        "default_region": settings.default_phone_region,
+        "regions": [(r, phonenumbers.country_code_for_region(r)) for r in REGIONS],
+        "csrf": csrf_token(resources, session_value),
+        "notice": notice,
+        "error": error,
+        "test_event": test_event,
+        "return_url": return_url,
+        "event_retention_days": settings.event_retention_days,
+        "parked_retention_days": settings.parked_retention_days,
+    }
+    return templates.TemplateResponse(
+        request, "portal.html", context, status_code=status_code, headers=NO_STORE
+    )
+
+
+# --- the guard every settings route passes -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PortalSession:
+    portal_id: int
+    value: str
+
+
+async def _guard(request: Request, *, form: bool) -> tuple[PortalSession | None, Response | None]:
+    """The session, or the page to answer instead (401 none, 403 stale or a bad CSRF token)."""
+    resources = services(request)
+    found = read_portal_session(request, resources)
+    if found is None:
+        message = (
+            "Your settings session has expired."
+            if request.cookies.get(SESSION_COOKIE)
+            else "This browser has no Hubline settings session."
+        )
+        return None, _signed_out(request, status_code=401, reason="no_session", message=message)
+    portal_id, generation = found
+    async with resources.sessions() as session:
+        portal = await session.get(Portal, portal_id)
+    if (
+        portal is None
+        or portal.install_generation != generation
+        or portal.status == PortalStatus.uninstalled
+    ):
+        return None, _signed_out(
+            request,
+            status_code=403,
+            reason="stale_session",
+            message="This settings session belongs to an installation that has since been "
+            "uninstalled or installed again.",
+        )
+    value = request.cookies[SESSION_COOKIE]
+    if form:
+        data = await request.form()
+        if not hmac.compare_digest(str(data.get("csrf", "")), csrf_token(resources, value)):
+            return None, error_page(
+                request,
+                status_code=403,
+                title="This form has expired",
+                message="The page you sent it from is out of date. Go back, reload the "
+                "settings page and try again.",
+                reason="csrf",
+                action_url="/settings",
+                action_label="Reload the settings page",
+            )
+    return PortalSession(portal_id, value), None
+
+
+async def show_settings(request: Request) -> Response:
+    """The settings page again (after the OAuth flow opened a session in this browser)."""
+    session, denial = await _guard(request, form=False)
+    if denial is not None:
+        return denial
+    assert session is not None
+    return await render_settings(
+        request, services(request), portal_id=session.portal_id, session_value=session.value
+    )
+
+
+async def rotate(request: Request) -> Response:
+    """Rotate the receptionist secret; the old one keeps working for the grace period."""
+    session, denial = await _guard(request, form=True)
+    if denial is not None:
+        return denial
+    assert session is not None
+    resources = services(request)
+    grace = timedelta(hours=resources.settings.secret_rotation_grace_hours)
+    async with transaction(resources.sessions) as db:
+        await rotate_secret(session.portal_id, session=db, cipher=resources.cipher, grace=grace)
+    log.info("receptionist secret rotated from the settings page")
+    return await render_settings(
+        request,
+        resources,
+        portal_id=session.portal_id,
+        session_value=session.value,
+        rotated=True,
+        notice="Your signing secret was changed. Paste the new one below into your "
+        "receptionist's settings; the old one keeps working for "
+        f"{describe_duration(resources.settings.secret_rotation_grace_hours)}.",
+    )
+
+
+async def set_region(request: Request) -> Response:
+    """Set (or clear) the region used for phone numbers written without a country code."""
+    session, denial = await _guard(request, form=True)
+    if denial is not None:
+        return denial
+    assert session is not None
+    resources = services(request)
+    chosen = str((await request.form()).get("region", "")).strip().upper()
+    if chosen and chosen not in phonenumbers.SUPPORTED_REGIONS:
+        return await render_settings(
+            request,
+            resources,
+            portal_id=session.portal_id,
+            session_value=session.value,
+            error=f"{chosen[:8]!r} is not a region Hubline knows. Pick one from the list.",
+            status_code=400,
+        )
+    async with transaction(resources.sessions) as db:
+        portal = await db.get(Portal, session.portal_id)
+        assert portal is not None
+        portal.default_phone_region = chosen or None
+        portal.updated_at = utcnow()
+    effective = chosen or resources.settings.default_phone_region
+    return await render_settings(
+        request,
+        resources,
+        portal_id=session.portal_id,
+        session_value=session.value,
+        notice=f"Phone numbers without a country code are now read as {effective} numbers.",
+    )
+
+
+async def send_test_event(request: Request) -> Response:
+    """Post a signed `test.ping` through the real receptionist route and show it arrived."""
+    session, denial = await _guard(request, form=True)
+    if denial is not None:
+        return denial
+    assert session is not None
+    resources = services(request)
+    portal_id = session.portal_id
+    async with resources.sessions() as db:
+        secret = await current_secret(portal_id, session=db, cipher=resources.cipher)
+    assert secret is not None  # the guard found the portal installed
+    now = utcnow()
+    event_id = f"test_{uuid.uuid4().hex}"
+    body = json.dumps(
+        {"id": event_id, "type": PING, "occurred_at": now.isoformat().replace("+00:00", "Z")}
+    )
+    headers = {
+        "content-type": "application/json",
+        "webhook-id": event_id,
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": Webhook(secret.reveal()).sign(event_id, now, body),
+        "x-request-id": request_id_var.get() or uuid.uuid4().hex,
+    }
+    # Through the whole app in-process, exactly as a receptionist's request would go: the
+    # server need not reach its own public URL (behind a proxy it often cannot).
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=request.app), base_url=resources.settings.public_url
+    ) as http:
+        answer = await http.post(
+            f"/webhooks/portals/{portal_id}/receptionist", content=body, headers=headers
+        )
+    if not answer.is_success:
+        log.warning("the test event was refused", extra={"status": answer.status_code})
+        return await render_settings(
+            request,
+            resources,
+            portal_id=portal_id,
+            session_value=session.value,
+            error=f"The test event was refused ({answer.status_code}). Reload this page and "
+            "try again; if it keeps failing, contact Hubline's support.",
+            status_code=502,
+        )
+    stored_id = int(answer.json()["event_id"])
+    async with resources.sessions() as db:
+        stored = await db.get(InboxEvent, stored_id)
+    assert stored is not None
+    return await render_settings(
+        request,
+        resources,
+        portal_id=portal_id,
+        session_value=session.value,
+        test_event={
+            "id": stored.id,
+            "received_at": stored.received_at,
+            "parked": stored.status == EventStatus.parked,
+        },
+    )
+
+
+# --- every other error page ----------------------------------------------------------------
+
+JSON_PREFIXES = ("/webhooks/", "/admin/api/", "/metrics", "/healthz", "/readyz")
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """404, 405 and the like: JSON for machines, a page that says what to do for people."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if request.url.path.startswith(JSON_PREFIXES):
+        reason = {404: "not_found", 405: "method_not_allowed"}.get(status, "error")
+        return JSONResponse({"error": reason, "detail": None}, status_code=status)
+    if status == 404:
+        return error_page(
+            request,
+            status_code=404,
+            title="There is no page here",
+            message="The link may be mistyped or out of date. To set up or manage Hubline, "
+            "start from HubSpot or from Hubline's start page.",
+            reason="not_found",
+            action_url="/",
+            action_label="Go to the start page",
+        )
+    return error_page(
+        request,
+        status_code=status,
+        title="That did not work",
+        message="This page cannot be used that way. Go back to the start page and try again.",
+        reason=f"http_{status}",
+        action_url="/",
+        action_label="Go to the start page",
+    )
+
+
+async def server_error(request: Request, _exc: Exception) -> Response:
+    """An unexpected failure: say so plainly; the details are in the logs, not the page."""
+    if request.url.path.startswith(JSON_PREFIXES):
+        return JSONResponse({"error": "internal_error", "detail": None}, status_code=500)
+    return error_page(
+        request,
+        status_code=500,
+        title="Something went wrong on our side",
+        message="Nothing you did caused this, and nothing was changed. Please try again in a "
+        "minute; if it keeps happening, contact Hubline's support.",
+        reason="internal_error",
+        action_url="/",
+        action_label="Go to the start page",
+    )
+
+
+exception_handlers: dict[Any, Any] = {HTTPException: http_error, 500: server_error}
+
+routes: list[BaseRoute] = [
+    Route("/settings", show_settings, methods=["GET"]),
+    Route("/settings/rotate-secret", rotate, methods=["POST"]),
+    Route("/settings/test-event", send_test_event, methods=["POST"]),
+    Route("/settings/phone-region", set_region, methods=["POST"]),
+]
