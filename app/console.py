@@ -346,19 +346,15 @@ def hubspot_contact_url(resources: Services, portal_id: int, contact_id: str) ->
 
 
 async def recent_events(
-    resources: Services, portal_id: int, *, limit: int = 50
+    resources: Services, portal_id: int, *, limit: int = 50, source: str = ""
 ) -> list[dict[str, Any]]:
-    """A portal's newest events, each with the engagement it made and its contact's link."""
+    """A portal's newest events (of one source, if given), with engagements and contact links."""
+    query = sa.select(InboxEvent).where(col(InboxEvent.portal_id) == portal_id)
+    if source:
+        query = query.where(col(InboxEvent.source) == source)
     async with resources.sessions() as db:
         events = list(
-            (
-                await db.execute(
-                    sa.select(InboxEvent)
-                    .where(col(InboxEvent.portal_id) == portal_id)
-                    .order_by(col(InboxEvent.id).desc())
-                    .limit(limit)
-                )
-            ).scalars()
+            (await db.execute(query.order_by(col(InboxEvent.id).desc()).limit(limit))).scalars()
         )
         engagements = {
             record.event_id: record
@@ -422,7 +418,10 @@ async def _portal_page(
     if not rows:
         return Response("No such portal.", status_code=404)
     row = rows[0]
-    shown = await recent_events(resources, portal_id)
+    source = request.query_params.get("source", "")
+    if source not in {s.value for s in EventSource}:
+        source = ""
+    shown = await recent_events(resources, portal_id, source=source)
     return templates.TemplateResponse(
         request,
         "console_portal.html",
@@ -433,6 +432,8 @@ async def _portal_page(
             "notice": notice,
             "new_secret": new_secret,
             "default_region": resources.settings.default_phone_region,
+            "source": source,
+            "sources": [s.value for s in EventSource],
         },
         status_code=status_code,
         headers=NO_STORE,

@@ -240,3 +240,25 @@ async def test_rerun_provisioning_queues_a_job(console: tuple[httpx.AsyncClient,
             .all()
         )
     assert [(job.portal_id, job.status) for job in jobs] == [(1001, EventStatus.pending)]
+
+
+async def test_the_portal_page_filters_events_by_source(
+    console: tuple[httpx.AsyncClient, Services],
+) -> None:
+    http, resources = console
+    seeded = await seed(resources)
+    async with transaction(resources.sessions) as session:
+        hubspot = await enqueue(
+            NewEvent(
+                1001, EventSource.hubspot, "contact.creation", "hs-1", utcnow(), {"objectId": 7}
+            ),
+            session=session,
+            cipher=resources.cipher,
+        )
+    await sign_in(http)
+    everything = await http.get("/admin/portals/1001")
+    assert f'data-testid="event-{hubspot.event_id}"' in everything.text
+    assert f'data-testid="event-{seeded["failed_event"]}"' in everything.text
+    receptionist = await http.get("/admin/portals/1001", params={"source": "receptionist"})
+    assert f'data-testid="event-{hubspot.event_id}"' not in receptionist.text
+    assert f'data-testid="event-{seeded["failed_event"]}"' in receptionist.text
