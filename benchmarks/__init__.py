@@ -1,0 +1,1 @@
+"""Hubline's benchmarks (issue 9): `benchmarks/run` runs them all and prints one table."""
