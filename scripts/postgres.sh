@@ -1,6 +1,6 @@
 # Throwaway PostgreSQL server, shared by the commands that need one (source this file).
 #
-#   source benchmarks/postgres.sh
+#   source scripts/postgres.sh
 #   start_throwaway_postgres "$python"   # exports THROWAWAY_POSTGRES_URL (an admin URL)
 #   ...                                  # the server stops, and its folder goes, at exit
 #
@@ -26,7 +26,7 @@ _pg_bindir() {
 }
 
 # start_throwaway_postgres PYTHON: start the server; export THROWAWAY_POSTGRES_URL and
-# THROWAWAY_PG_BINDIR, THROWAWAY_PG_DATA.
+# THROWAWAY_PG_BINDIR, THROWAWAY_PG_DATA, THROWAWAY_PG_OPTIONS, THROWAWAY_PG_USER.
 start_throwaway_postgres() {
   local python=${1:-python3}
   THROWAWAY_PG_BINDIR=$(_pg_bindir)
@@ -43,12 +43,14 @@ start_throwaway_postgres() {
   fi
   trap stop_throwaway_postgres EXIT
   _pg_run "$THROWAWAY_PG_BINDIR/initdb" -D "$_pg_dir/data" -U "$user" -A trust -E UTF8 --no-instructions >/dev/null
+  THROWAWAY_PG_OPTIONS="-p $port -k $_pg_dir -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   _pg_run "$THROWAWAY_PG_BINDIR/pg_ctl" -D "$_pg_dir/data" -l "$_pg_dir/server.log" -w -t 60 \
-    -o "-p $port -k $_pg_dir -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
-    start >/dev/null
+    -o "$THROWAWAY_PG_OPTIONS" start >/dev/null
   THROWAWAY_PG_DATA="$_pg_dir/data"
+  # The user that runs the server's tools (tests that stop and restart it need it).
+  THROWAWAY_PG_USER=$([ "$(id -u)" = 0 ] && echo postgres || true)
   export THROWAWAY_POSTGRES_URL="postgresql+asyncpg://$user@127.0.0.1:$port/postgres"
-  export THROWAWAY_PG_BINDIR THROWAWAY_PG_DATA
+  export THROWAWAY_PG_BINDIR THROWAWAY_PG_DATA THROWAWAY_PG_OPTIONS THROWAWAY_PG_USER
   echo "PostgreSQL $("$THROWAWAY_PG_BINDIR/postgres" --version | awk '{print $3}') on port $port"
 }
 
