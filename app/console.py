@@ -52,6 +52,7 @@ SESSION_SECONDS = 8 * 3600
 BACKLOG_ATTENTION = 100
 STALE_PENDING_ATTENTION = timedelta(minutes=5)
 NO_STORE = {"Cache-Control": "no-store"}
+DEFAULT_REFRESH_MS = 30_000
 
 
 # --- sign-in, sessions and CSRF ----------------------------------------------------------
@@ -323,6 +324,9 @@ async def console_home(request: Request) -> Response:
     if status and status not in {s.value for s in PortalStatus}:
         status = ""
     rows = await portal_rows(services(request), query=query, status=status)
+    # `?refresh=` (milliseconds, at least one second) shortens the auto-refresh.
+    refresh = request.query_params.get("refresh", "")
+    refresh_ms = max(int(refresh), 1000) if refresh.isdigit() else DEFAULT_REFRESH_MS
     return templates.TemplateResponse(
         request,
         "console_portals.html",
@@ -332,6 +336,7 @@ async def console_home(request: Request) -> Response:
             "status": status,
             "statuses": [s.value for s in PortalStatus],
             "csrf": session.csrf_token,
+            "refresh_ms": refresh_ms,
         },
         headers=NO_STORE,
     )

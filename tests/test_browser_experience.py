@@ -251,3 +251,17 @@ def test_copy_buttons_fill_the_clipboard_and_a_test_event_arrives(tmp_path: Path
         wait_for(lambda: settled(dev, 1001), "the worker to handle the test event")
         sandbox = httpx.get(f"{dev.sandbox_url}/_sandbox/portals/1001", timeout=10).json()
         assert (sandbox["contacts"], sandbox["calls"], sandbox["notes"]) == (0, 0, 0)
+
+
+def test_the_console_portals_table_refreshes_itself(tmp_path: Path) -> None:
+    with hubline_dev(tmp_path) as dev, chromium() as browser:
+        console = browser.new_page()
+        console.goto(f"{dev.hubline_url}/admin")
+        console.get_by_test_id("admin-token").fill(dev.dev_values["ADMIN_TOKEN"])
+        console.get_by_test_id("sign-in").click()
+        console.goto(f"{dev.hubline_url}/admin?refresh=1000")
+        assert console.get_by_test_id("portal-1002").count() == 0
+        install_in_browser(browser.new_page(), dev, 1002)
+        # No navigation on the console page: its script swaps in the fresh rows.
+        console.get_by_test_id("portal-1002").wait_for(timeout=10_000)
+        assert "Updated" in console.locator("#refreshed").inner_text()
