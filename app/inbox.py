@@ -64,9 +64,12 @@ async def enqueue(
 ) -> Enqueued:
     """Store one event in the caller's transaction unless its key is already stored."""
     hashes = idempotency_hashes(cipher, event)
-    existing = await _find(session, event, hashes)
-    if existing is not None:
-        return Enqueued(existing, created=False)
+    if len(hashes) > 1:
+        # During key rotation a stored key may be hashed under an older key, which the
+        # unique index cannot see; with one key, the index and ON CONFLICT alone dedupe.
+        existing = await _find(session, event, hashes)
+        if existing is not None:
+            return Enqueued(existing, created=False)
     now = utcnow()
     values = {
         "portal_id": event.portal_id,
@@ -85,11 +88,13 @@ async def enqueue(
         "run_after": run_after or now,
     }
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    # On the table, not the ORM class: a Core insert skips the ORM's bulk-insert machinery.
+    table: sa.Table = InboxEvent.__table__  # type: ignore[attr-defined]
     statement = (
-        insert(InboxEvent)
+        insert(table)
         .values(**values)
         .on_conflict_do_nothing(index_elements=["portal_id", "source", "idempotency_hash"])
-        .returning(col(InboxEvent.id))
+        .returning(table.c.id)
     )
     inserted = (await session.execute(statement)).scalar_one_or_none()
     if inserted is not None:

@@ -23,6 +23,7 @@ from app.errors import ConfigurationError
 from app.hubspot.runtime import HubSpotRuntime
 from app.logs import install_redaction
 from app.middleware import RequestContextMiddleware
+from app.portals import PortalCache
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,11 @@ class Services:
     sessions: db.SessionFactory
     http: httpx.AsyncClient
     cipher: TokenCipher
+    # Each portal's status and decrypted receptionist secrets, for webhook intake.
+    portals: PortalCache
+    # On SQLite, webhook intake's inbox writes queue here rather than in SQLite's busy
+    # handler, whose backoff sleeps (up to 100 ms) leave the write lock idle under load.
+    intake_writes: asyncio.Lock | None = None
     # Per-process HubSpot state: refresh locks, rate budgets, backoff, the app token.
     hubspot: HubSpotRuntime = field(default_factory=HubSpotRuntime)
     background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -63,12 +69,15 @@ async def open_services(
     if settings.is_sqlite:
         await db.migrate_fresh_sqlite(engine, settings.database_url)
     http = httpx.AsyncClient(transport=transport, timeout=HTTP_TIMEOUT, follow_redirects=False)
+    sessions = db.session_factory(engine)
     resources = Services(
         settings=settings,
         engine=engine,
-        sessions=db.session_factory(engine),
+        sessions=sessions,
         http=http,
         cipher=cipher,
+        portals=PortalCache(sessions, cipher),
+        intake_writes=asyncio.Lock() if settings.is_sqlite else None,
     )
     try:
         await check_keys_can_read(resources)

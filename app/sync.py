@@ -34,15 +34,16 @@ Nothing here logs a caller's phone, email, name or summary.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import phonenumbers
 import sqlalchemy as sa
@@ -104,6 +105,7 @@ CONTACT_READ = [
     "hs_merged_object_ids",
 ]
 IDENTITY_FIELDS = ("firstname", "lastname", "email", "phone", "lead_source")
+_T = TypeVar("_T")
 Key = tuple[str, str]  # (identity.PHONE | identity.EMAIL, normalized value)
 
 
@@ -430,6 +432,15 @@ def _behind(name: str, owners: dict[str, list[Item]], items: list[Item]) -> list
     return items
 
 
+async def _together(*steps: Awaitable[_T]) -> list[_T]:
+    """Run independent steps at once; every one finishes before the first error is raised."""
+    answers = await asyncio.gather(*steps, return_exceptions=True)
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            raise answer
+    return cast(list[_T], answers)
+
+
 # --- the handler ----------------------------------------------------------------------------
 
 
@@ -488,12 +499,16 @@ class BatchSync:
         self._plan_new_contacts()
         await self._create_contacts()
         await self._read_conflicted()
-        await self._remember_identities()
-        await self._update_contacts()
+        # Independent: the index write waits on the database, the updates on HubSpot.
+        await _together(self._remember_identities(), self._update_contacts())
         await self._engagements()
         await self._campaigns()
         await self._write_contact_errors()
-        return {item.id: self._outcome(item) for item in self.items}
+        synced = [i for i in self.items if i.ok and i.contact_id and i.engagement_id]
+        # One write records every engagement of the batch; the worker runs it once, in the
+        # transaction that marks the events done.
+        write = _record_engagements(self.portal_id, synced, self._postgres) if synced else None
+        return {item.id: self._outcome(item, write) for item in self.items}
 
     # --- setup ------------------------------------------------------------------------
 
@@ -811,16 +826,16 @@ class BatchSync:
         if not per_contact:
             return
         async with transaction(self.services.sessions) as session:
-            for contact_id, (phones, emails) in per_contact.items():
-                await identity.set_identities(
-                    self.portal_id,
-                    contact_id,
-                    phones=sorted(phones),
-                    emails=sorted(emails),
-                    session=session,
-                    cipher=self.services.cipher,
-                    as_of=as_of,
-                )
+            await identity.set_many(
+                self.portal_id,
+                {
+                    c: (sorted(phones), sorted(emails))
+                    for c, (phones, emails) in per_contact.items()
+                },
+                session=session,
+                cipher=self.services.cipher,
+                as_of=as_of,
+            )
 
     # --- 3. existing contacts ---------------------------------------------------------------
 
@@ -1003,11 +1018,17 @@ class BatchSync:
         if not create:
             return
         await self._write_intents(create)
-        rejected: list[Item] = []
-        for object_type in ("calls", "notes"):
-            items = [i for i in create if i.object_type == object_type]
-            if items:
-                rejected += await self._create_engagements(object_type, items)
+        kinds = [
+            (object_type, items)
+            for object_type in ("calls", "notes")
+            if (items := [i for i in create if i.object_type == object_type])
+        ]
+        # Calls and notes are independent writes: both go out at once (an engagement one
+        # made before the other failed is found through its intent on the retry).
+        answers = await _together(
+            *(self._create_engagements(object_type, items) for object_type, items in kinds)
+        )
+        rejected = [item for answer in answers for item in answer]
         if rejected:
             await self._forget_intents(rejected)
 
@@ -1074,25 +1095,30 @@ class BatchSync:
 
     async def _write_intents(self, items: list[Item]) -> None:
         """Commit that an engagement is about to be made, so a retry knows to look first."""
+        now = utcnow()
+        rows = [
+            {
+                "portal_id": self.portal_id,
+                "event_id": item.id,
+                "object_type": item.object_type,
+                "engagement_id": "",
+                "contact_id": item.contact_id or "",
+                "created_at": now,
+            }
+            for item in sorted(items, key=lambda i: i.id)
+        ]
         insert = pg_insert if self._postgres else sqlite_insert
+        statement = insert(_ENGAGEMENTS)
+        statement = statement.on_conflict_do_update(
+            index_elements=["event_id"],
+            set_={
+                "contact_id": statement.excluded.contact_id,
+                "created_at": statement.excluded.created_at,
+            },
+            where=_ENGAGEMENTS.c.engagement_id == "",
+        )
         async with transaction(self.services.sessions) as session:
-            for item in items:
-                await session.execute(
-                    insert(EngagementRecord)
-                    .values(
-                        portal_id=self.portal_id,
-                        event_id=item.id,
-                        object_type=item.object_type,
-                        engagement_id="",
-                        contact_id=item.contact_id or "",
-                        created_at=utcnow(),
-                    )
-                    .on_conflict_do_update(
-                        index_elements=["event_id"],
-                        set_={"contact_id": item.contact_id or "", "created_at": utcnow()},
-                        where=col(EngagementRecord.engagement_id) == "",
-                    )
-                )
+            await (await session.connection()).execute(statement, rows)
 
     async def _forget_intents(self, items: list[Item]) -> None:
         async with transaction(self.services.sessions) as session:
@@ -1304,7 +1330,7 @@ class BatchSync:
 
     # --- outcomes -------------------------------------------------------------------------------
 
-    def _outcome(self, item: Item) -> Outcome:
+    def _outcome(self, item: Item, write: Write | None) -> Outcome:
         if item.retry is not None:
             return item.retry
         if item.failure is not None:
@@ -1317,28 +1343,39 @@ class BatchSync:
             "engagement_id": item.engagement_id,
             "created_contact": item.created_contact,
         }
-        return Done(
-            result=result,
-            contact_id=item.contact_id,
-            write=_record_engagement(self.portal_id, item, self._postgres),
-        )
+        return Done(result=result, contact_id=item.contact_id, write=write)
 
 
-def _record_engagement(portal_id: int, item: Item, postgres: bool) -> Write:
-    assert item.engagement_id is not None
-    assert item.contact_id is not None
-    values = {
-        "object_type": item.object_type,
-        "engagement_id": item.engagement_id,
-        "contact_id": item.contact_id,
-    }
+# Rows of a batch go in as one statement with many parameter sets, on the table: the
+# ORM's bulk-insert path costs more CPU than the database spends on them.
+_ENGAGEMENTS: sa.Table = EngagementRecord.__table__  # type: ignore[attr-defined]
+
+
+def _record_engagements(portal_id: int, items: list[Item], postgres: bool) -> Write:
+    """One statement mapping every synced event of a batch to its engagement."""
+    rows = [
+        {
+            "portal_id": portal_id,
+            "event_id": item.id,
+            "object_type": item.object_type,
+            "engagement_id": item.engagement_id,
+            "contact_id": item.contact_id,
+        }
+        for item in sorted(items, key=lambda i: i.id)
+    ]
 
     async def write(session: AsyncSession) -> None:
+        now = utcnow()
         insert = pg_insert if postgres else sqlite_insert
-        await session.execute(
-            insert(EngagementRecord)
-            .values(portal_id=portal_id, event_id=item.id, created_at=utcnow(), **values)
-            .on_conflict_do_update(index_elements=["event_id"], set_=values)
+        statement = insert(_ENGAGEMENTS)
+        statement = statement.on_conflict_do_update(
+            index_elements=["event_id"],
+            set_={
+                name: statement.excluded[name]
+                for name in ("object_type", "engagement_id", "contact_id")
+            },
         )
+        connection = await session.connection()
+        await connection.execute(statement, [row | {"created_at": now} for row in rows])
 
     return write

@@ -8,6 +8,7 @@ portal (receptionist route), 401 authentication, 400 malformed JSON, 422 invalid
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -31,7 +32,7 @@ from app.inbox import NewEvent, enqueue
 from app.main import Services, services
 from app.metrics import counted
 from app.models import EventSource, EventStatus, Portal, PortalStatus, utcnow
-from app.portals import accepted_secrets, get_portal
+from app.portals import KnownPortal
 from app.receptionist import parse_event
 from app.signatures import authenticate_receptionist, hubspot_signed_url, verify_hubspot_v3
 
@@ -277,19 +278,25 @@ def hubspot_endpoint(clock: Clock = time.time) -> Endpoint:
 
 @dataclass(frozen=True)
 class _PortalAuth:
-    portal: Portal
+    portal: KnownPortal
     accepts: bool
 
 
 async def _check_portal(
     resources: Services, portal_id: int, body: bytes, headers: Mapping[str, str]
 ) -> _PortalAuth | None:
-    async with resources.sessions() as session:
-        portal = await get_portal(portal_id, session=session)
+    portal, remembered = await resources.portals.get(portal_id)
+    if portal is None:
+        return None
+    accepts = authenticate_receptionist(body, headers, portal.secrets)
+    if not accepts and remembered:
+        # The secret may have been rotated since it was read: check against the database
+        # before refusing, so a new secret works at once.
+        portal = await resources.portals.reload(portal_id)
         if portal is None:
             return None
-        secrets = await accepted_secrets(portal_id, session=session, cipher=resources.cipher)
-    return _PortalAuth(portal, authenticate_receptionist(body, headers, secrets))
+        accepts = authenticate_receptionist(body, headers, portal.secrets)
+    return _PortalAuth(portal, accepts)
 
 
 async def receptionist_webhook(request: Request) -> Response:
@@ -331,8 +338,9 @@ async def receptionist_webhook(request: Request) -> Response:
     # An uninstalled portal's events wait, parked, for a reinstall; so do those of a
     # portal whose authorization lapsed, until it is renewed.
     status = EventStatus.pending if portal.status == PortalStatus.active else EventStatus.parked
+    writes = resources.intake_writes or contextlib.nullcontext()
     try:
-        async with transaction(resources.sessions) as session:
+        async with writes, transaction(resources.sessions) as session:
             enqueued = await enqueue(
                 NewEvent(
                     portal_id=portal_id,

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from app import identity
-from app.db import rowcount, transaction
+from app.db import transaction
 from app.errors import CryptoError
 from app.inbox import (
     Done,
@@ -41,6 +41,7 @@ from app.inbox import (
     HandlerSpec,
     Outcome,
     Registry,
+    Write,
     load_handlers,
     park_portal_events,
     purge_expired,
@@ -61,6 +62,20 @@ MAX_FETCH = 100
 # portals waiting behind it are not starved when every slot is busy.
 BATCHES_PER_TURN = 10
 MAX_ERROR_LENGTH = 2000
+# Marks one handled event done; run with a parameter set per event (one executemany).
+# The caller has checked, with the rows locked, that it still holds them.
+_MARK_DONE = (
+    sa.update(InboxEvent)
+    .where(col(InboxEvent.id) == sa.bindparam("b_id"))
+    .values(
+        status=EventStatus.done,
+        lease_owner=None,
+        lease_expires_at=None,
+        last_error=None,
+        result=sa.bindparam("b_result"),
+        contact_id=sa.func.coalesce(sa.bindparam("b_contact_id"), col(InboxEvent.contact_id)),
+    )
+)
 
 PeriodicJob = Callable[["Services"], Awaitable[None]]
 
@@ -270,10 +285,11 @@ class Worker:
     async def _serve_portal(self, portal_id: int) -> None:
         token = portal_id_var.set(portal_id)
         try:
-            for _ in range(BATCHES_PER_TURN):
+            for turn in range(BATCHES_PER_TURN):
                 if self._stopping.is_set():
                     break
-                batch = await self._claim_batch(portal_id)
+                # Recovery runs once per turn: after it, every in-progress event is ours.
+                batch = await self._claim_batch(portal_id, recover=turn == 0)
                 if batch is None:
                     break
                 if not await self._run_batch(batch):
@@ -287,12 +303,18 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._release_portal(portal_id))
 
-    async def _claim_batch(self, portal_id: int) -> _Batch | None:
-        """Mark the portal's next run of due events of one handler as ours; None when idle."""
+    async def _claim_batch(self, portal_id: int, *, recover: bool = False) -> _Batch | None:
+        """Mark the portal's next run of due events of one handler as ours; None when idle.
+
+        `recover` first puts back what a crashed worker left in progress: needed once, on the
+        first claim after taking the portal's lease.
+        """
         while True:
             now = utcnow()
             async with transaction(self.services.sessions) as session:
-                await self._recover_abandoned(portal_id, session=session)
+                if recover:
+                    await self._recover_abandoned(portal_id, session=session)
+                    recover = False
                 query = (
                     sa.select(InboxEvent)
                     .where(
@@ -419,62 +441,83 @@ class Worker:
         now = utcnow()
         keep_serving = True
         counted: list[tuple[str, float | None]] = []
+        done: list[dict[str, Any]] = []
+        others: list[tuple[int, dict[str, Any]]] = []
+        # A handler may give many events one write (a batch's records in one statement):
+        # each distinct write runs once.
+        writes: dict[Write, None] = {}
+        for row in batch.events:
+            assert row.id is not None
+            outcome = outcomes.get(row.id, Done())
+            if isinstance(outcome, Done):
+                done.append(
+                    {
+                        "b_id": row.id,
+                        "b_result": json.dumps(outcome.result) if outcome.result else None,
+                        "b_contact_id": outcome.contact_id,
+                    }
+                )
+                if outcome.write is not None:
+                    writes.setdefault(outcome.write)
+                counted.append(("done", (now - row.received_at).total_seconds()))
+                continue
+            values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
+            decision = self.retry_policy.decide(outcome, row.attempts)
+            values["last_error"] = describe_error(outcome)
+            counted.append((str(decision.action), None))
+            if decision.action is Action.retry:
+                values |= {
+                    "status": EventStatus.pending,
+                    "run_after": now + timedelta(seconds=decision.delay),
+                }
+            elif decision.action is Action.fail:
+                values |= {"status": EventStatus.failed, "finished_at": now}
+            else:
+                # The portal cannot be served now: waiting is not an attempt.
+                values |= {"status": EventStatus.parked, "attempts": row.attempts - 1}
+                keep_serving = False
+            log.warning(
+                "event %s %s: %s",
+                row.id,
+                decision.action,
+                values["last_error"],
+                extra={
+                    "event_type": row.type,
+                    "attempt": row.attempts,
+                    **hubspot_error_fields(outcome),
+                },
+            )
+            others.append((row.id, values))
+        ids = [row.id for row in batch.events]
         async with transaction(self.services.sessions) as session:
-            for row in batch.events:
-                assert row.id is not None
-                outcome = outcomes.get(row.id, Done())
-                mine = sa.and_(
-                    col(InboxEvent.id) == row.id,
+            # Still ours? The rows stay locked (PostgreSQL) or the database does (SQLite's
+            # BEGIN IMMEDIATE) until commit, so the updates below cannot race a takeover.
+            held = await session.execute(
+                sa.select(col(InboxEvent.id))
+                .where(
+                    col(InboxEvent.id).in_(ids),
                     col(InboxEvent.lease_owner) == self.worker_id,
                     col(InboxEvent.status) == EventStatus.in_progress,
                 )
-                values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
-                if isinstance(outcome, Done):
-                    values |= {
-                        "status": EventStatus.done,
-                        "finished_at": now,
-                        "last_error": None,
-                        "result": json.dumps(outcome.result) if outcome.result else None,
-                    }
-                    if outcome.contact_id is not None:
-                        values["contact_id"] = outcome.contact_id
-                    counted.append(("done", (now - row.received_at).total_seconds()))
-                else:
-                    decision = self.retry_policy.decide(outcome, row.attempts)
-                    values["last_error"] = describe_error(outcome)
-                    counted.append((str(decision.action), None))
-                    if decision.action is Action.retry:
-                        values |= {
-                            "status": EventStatus.pending,
-                            "run_after": now + timedelta(seconds=decision.delay),
-                        }
-                    elif decision.action is Action.fail:
-                        values |= {"status": EventStatus.failed, "finished_at": now}
-                    else:
-                        # The portal cannot be served now: waiting is not an attempt.
-                        values |= {"status": EventStatus.parked, "attempts": row.attempts - 1}
-                        keep_serving = False
-                    log.warning(
-                        "event %s %s: %s",
-                        row.id,
-                        decision.action,
-                        values["last_error"],
-                        extra={
-                            "event_type": row.type,
-                            "attempt": row.attempts,
-                            **hubspot_error_fields(outcome),
-                        },
-                    )
-                result = await session.execute(
+                .with_for_update()
+            )
+            lost = set(ids) - set(held.scalars())
+            if lost:
+                raise LeaseLost(min(i for i in lost if i is not None))
+            if done:
+                # On the connection: the session would read a list of parameter sets as an
+                # ORM bulk update by primary key.
+                connection = await session.connection()
+                await connection.execute(_MARK_DONE.values(finished_at=now), done)
+            for event_id, values in others:
+                await session.execute(
                     sa.update(InboxEvent)
-                    .where(mine)
+                    .where(col(InboxEvent.id) == event_id)
                     .values(**values)
                     .execution_options(synchronize_session=False)
                 )
-                if rowcount(result) != 1:
-                    raise LeaseLost(row.id)
-                if isinstance(outcome, Done) and outcome.write is not None:
-                    await outcome.write(session)
+            for write in writes:
+                await write(session)
             if not keep_serving:
                 await park_portal_events(batch.portal_id, session=session)
         for outcome_label, latency in counted:

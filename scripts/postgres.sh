@@ -7,7 +7,7 @@
 # The same recipe as scripts/test: Debian's postgresql (installed with apt-get when
 # missing), initdb into a temporary folder as the `postgres` user when running as root
 # (initdb and postgres refuse root), a free port on 127.0.0.1, durability off (a
-# throwaway cluster), and an EXIT trap that stops it even when the caller fails.
+# throwaway cluster; THROWAWAY_PG_DURABLE=1 keeps it on), and an EXIT trap that stops it even when the caller fails.
 
 _pg_as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -43,7 +43,10 @@ start_throwaway_postgres() {
   fi
   trap stop_throwaway_postgres EXIT
   _pg_run "$THROWAWAY_PG_BINDIR/initdb" -D "$_pg_dir/data" -U "$user" -A trust -E UTF8 --no-instructions >/dev/null
-  THROWAWAY_PG_OPTIONS="-p $port -k $_pg_dir -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+  local durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+  # THROWAWAY_PG_DURABLE=1 (reliability/run): commits must survive an immediate stop.
+  if [ "${THROWAWAY_PG_DURABLE:-0}" = 1 ]; then durability=""; fi
+  THROWAWAY_PG_OPTIONS="-p $port -k $_pg_dir -c listen_addresses=127.0.0.1 -c max_connections=400 $durability"
   _pg_run "$THROWAWAY_PG_BINDIR/pg_ctl" -D "$_pg_dir/data" -l "$_pg_dir/server.log" -w -t 60 \
     -o "$THROWAWAY_PG_OPTIONS" start >/dev/null
   THROWAWAY_PG_DATA="$_pg_dir/data"

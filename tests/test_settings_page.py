@@ -136,6 +136,9 @@ async def test_rotating_the_secret_shows_the_new_one_and_the_old_one_expires(
             .where(col(ReceptionistSecret.expires_at).is_not(None))
             .values(expires_at=utcnow())
         )
+    # Rewriting expires_at stands in for the grace period passing; the intake cache bounds
+    # each entry by the expiries it read, so it is told here, as time would have told it.
+    services.portals.forget(1001)
     refused = await post_as_receptionist(
         client, 1001, portal.webhook_secret, call_event(id="evt-late")
     )

@@ -66,11 +66,15 @@ class Fault:
         }
 
 
+# Its own generator: code that seeds the global one (tests do) must not bias the faults.
+_dice = random.Random()
+
+
 def take_fault(faults: list[Fault], portal_id: int | None, path: str) -> Fault | None:
     """Consume one use of the first fault that applies to a request, if any."""
     for fault in faults:
         if fault.matches(portal_id, path):
-            if fault.probability < 1.0 and random.random() >= fault.probability:
+            if fault.probability < 1.0 and _dice.random() >= fault.probability:
                 continue
             fault.count -= 1
             if fault.count <= 0:

@@ -123,6 +123,25 @@ async def test_injected_faults_answer_the_next_n_requests(sandbox: Sandbox) -> N
     assert (await sandbox.client.get("/_sandbox/faults")).json() == {"faults": []}
 
 
+async def test_a_fault_with_a_probability_hits_only_that_share_of_requests(
+    sandbox: Sandbox,
+) -> None:
+    headers = await sandbox.token()
+    sandbox.config.requests_per_10s = None  # only the fault may answer anything but 200
+    await sandbox.client.post(
+        "/_sandbox/faults", json={"count": 1000, "status": 503, "probability": 0.3}
+    )
+
+    answers = [
+        (await sandbox.client.get(CONTACTS, headers=headers)).status_code for _ in range(200)
+    ]
+
+    assert set(answers) == {200, 503}
+    assert 30 <= answers.count(503) <= 90  # 60 expected; far outside this is not 30%
+    [fault] = (await sandbox.client.get("/_sandbox/faults")).json()["faults"]
+    assert fault["count"] == 1000 - answers.count(503), "only hits use up the count"
+
+
 async def test_faults_can_target_one_portal(sandbox: Sandbox) -> None:
     acme = await sandbox.token(1001)
     bright = await sandbox.token(1002)
