@@ -85,6 +85,8 @@ IN_LIMIT = 100
 MAX_FILTER_GROUPS = 5
 SEARCH_PAGE = 200
 CALL_TITLE = "AI receptionist call"
+# Times an engagement create that may or may not have happened is settled within one attempt.
+AMBIGUOUS_CREATE_ROUNDS = 3
 NOTE_HEADINGS = {TEXT: "AI receptionist text", CHAT: "AI receptionist chat"}
 ASSOCIATION_TYPES = {"calls": 194, "notes": 202}
 # HubSpot keeps at most 65,536 characters in a text property.
@@ -1026,11 +1028,30 @@ class BatchSync:
         # Calls and notes are independent writes: both go out at once (an engagement one
         # made before the other failed is found through its intent on the retry).
         answers = await _together(
-            *(self._create_engagements(object_type, items) for object_type, items in kinds)
+            *(self._create_engagements_settled(object_type, items) for object_type, items in kinds)
         )
         rejected = [item for answer in answers for item in answer]
         if rejected:
             await self._forget_intents(rejected)
+
+    async def _create_engagements_settled(self, object_type: str, items: list[Item]) -> list[Item]:
+        """Create engagements; after an answer that leaves open whether HubSpot made them,
+        look at the contacts' associations (current at once, unlike search) and create
+        only what is missing, so a flaky HubSpot does not cost the whole attempt."""
+        for round_number in range(1, AMBIGUOUS_CREATE_ROUNDS + 1):
+            try:
+                return await self._create_engagements(object_type, items)
+            except HubSpotError as error:
+                if not error.ambiguous or round_number == AMBIGUOUS_CREATE_ROUNDS:
+                    raise
+            found = await self._find_by_associations(items)
+            for item in items:
+                if item.id in found:
+                    item.engagement_id = found[item.id]
+            items = [item for item in items if item.engagement_id is None]
+            if not items:
+                break
+        return []
 
     def _engagement_input(self, item: Item) -> dict[str, Any]:
         event = item.event

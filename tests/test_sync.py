@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from sqlmodel import col
 
 from app.main import close_services, open_services
 from app.models import EngagementRecord, EventStatus, InboxEvent, PortalProblem, utcnow
@@ -295,6 +296,53 @@ async def test_a_worker_killed_right_after_hubspot_created_a_call_leaves_one_cal
     assert await events_by_status(services) == {EventStatus.done: 3}
     search = [e for (p, e, _), n in sandbox.request_counts.items() if "calls/search" in e]
     assert bool(search) == (crash_age == "old")
+
+
+class LostAnswerTransport(httpx.AsyncBaseTransport):
+    """The sandbox, except that the first calls create is answered 503: made or not, as asked."""
+
+    def __init__(self, app: Any, *, made: bool) -> None:
+        self.inner = httpx.ASGITransport(app=app)
+        self.made = made
+        self.losses = 1
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.losses and request.url.path == "/crm/v3/objects/calls/batch/create":
+            self.losses -= 1
+            if self.made:
+                await self.inner.handle_async_request(request)  # HubSpot did the work...
+            return httpx.Response(503, json={"status": "error", "message": "unavailable"})
+        return await self.inner.handle_async_request(request)
+
+
+@pytest.mark.parametrize("made", [True, False])
+async def test_an_engagement_create_answered_503_is_settled_within_the_attempt(
+    client: Any,
+    install_portal: Any,
+    services: Any,
+    sandbox: Any,
+    sandbox_app: Any,
+    settings: Settings,
+    made: bool,
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    await post_event(client, portal, call(caller={"name": "Ada", "phone": "+14155550100"}))
+    flaky = await open_services(settings, transport=LostAnswerTransport(sandbox_app, made=made))
+    try:
+        await drain(flaky)
+    finally:
+        await close_services(flaky)
+    [made_call] = sandbox.calls(1001)
+    records = {r.object_type: r for r in await engagement_rows(services)}
+    assert records["calls"].engagement_id == made_call.id
+    async with services.sessions() as session:
+        attempts = (
+            await session.execute(
+                sa.select(col(InboxEvent.attempts)).where(col(InboxEvent.type) == "call.completed")
+            )
+        ).scalar_one()
+    assert attempts == 1, "the lost answer was settled without another attempt"
 
 
 async def test_300_events_sync_with_few_requests_and_no_429(
