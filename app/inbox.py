@@ -225,6 +225,20 @@ class EventView:
     attempts: int
     payload: dict[str, Any]
 
+    @classmethod
+    def of(cls, row: InboxEvent, payload: dict[str, Any]) -> EventView:
+        assert row.id is not None
+        return cls(
+            id=row.id,
+            portal_id=row.portal_id,
+            source=row.source,
+            type=row.type,
+            occurred_at=row.occurred_at,
+            received_at=row.received_at,
+            attempts=row.attempts,
+            payload=payload,
+        )
+
 
 @dataclass
 class HandlerContext:

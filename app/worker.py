@@ -404,18 +404,7 @@ class Worker:
             except CryptoError as error:
                 outcomes[row.id] = error
                 continue
-            views.append(
-                EventView(
-                    id=row.id,
-                    portal_id=row.portal_id,
-                    source=row.source,
-                    type=row.type,
-                    occurred_at=row.occurred_at,
-                    received_at=row.received_at,
-                    attempts=row.attempts,
-                    payload=payload,
-                )
-            )
+            views.append(EventView.of(row, payload))
         context = HandlerContext(self.services, batch.portal_id, self.worker_id)
         self._in_flight[batch.portal_id] = [view.id for view in views]
         try:

@@ -29,16 +29,7 @@ class MarksDoneFirstWorker(Worker):
     async def _run_batch(self, batch: _Batch) -> bool:
         await self._record(batch, {row.id: Done() for row in batch.events if row.id is not None})
         views = [
-            EventView(
-                id=row.id,
-                portal_id=row.portal_id,
-                source=row.source,
-                type=row.type,
-                occurred_at=row.occurred_at,
-                received_at=row.received_at,
-                attempts=row.attempts,
-                payload=read_payload(row, self.services.cipher),
-            )
+            EventView.of(row, read_payload(row, self.services.cipher))
             for row in batch.events
             if row.id is not None
         ]

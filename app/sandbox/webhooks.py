@@ -19,7 +19,9 @@ from app.sandbox.state import SandboxState, WebhookDelivery
 BATCH_SIZE = 100
 MAX_CONCURRENT_REQUESTS = 10
 
-# HubSpot's v3 recipe decodes only these escapes in the URL before signing.
+# HubSpot's v3 recipe decodes only these escapes in the URL before signing. This is
+# deliberately a separate implementation from app/signatures.py: the sandbox plays
+# HubSpot, and sharing the code would let one bug sign and verify alike unnoticed.
 _SIGNED_URL_ESCAPES = {
     "%3A": ":",
     "%2F": "/",
