@@ -8,11 +8,12 @@ no-op that says so. Payloads are encrypted, bound to their portal and event.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -21,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from app.crypto import TokenCipher
-from app.db import rowcount
+from app.db import SessionFactory, rowcount, transaction
 from app.models import EventSource, EventStatus, InboxEvent, utcnow
 from app.vault import payload_context
 
@@ -63,52 +64,95 @@ async def enqueue(
     run_after: datetime | None = None,
 ) -> Enqueued:
     """Store one event in the caller's transaction unless its key is already stored."""
-    hashes = idempotency_hashes(cipher, event)
-    if len(hashes) > 1:
-        # During key rotation a stored key may be hashed under an older key, which the
-        # unique index cannot see; with one key, the index and ON CONFLICT alone dedupe.
-        existing = await _find(session, event, hashes)
-        if existing is not None:
-            return Enqueued(existing, created=False)
-    now = utcnow()
-    values = {
-        "portal_id": event.portal_id,
-        "source": str(event.source),
-        "type": event.type,
-        "idempotency_hash": hashes[0],
-        "occurred_at": event.occurred_at,
-        "received_at": now,
-        "payload_ct": cipher.encrypt(
-            json.dumps(event.payload, separators=(",", ":")),
-            context=payload_context(event.portal_id, hashes[0]),
-        ),
-        "key_id": cipher.primary_key_id,
-        "status": str(status),
-        "attempts": 0,
-        "run_after": run_after or now,
-    }
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    # On the table, not the ORM class: a Core insert skips the ORM's bulk-insert machinery.
-    table: sa.Table = InboxEvent.__table__  # type: ignore[attr-defined]
-    statement = (
-        insert(table)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["portal_id", "source", "idempotency_hash"])
-        .returning(table.c.id)
+    [enqueued] = await enqueue_many(
+        [event], session=session, cipher=cipher, statuses=[status], run_after=run_after
     )
-    inserted = (await session.execute(statement)).scalar_one_or_none()
-    if inserted is not None:
-        return Enqueued(inserted, created=True)
-    # A concurrent transaction stored the same key first (PostgreSQL waited for it).
-    existing = await _find(session, event, hashes)
-    assert existing is not None, "conflicting insert left no row"
-    return Enqueued(existing, created=False)
+    return enqueued
 
 
 async def enqueue_many(
-    events: Iterable[NewEvent], *, session: AsyncSession, cipher: TokenCipher
+    events: Sequence[NewEvent],
+    *,
+    session: AsyncSession,
+    cipher: TokenCipher,
+    statuses: Sequence[EventStatus] | None = None,
+    run_after: datetime | None = None,
 ) -> list[Enqueued]:
-    return [await enqueue(event, session=session, cipher=cipher) for event in events]
+    """Store events in the caller's transaction with one INSERT; answers in the given order.
+
+    An event whose key is already stored, or that repeats an earlier event of `events`,
+    is not stored again: its answer names the stored event.
+    """
+    if statuses is None:
+        statuses = [EventStatus.pending] * len(events)
+    if len(statuses) != len(events):
+        raise ValueError("one status per event")
+    hashes = [idempotency_hashes(cipher, event) for event in events]
+    answers: list[Enqueued | None] = [None] * len(events)
+    for position, event in enumerate(events):
+        if len(hashes[position]) > 1:
+            # During key rotation a stored key may be hashed under an older key, which the
+            # unique index cannot see; with one key, the index and ON CONFLICT alone dedupe.
+            existing = await _find(session, event, hashes[position])
+            if existing is not None:
+                answers[position] = Enqueued(existing, created=False)
+    now = utcnow()
+    rows: dict[tuple[int, str, str], dict[str, Any]] = {}
+    for position, event in enumerate(events):
+        key = _row_key(event, hashes[position][0])
+        if answers[position] is not None or key in rows:
+            continue
+        rows[key] = {
+            "portal_id": event.portal_id,
+            "source": str(event.source),
+            "type": event.type,
+            "idempotency_hash": key[2],
+            "occurred_at": event.occurred_at,
+            "received_at": now,
+            "payload_ct": cipher.encrypt(
+                json.dumps(event.payload, separators=(",", ":")),
+                context=payload_context(event.portal_id, key[2]),
+            ),
+            "key_id": cipher.primary_key_id,
+            "status": str(statuses[position]),
+            "attempts": 0,
+            "run_after": run_after or now,
+        }
+    inserted: dict[tuple[int, str, str], int] = {}
+    if rows:
+        insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+        # On the table, not the ORM class: a Core insert skips the ORM's bulk-insert machinery.
+        table: sa.Table = InboxEvent.__table__  # type: ignore[attr-defined]
+        statement = (
+            insert(table)
+            .on_conflict_do_nothing(index_elements=["portal_id", "source", "idempotency_hash"])
+            .returning(table.c.id, table.c.portal_id, table.c.source, table.c.idempotency_hash)
+        )
+        # Many parameter sets for one cached statement: SQLAlchemy sends them as one
+        # multi-row INSERT ("insertmanyvalues"). In key order, so two transactions storing
+        # overlapping events take the unique index's locks in the same order.
+        stored = await session.execute(statement, [rows[key] for key in sorted(rows)])
+        for row in stored:
+            inserted[(row.portal_id, row.source, row.idempotency_hash)] = row.id
+    answered: set[tuple[int, str, str]] = set()
+    for position, event in enumerate(events):
+        if answers[position] is not None:
+            continue
+        key = _row_key(event, hashes[position][0])
+        if key in inserted:
+            # The first event with this key is the one stored; a repeat names it.
+            answers[position] = Enqueued(inserted[key], created=key not in answered)
+            answered.add(key)
+            continue
+        existing = await _find(session, event, hashes[position])
+        # A concurrent transaction stored the same key first (PostgreSQL waited for it).
+        assert existing is not None, "conflicting insert left no row"
+        answers[position] = Enqueued(existing, created=False)
+    return [answer for answer in answers if answer is not None]
+
+
+def _row_key(event: NewEvent, idempotency_hash: str) -> tuple[int, str, str]:
+    return (event.portal_id, str(event.source), idempotency_hash)
 
 
 async def _find(session: AsyncSession, event: NewEvent, hashes: list[str]) -> int | None:
@@ -118,6 +162,96 @@ async def _find(session: AsyncSession, event: NewEvent, hashes: list[str]) -> in
         col(InboxEvent.idempotency_hash).in_(hashes),
     )
     return (await session.execute(query.limit(1))).scalar_one_or_none()
+
+
+# Enough to take a burst of concurrent webhooks in one commit, few enough that one
+# INSERT stays small (its parameters stay far below the drivers' limits).
+MAX_GROUP_COMMIT = 200
+# The database cannot be used at all now: each event of a group would fail alone too.
+_UNREACHABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError, OSError)
+
+
+@dataclass
+class _Waiting:
+    event: NewEvent
+    status: EventStatus
+    answer: asyncio.Future[Enqueued]
+
+
+class InboxWriter:
+    """Group commit for webhook intake: events arriving together are stored in one transaction.
+
+    A request waits for the commit that stores its event, so an answer still means stored
+    durably; but while one transaction commits, the events that arrive queue up and go
+    into the next one, so a burst costs a few commits instead of one per event. One
+    writer runs per process, which on SQLite also keeps intake from queueing in SQLite's
+    busy handler, whose backoff sleeps leave the write lock idle under load.
+    """
+
+    def __init__(self, sessions: SessionFactory, cipher: TokenCipher) -> None:
+        self._sessions = sessions
+        self._cipher = cipher
+        self._queue: list[_Waiting] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.commits = 0  # transactions that stored a group (read by tests)
+
+    async def store(
+        self, event: NewEvent, *, status: EventStatus = EventStatus.pending
+    ) -> Enqueued:
+        """Store `event` (unless its key is stored already) and answer once it is committed."""
+        answer: asyncio.Future[Enqueued] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Waiting(event, status, answer))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_queued())
+        return await answer
+
+    async def _write_queued(self) -> None:
+        group: list[_Waiting] = []
+        try:
+            while self._queue:
+                group = self._queue[:MAX_GROUP_COMMIT]
+                del self._queue[: len(group)]
+                await self._write(group)
+                group = []
+        finally:
+            # Stopped (the process is shutting down): nothing queued was stored, say so.
+            for waiting in group + self._queue:
+                _settle(waiting, error=ConnectionError("intake stopped before storing the event"))
+            self._queue.clear()
+
+    async def _write(self, group: list[_Waiting]) -> None:
+        try:
+            async with transaction(self._sessions) as session:
+                answers = await enqueue_many(
+                    [waiting.event for waiting in group],
+                    session=session,
+                    cipher=self._cipher,
+                    statuses=[waiting.status for waiting in group],
+                )
+        except Exception as error:
+            if len(group) > 1 and not isinstance(error, _UNREACHABLE):
+                # One event the database refuses must not fail the others: each alone.
+                for waiting in group:
+                    await self._write([waiting])
+                return
+            for waiting in group:
+                _settle(waiting, error=error)
+            return
+        self.commits += 1
+        for waiting, answer in zip(group, answers, strict=True):
+            _settle(waiting, answer=answer)
+
+
+def _settle(
+    waiting: _Waiting, *, answer: Enqueued | None = None, error: BaseException | None = None
+) -> None:
+    # A request that went away (its client disconnected) cancelled its future.
+    if waiting.answer.done():
+        return
+    if error is not None:
+        waiting.answer.set_exception(error)
+    else:
+        waiting.answer.set_result(cast(Enqueued, answer))
 
 
 def read_payload(event: InboxEvent, cipher: TokenCipher) -> dict[str, Any]:
@@ -247,6 +381,17 @@ class HandlerContext:
     services: Services
     portal_id: int
     worker_id: str
+    # Set by `let_next_batch_start`; the worker waits on it (or on the batch's end).
+    next_batch_may_start: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def let_next_batch_start(self) -> None:
+        """Say that the rest of this batch no longer bears on the portal's next events.
+
+        The worker then starts the portal's next batch, if the same handler takes it,
+        alongside the rest of this one: its HubSpot round trips overlap this batch's
+        last ones instead of waiting for them. At most two batches of a portal run at once.
+        """
+        self.next_batch_may_start.set()
 
 
 Write = Callable[[AsyncSession], Awaitable[None]]

@@ -21,6 +21,7 @@ from app import db
 from app.crypto import TokenCipher
 from app.errors import ConfigurationError
 from app.hubspot.runtime import HubSpotRuntime
+from app.inbox import InboxWriter
 from app.logs import install_redaction
 from app.middleware import RequestContextMiddleware
 from app.portals import PortalCache
@@ -42,9 +43,8 @@ class Services:
     cipher: TokenCipher
     # Each portal's status and decrypted receptionist secrets, for webhook intake.
     portals: PortalCache
-    # On SQLite, webhook intake's inbox writes queue here rather than in SQLite's busy
-    # handler, whose backoff sleeps (up to 100 ms) leave the write lock idle under load.
-    intake_writes: asyncio.Lock | None = None
+    # Webhook intake's inbox writes: concurrent requests' events share one commit.
+    inbox_writer: InboxWriter
     # Per-process HubSpot state: refresh locks, rate budgets, backoff, the app token.
     hubspot: HubSpotRuntime = field(default_factory=HubSpotRuntime)
     background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -77,7 +77,7 @@ async def open_services(
         http=http,
         cipher=cipher,
         portals=PortalCache(sessions, cipher),
-        intake_writes=asyncio.Lock() if settings.is_sqlite else None,
+        inbox_writer=InboxWriter(sessions, cipher),
     )
     try:
         await check_keys_can_read(resources)

@@ -40,7 +40,7 @@ import logging
 import math
 import re
 from collections import defaultdict
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -79,8 +79,9 @@ CHAT = "chat.completed"
 RECEPTIONIST_TYPES = (CALL, TEXT, CHAT, PING)
 
 CONTACTS = "/crm/v3/objects/contacts"
+# Records per HubSpot batch request (its limit), and events per handler batch.
 BATCH_LIMIT = 100
-# Values per IN filter: a batch of 100 events never needs more; larger lists are split.
+# Values per IN filter (HubSpot's limit); larger lists are split.
 IN_LIMIT = 100
 MAX_FILTER_GROUPS = 5
 SEARCH_PAGE = 200
@@ -446,7 +447,7 @@ async def _together(*steps: Awaitable[_T]) -> list[_T]:
 # --- the handler ----------------------------------------------------------------------------
 
 
-@registry.handler(*RECEPTIONIST_TYPES, batch_size=100)
+@registry.handler(*RECEPTIONIST_TYPES, batch_size=BATCH_LIMIT)
 async def handle_receptionist_events(
     ctx: HandlerContext, views: list[EventView]
 ) -> dict[int, Outcome]:
@@ -470,7 +471,8 @@ async def handle_receptionist_events(
             continue
         items.append(Item(view, event))
     if items:
-        outcomes.update(await BatchSync(ctx.services, ctx.portal_id, items).run())
+        sync = BatchSync(ctx.services, ctx.portal_id, items)
+        outcomes.update(await sync.run(contacts_written=ctx.let_next_batch_start))
     return outcomes
 
 
@@ -492,17 +494,33 @@ class BatchSync:
         self.new_contacts: list[NewContact] = []
         self.contact_errors: dict[str, str] = {}  # contact id → reason for sync_error_message
         self.errors_written: set[str] = set()
+        self.adopted: set[str] = set()  # existing contacts new callers' creates ran into
         self._options_refreshed = False
+        # Batch requests of one kind go out together; adapting to the portal's properties
+        # after a refusal happens once at a time.
+        self._fixing = asyncio.Lock()
 
-    async def run(self) -> dict[int, Outcome]:
+    async def run(
+        self, *, contacts_written: Callable[[], None] | None = None
+    ) -> dict[int, Outcome]:
+        """Sync the batch. `contacts_written` is called once every caller's contact is
+        written and indexed: the next batch can then resolve its callers without this one."""
         await self._load()
         await self._resolve()
         await self._prepare_outcomes()
         self._plan_new_contacts()
-        await self._create_contacts()
+        # New callers' creates and known contacts' updates touch different contacts.
+        known = set(self.contacts)
+        await _together(self._create_contacts(), self._update_contacts(known))
+        # A create that ran into an existing contact (409) adopted it: update it now,
+        # with every item it has, so the newest event's values still win.
         await self._read_conflicted()
         # Independent: the index write waits on the database, the updates on HubSpot.
-        await _together(self._remember_identities(), self._update_contacts())
+        await _together(self._remember_identities(), self._update_contacts(self.adopted))
+        # What is left (engagements, campaigns, error notes) concerns this batch's events
+        # alone: the portal's next batch may resolve and write its contacts meanwhile.
+        if contacts_written is not None:
+            contacts_written()
         await self._engagements()
         await self._campaigns()
         await self._write_contact_errors()
@@ -629,7 +647,7 @@ class BatchSync:
         ):
             for start in range(0, len(values), IN_LIMIT):
                 filters.append((name, [v for v in values[start : start + IN_LIMIT] if v]))
-        found: dict[str, Contact] = {}
+        searches = []
         for start in range(0, len(filters), MAX_FILTER_GROUPS):
             groups = [
                 {"filters": [{"propertyName": name, "operator": "IN", "values": values}]}
@@ -637,9 +655,13 @@ class BatchSync:
                 if values
             ]
             if groups:
-                for record in await self._search_all(f"{CONTACTS}/search", groups, CONTACT_READ):
-                    contact = Contact.of(record)
-                    found[contact.id] = contact
+                searches.append(self._search_all(f"{CONTACTS}/search", groups, CONTACT_READ))
+        found: dict[str, Contact] = {}
+        # Together: the search budget (per second) paces them.
+        for records in await _together(*searches):
+            for record in records:
+                contact = Contact.of(record)
+                found[contact.id] = contact
         return found
 
     async def _search_all(
@@ -661,14 +683,14 @@ class BatchSync:
     async def _read_contacts(self, contact_ids: list[str]) -> dict[str, Contact]:
         """Contacts by id (no search lag); a merged id answers with the surviving contact."""
         found: dict[str, Contact] = {}
-        for start in range(0, len(contact_ids), BATCH_LIMIT):
-            chunk = contact_ids[start : start + BATCH_LIMIT]
+
+        async def read(chunk: list[str]) -> None:
             body = {"properties": CONTACT_READ, "inputs": [{"id": c} for c in chunk]}
             try:
                 answer = await self.client.post_json(f"{CONTACTS}/batch/read", body) or {}
             except HubSpotError as error:
                 if error.status_code == 404:
-                    continue
+                    return
                 raise
             for record in answer.get("results") or []:
                 contact = Contact.of(record)
@@ -676,6 +698,13 @@ class BatchSync:
                 for requested in chunk:
                     if requested == contact.id or requested in merged:
                         found[requested] = contact
+
+        await _together(
+            *(
+                read(contact_ids[start : start + BATCH_LIMIT])
+                for start in range(0, len(contact_ids), BATCH_LIMIT)
+            )
+        )
         return found
 
     # --- 2. new callers --------------------------------------------------------------------
@@ -750,6 +779,8 @@ class BatchSync:
         plan.contact_id = contact_id
         if created and "sync_error_message" in plan.properties:
             self.errors_written.add(contact_id)
+        if not created:
+            self.adopted.add(contact_id)
         for item in plan.items:
             item.contact_id = contact_id
             item.created_contact = created
@@ -799,8 +830,9 @@ class BatchSync:
             read = await self._read_contacts(wanted)
             for requested, contact in read.items():
                 self.contacts[requested] = contact
+            unread = set(wanted) - set(read)
             for item in self.items:
-                if item.contact_id in wanted and item.contact_id not in read and item.ok:
+                if item.contact_id in unread and item.ok:
                     item.retry = ContactGone("the contact HubSpot named could not be read")
 
     async def _remember_identities(self) -> None:
@@ -816,11 +848,14 @@ class BatchSync:
                 if plan.email and "email" in plan.properties:
                     emails.add(plan.email)
                 per_contact[plan.contact_id] = (phones, emails)
+        items_of: dict[str, list[Item]] = defaultdict(list)
+        for item in self.items:
+            if item.contact_id:
+                items_of[item.contact_id].append(item)
         for contact_id, contact in self.contacts.items():
             keys = contact.keys(self.region)
-            for item in self.items:
-                if item.contact_id == contact_id:
-                    keys |= {k for k in item.keys if self.match.get(k) in (None, contact_id)}
+            for item in items_of[contact_id]:
+                keys |= {k for k in item.keys if self.match.get(k) in (None, contact_id)}
             per_contact[contact_id] = (
                 {v for k, v in keys if k == identity.PHONE},
                 {v for k, v in keys if k == identity.EMAIL},
@@ -841,11 +876,16 @@ class BatchSync:
 
     # --- 3. existing contacts ---------------------------------------------------------------
 
-    async def _update_contacts(self) -> None:
+    async def _update_contacts(self, contact_ids: set[str]) -> None:
+        """Write the batch's values to these existing contacts (those read or adopted)."""
+        items_of: dict[str, list[Item]] = defaultdict(list)
+        for item in self.items:
+            if item.contact_id in contact_ids and item.ok:
+                items_of[item.contact_id].append(item)
         plans: list[WriteInput] = []
-        for contact_id, contact in self.contacts.items():
-            items = [i for i in self.items if i.contact_id == contact_id and i.ok]
-            if not items:
+        for contact_id, items in items_of.items():
+            contact = self.contacts.get(contact_id)
+            if contact is None:
                 continue
             values, owners = _owners(items, self.state, self.outcomes)
             values.update(self._fills(contact, items))
@@ -911,8 +951,13 @@ class BatchSync:
     async def _send(self, path: str, inputs: list[WriteInput]) -> Sent:
         """Batch writes of up to 100 inputs; a rejected batch is split down to the bad record."""
         sent = Sent()
-        for start in range(0, len(inputs), BATCH_LIMIT):
-            await self._send_chunk(path, inputs[start : start + BATCH_LIMIT], sent)
+        # The requests go out together: the rate budget, not this loop, paces them.
+        await _together(
+            *(
+                self._send_chunk(path, inputs[start : start + BATCH_LIMIT], sent)
+                for start in range(0, len(inputs), BATCH_LIMIT)
+            )
+        )
         return sent
 
     async def _send_chunk(self, path: str, chunk: list[WriteInput], sent: Sent) -> None:
@@ -947,6 +992,12 @@ class BatchSync:
 
     async def _fix_portal_properties(self, error: HubSpotError, chunk: list[WriteInput]) -> bool:
         """A refusal caused by the portal, not the record: adapt and answer True to resend."""
+        async with self._fixing:
+            return await self._fix_portal_properties_alone(error, chunk)
+
+    async def _fix_portal_properties_alone(
+        self, error: HubSpotError, chunk: list[WriteInput]
+    ) -> bool:
         named = property_errors(error)
         gone = {
             p.name

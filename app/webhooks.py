@@ -1,14 +1,13 @@
 """Webhook intake: HubSpot's signed app webhook and each portal's receptionist webhook.
 
 Both routes verify at the edge, store into the inbox in one transaction, and answer 2xx
-only after it commits. Checks run in DESIGN.md's order: 413 body too large, 404 unknown
+only after it commits (receptionist events arriving together share one: `InboxWriter`). Checks run in DESIGN.md's order: 413 body too large, 404 unknown
 portal (receptionist route), 401 authentication, 400 malformed JSON, 422 invalid event,
 503 database unavailable. Nothing rejected is stored; a repeat is a 2xx that stores nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -338,22 +337,18 @@ async def receptionist_webhook(request: Request) -> Response:
     # An uninstalled portal's events wait, parked, for a reinstall; so do those of a
     # portal whose authorization lapsed, until it is renewed.
     status = EventStatus.pending if portal.status == PortalStatus.active else EventStatus.parked
-    writes = resources.intake_writes or contextlib.nullcontext()
     try:
-        async with writes, transaction(resources.sessions) as session:
-            enqueued = await enqueue(
-                NewEvent(
-                    portal_id=portal_id,
-                    source=EventSource.receptionist,
-                    type=event.type,
-                    idempotency_key=event.id,
-                    occurred_at=event.occurred_at,
-                    payload=event.payload(),
-                ),
-                session=session,
-                cipher=resources.cipher,
-                status=status,
-            )
+        enqueued = await resources.inbox_writer.store(
+            NewEvent(
+                portal_id=portal_id,
+                source=EventSource.receptionist,
+                type=event.type,
+                idempotency_key=event.id,
+                occurred_at=event.occurred_at,
+                payload=event.payload(),
+            ),
+            status=status,
+        )
     except DATABASE_ERRORS as error:
         return database_unavailable(error)
     return JSONResponse(

@@ -95,6 +95,41 @@ class _Batch:
     events: list[InboxEvent]
 
 
+@dataclass
+class _Running:
+    """A batch being handled, and the context its handler signals through."""
+
+    batch: _Batch
+    context: HandlerContext
+    task: asyncio.Task[bool]
+
+    async def until_next_may_start(self) -> None:
+        """Wait until the handler lets the next batch start, or the batch ends."""
+        signal = asyncio.ensure_future(self.context.next_batch_may_start.wait())
+        try:
+            await asyncio.wait([self.task, signal], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            signal.cancel()
+
+    async def ended(self) -> bool:
+        """Wait for the batch; True when the portal may be served on."""
+        try:
+            return await self.task
+        except Exception:
+            log.exception("a batch failed; its events will be taken up again")
+            return False
+
+    async def finish(self) -> None:
+        """Let the batch end even while our own task is being cancelled."""
+        try:
+            await asyncio.shield(self.ended())
+        except asyncio.CancelledError:
+            # Cancelled while waiting: cancel the batch too (it releases its events).
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+
+
 class LeaseLost(Exception):
     """Another worker took over these events (our lease expired); nothing was recorded."""
 
@@ -123,7 +158,6 @@ class Worker:
         self.registry = registry if registry is not None else load_handlers()
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._active: dict[int, asyncio.Task[None]] = {}
-        self._in_flight: dict[int, list[int]] = {}
         self._stopping = asyncio.Event()
         self._periodic: list[_Periodic] = []
         self.add_periodic("retention", 600.0, _retention)
@@ -284,30 +318,61 @@ class Worker:
 
     async def _serve_portal(self, portal_id: int) -> None:
         token = portal_id_var.set(portal_id)
+        # A handler can let the portal's next batch start before its own end
+        # (`HandlerContext.let_next_batch_start`): `previous` is then still finishing
+        # while `current` runs. Never more than these two.
+        previous: _Running | None = None
+        current: _Running | None = None
         try:
             for turn in range(BATCHES_PER_TURN):
                 if self._stopping.is_set():
                     break
+                if previous is not None and previous.task.done():
+                    if not await previous.ended():
+                        break
+                    previous = None
+                alongside = previous.batch.spec if previous is not None else None
                 # Recovery runs once per turn: after it, every in-progress event is ours.
-                batch = await self._claim_batch(portal_id, recover=turn == 0)
+                batch = await self._claim_batch(portal_id, recover=turn == 0, only=alongside)
+                if batch is None and previous is not None:
+                    # What is due next is not for the handler in flight (another handler's,
+                    # or nothing yet): it waits for that batch to end.
+                    if not await previous.ended():
+                        break
+                    previous = None
+                    batch = await self._claim_batch(portal_id)
                 if batch is None:
                     break
-                if not await self._run_batch(batch):
+                current = self._start(batch)
+                await current.until_next_may_start()
+                if previous is not None and not await previous.ended():
                     break
+                previous, current = current, None
         except asyncio.CancelledError:
+            for running in (previous, current):
+                if running is not None:
+                    running.task.cancel()
             raise
         except Exception:
             log.exception("serving a portal failed; its lease will be released")
         finally:
+            # A batch still in flight ends (recording its outcomes, or releasing its events
+            # when cancelled) before the portal's lease is given back.
+            for running in (previous, current):
+                if running is not None and not running.task.done():
+                    await running.finish()
             portal_id_var.reset(token)
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._release_portal(portal_id))
 
-    async def _claim_batch(self, portal_id: int, *, recover: bool = False) -> _Batch | None:
+    async def _claim_batch(
+        self, portal_id: int, *, recover: bool = False, only: HandlerSpec | None = None
+    ) -> _Batch | None:
         """Mark the portal's next run of due events of one handler as ours; None when idle.
 
         `recover` first puts back what a crashed worker left in progress: needed once, on the
-        first claim after taking the portal's lease.
+        first claim after taking the portal's lease. With `only`, the run is claimed only
+        if that handler takes it (None otherwise).
         """
         while True:
             now = utcnow()
@@ -331,6 +396,8 @@ class Worker:
                 if not rows:
                     return None
                 spec = self.registry.lookup(rows[0].type)
+                if only is not None and spec is not only:
+                    return None
                 run = [rows[0]]
                 for row in rows[1:]:
                     if self.registry.lookup(row.type) is not spec:
@@ -392,7 +459,12 @@ class Worker:
             .execution_options(synchronize_session=False)
         )
 
-    async def _run_batch(self, batch: _Batch) -> bool:
+    def _start(self, batch: _Batch) -> _Running:
+        context = HandlerContext(self.services, batch.portal_id, self.worker_id)
+        task = asyncio.create_task(self._run_batch(batch, context))
+        return _Running(batch, context, task)
+
+    async def _run_batch(self, batch: _Batch, context: HandlerContext | None = None) -> bool:
         """Run the handler and record its outcomes; False when the portal must not be served on."""
         cipher = self.services.cipher
         views: list[EventView] = []
@@ -405,8 +477,7 @@ class Worker:
                 outcomes[row.id] = error
                 continue
             views.append(EventView.of(row, payload))
-        context = HandlerContext(self.services, batch.portal_id, self.worker_id)
-        self._in_flight[batch.portal_id] = [view.id for view in views]
+        context = context or HandlerContext(self.services, batch.portal_id, self.worker_id)
         try:
             if views:
                 try:
@@ -418,8 +489,6 @@ class Worker:
         except asyncio.CancelledError:
             await asyncio.shield(self._release_batch(batch))
             raise
-        finally:
-            self._in_flight.pop(batch.portal_id, None)
         try:
             return await self._record(batch, outcomes)
         except LeaseLost:

@@ -4,9 +4,9 @@
     python -m benchmarks.servers bare --port P
 
 Both are served by uvicorn exactly as `hubline serve` serves Hubline (one process,
-`log_config=None`, `access_log=False`, `lifespan="on"`, uvicorn's default loop and
-HTTP parser), so the bare endpoint differs from Hubline only in what it does with a
-request.
+`log_config=None`, `access_log=False`, `lifespan="on"`, on the event loop
+`app.cli.run_async` picks, with uvicorn's default HTTP parser), so the bare endpoint
+differs from Hubline only in what it does with a request.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from app.cli import run_async
 from app.sandbox import SandboxConfig, serve_sandbox
 
 RECEPTIONIST_ROUTE = "/webhooks/portals/{portal_id}/receptionist"
@@ -76,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
         if args.kind == "bare":
-            asyncio.run(serve_bare(args.host, args.port))
+            run_async(serve_bare(args.host, args.port))
         else:
-            asyncio.run(serve_sandbox(sandbox_config(args), host=args.host, port=args.port))
+            run_async(serve_sandbox(sandbox_config(args), host=args.host, port=args.port))
     return 0
 
 

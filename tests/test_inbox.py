@@ -12,7 +12,7 @@ from sqlmodel import col
 from app.crypto import TokenCipher, generate_key
 from app.db import SessionFactory, transaction
 from app.errors import CryptoError
-from app.inbox import NewEvent, enqueue, purge_expired, read_payload
+from app.inbox import Enqueued, InboxWriter, NewEvent, enqueue, purge_expired, read_payload
 from app.models import EventSource, EventStatus, InboxEvent, utcnow
 from tests.conftest import TEST_KEY
 
@@ -140,3 +140,71 @@ async def test_retention_deletes_old_payloads_and_old_parked_events(
     assert rows[ids[1]].payload_ct is not None
     assert ids[2] not in rows
     assert rows[ids[3]].payload_ct is not None
+
+
+# --- group commit -------------------------------------------------------------------------
+
+
+async def test_concurrent_intake_events_share_a_commit_and_are_stored_when_answered(
+    sessions: SessionFactory, cipher: TokenCipher
+) -> None:
+    writer = InboxWriter(sessions, cipher)
+    answers = await asyncio.gather(*(writer.store(call_event(f"evt_{n}")) for n in range(50)))
+    assert all(answer.created for answer in answers)
+    assert len({answer.event_id for answer in answers}) == 50
+    # Fifty requests arriving together: a couple of commits, not fifty.
+    assert writer.commits <= 2
+    async with sessions() as session:
+        stored = (await session.execute(sa.select(col(InboxEvent.id)))).scalars().all()
+    assert sorted(stored) == sorted(answer.event_id for answer in answers)
+
+
+async def test_a_repeat_in_the_same_group_or_of_a_stored_event_is_a_duplicate(
+    sessions: SessionFactory, cipher: TokenCipher
+) -> None:
+    writer = InboxWriter(sessions, cipher)
+    first = await writer.store(call_event("evt_a"))
+    again, b1, b2 = await asyncio.gather(
+        writer.store(call_event("evt_a")),
+        writer.store(call_event("evt_b")),
+        writer.store(call_event("evt_b", summary="resent")),
+    )
+    assert (again.event_id, again.created) == (first.event_id, False)
+    assert b1.created
+    assert not b2.created
+    assert b2.event_id == b1.event_id
+    assert await count_events(sessions) == 2
+
+
+async def test_an_event_that_cannot_be_stored_does_not_fail_the_others_of_its_group(
+    sessions: SessionFactory, cipher: TokenCipher
+) -> None:
+    writer = InboxWriter(sessions, cipher)
+    unstorable = call_event("evt_bad", detail=object())  # not JSON: encrypting it fails
+    good, bad, other = await asyncio.gather(
+        writer.store(call_event("evt_1")),
+        writer.store(unstorable),
+        writer.store(call_event("evt_2")),
+        return_exceptions=True,
+    )
+    assert isinstance(bad, TypeError)
+    assert isinstance(good, Enqueued)
+    assert isinstance(other, Enqueued)
+    assert good.created
+    assert other.created
+    assert await count_events(sessions) == 2
+
+
+async def test_parked_and_pending_events_of_one_group_keep_their_status(
+    sessions: SessionFactory, cipher: TokenCipher
+) -> None:
+    writer = InboxWriter(sessions, cipher)
+    pending, parked = await asyncio.gather(
+        writer.store(call_event("evt_1", portal_id=1001)),
+        writer.store(call_event("evt_1", portal_id=1002), status=EventStatus.parked),
+    )
+    async with sessions() as session:
+        rows = dict(
+            (await session.execute(sa.select(col(InboxEvent.id), col(InboxEvent.status)))).all()
+        )
+    assert rows == {pending.event_id: EventStatus.pending, parked.event_id: EventStatus.parked}

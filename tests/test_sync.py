@@ -235,6 +235,39 @@ async def test_the_same_caller_twenty_times_is_one_contact_with_twenty_calls(
     assert await events_by_status(services) == {EventStatus.done: 21}  # 20 + provisioning
 
 
+async def test_callers_recurring_across_overlapping_batches_are_one_contact_each(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    """350 events from 25 callers: four batches, each starting while the one before makes
+    its engagements. Search lags, so only what the previous batch indexed finds a caller."""
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    sandbox.config.search_lag_seconds = 30.0
+    rng = random.Random(11)
+    events = []
+    for n in range(350):
+        who = rng.randrange(25)
+        caller: dict[str, Any] = {"name": f"Caller {who}", "phone": f"+1 (415) 555-{who:04d}"}
+        if n % 5 == 0:
+            caller = {"name": f"Caller {who}", "phone": f"415.555.{who:04d}"}
+        events.append(call(id=f"recurring-{n}", caller=caller))
+    for start in range(0, 350, 50):
+        await asyncio.gather(*(post_event(client, portal, e) for e in events[start : start + 50]))
+    await drain(services, timeout=120)
+
+    contacts = sandbox.contacts(1001)
+    assert len(contacts) == 25
+    assert len(sandbox.calls(1001)) == 350
+    assert await events_by_status(services) == {EventStatus.done: 351}
+    world = sandbox.portal(1001)
+    phone_of = {c.id: c.properties["phone"] for c in contacts}
+    assert len(set(phone_of.values())) == 25
+    for made in sandbox.calls(1001):
+        # Each call sits on the contact of the number that called.
+        [owner] = world.associated("calls", made.id, "contacts")
+        assert made.properties["hs_call_from_number"] == phone_of[owner]
+
+
 class CrashAfterCallsCreated(httpx.AsyncBaseTransport):
     """The sandbox, except that the worker dies right after HubSpot created the calls.
 

@@ -374,3 +374,100 @@ async def test_two_workers_never_serve_one_portal_at_once(
         spans = sorted(set(spans))
         for (_s1, end1, w1), (start2, _e2, w2) in itertools.pairwise(spans):
             assert w1 == w2 or start2 >= end1, "two workers handled one portal at the same time"
+
+
+# --- a handler letting the portal's next batch start before its own end ------------------
+
+
+async def test_a_handler_can_let_the_next_batch_start_alongside_at_most_one(
+    core: Services,
+) -> None:
+    registry = Registry()
+    running = 0
+    most_at_once = 0
+    seen: list[int] = []
+
+    @registry.handler("test.work", batch_size=5)
+    async def work(context: HandlerContext, events: list[EventView]) -> None:
+        nonlocal running, most_at_once
+        running += 1
+        most_at_once = max(most_at_once, running)
+        seen.extend(e.payload["minute"] for e in events)  # the part the next batch waits for
+        context.let_next_batch_start()
+        await asyncio.sleep(0.05)  # the rest overlaps the next batch
+        running -= 1
+
+    await add_events(core, 1001, 40)
+    await Worker(core, registry=registry, poll_seconds=0.01).drain(timeout=20)
+    assert most_at_once == 2
+    assert seen == list(range(40)), "the part before the signal still runs in order"
+    events = (await statuses(core)).values()
+    assert {e.status for e in events} == {EventStatus.done}
+    assert {e.attempts for e in events} == {1}
+
+
+async def test_a_batch_never_overlaps_unless_its_handler_says_so(core: Services) -> None:
+    registry = Registry()
+    running = 0
+    most_at_once = 0
+
+    @registry.handler("test.work", batch_size=5)
+    async def work(_context: HandlerContext, _events: list[EventView]) -> None:
+        nonlocal running, most_at_once
+        running += 1
+        most_at_once = max(most_at_once, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+
+    await add_events(core, 1001, 20)
+    await Worker(core, registry=registry, poll_seconds=0.01).drain(timeout=20)
+    assert most_at_once == 1
+
+
+async def test_another_handlers_run_waits_for_the_overlapping_batch_to_end(
+    core: Services,
+) -> None:
+    registry = Registry()
+    log: list[str] = []
+
+    @registry.handler("test.work", batch_size=5)
+    async def work(context: HandlerContext, events: list[EventView]) -> None:
+        log.append(f"work starts {events[0].payload['minute']}")
+        context.let_next_batch_start()
+        await asyncio.sleep(0.05)
+        log.append(f"work ends {events[0].payload['minute']}")
+
+    @registry.handler("test.other")
+    async def other(_context: HandlerContext, events: list[EventView]) -> None:
+        log.append(f"other {events[0].payload['minute']}")
+
+    await add_events(core, 1001, 5)  # minutes 0-4: one batch of test.work
+    await add_events(core, 1001, 1, event_type="test.other", start=5)
+    await add_events(core, 1001, 5, start=6)
+    await Worker(core, registry=registry, poll_seconds=0.01).drain(timeout=20)
+    assert log == ["work starts 0", "work ends 0", "other 5", "work starts 6", "work ends 6"]
+
+
+async def test_a_failing_overlapped_batch_is_retried_and_the_other_is_kept(
+    core: Services,
+) -> None:
+    registry = Registry()
+    failed_once: set[int] = set()
+
+    @registry.handler("test.work", batch_size=5)
+    async def work(context: HandlerContext, events: list[EventView]) -> dict[int, Any]:
+        context.let_next_batch_start()
+        await asyncio.sleep(0.02)
+        first = events[0].payload["minute"]
+        if first == 0 and first not in failed_once:
+            failed_once.add(first)
+            raise RuntimeError("HubSpot went away after the contacts were written")
+        return {e.id: Done() for e in events}
+
+    await add_events(core, 1001, 15)
+    await Worker(core, registry=registry, poll_seconds=0.01, retry_policy=FAST_RETRIES).drain(
+        timeout=20
+    )
+    events = sorted((await statuses(core)).values(), key=lambda e: e.occurred_at)
+    assert [e.status for e in events] == [EventStatus.done] * 15
+    assert [e.attempts for e in events] == [2] * 5 + [1] * 10

@@ -13,7 +13,7 @@ from app.sandbox import objects
 from app.sandbox.errors import ApiError, not_found, validation_error
 from app.sandbox.gateway import ApiContext, api_route, json_response, read_json
 from app.sandbox.properties import DEFAULT_READ_PROPERTIES, OBJECT_TYPE_ALIASES, OBJECT_TYPES, iso
-from app.sandbox.search import parse_request, record_matches, sort_key
+from app.sandbox.search import compile_matcher, parse_request, sort_key
 from app.sandbox.state import ASSOCIATION_TYPES, CrmObject, PortalWorld
 
 BATCH_LIMIT = 100
@@ -176,10 +176,11 @@ async def search(request: Request, ctx: ApiContext) -> Response:
 
         return lookup
 
+    matches = compile_matcher(query, object_type, defs, associated_with)
     hits = [
         (object_id, props)
         for object_id, props in world.searchable(object_type, now)
-        if record_matches(query, object_type, props, defs, associated_with(object_id))
+        if matches(object_id, props)
     ]
     hits.sort(key=sort_key(query.sorts, defs))
     page = hits[query.after : query.after + query.limit]

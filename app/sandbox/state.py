@@ -288,6 +288,10 @@ class PortalWorld:
             t: default_groups(t) for t in OBJECT_TYPES
         }
         self.associations: set[Association] = set()
+        # Lower-cased email → the contact written with it last. Every write passes through
+        # `index_write`, which notes it; a lookup checks the contact still has that email,
+        # so an email changed or a contact archived since needs no bookkeeping.
+        self._email_owners: dict[str, str] = {}
         self.marketing_events: dict[tuple[str, str], MarketingEvent] = {}
         self.attendance: list[Attendance] = []
         self._ids = {t: itertools.count(base) for t, base in ID_BASES.items()}
@@ -319,13 +323,18 @@ class PortalWorld:
     def find_by_email(self, email: str) -> CrmObject | None:
         """The live contact with this email (compared lower-cased)."""
         wanted = email.strip().lower()
-        return next(
-            (c for c in self.live("contacts") if c.properties.get("email", "").lower() == wanted),
-            None,
-        )
+        owner = self._email_owners.get(wanted)
+        contact = self.objects["contacts"].get(owner) if owner else None
+        if contact is None or contact.archived:
+            return None
+        return contact if contact.properties.get("email", "").lower() == wanted else None
 
     def index_write(self, obj: CrmObject, now: float, lag: float) -> None:
         """Make search see the record's current state `lag` seconds from now."""
+        if obj.object_type == "contacts" and not obj.archived:
+            email = obj.properties.get("email", "").lower()
+            if email:
+                self._email_owners[email] = obj.id
         versions = self.index[obj.object_type].setdefault(obj.id, [])
         snapshot = None if obj.archived else dict(obj.properties)
         versions.append(IndexVersion(now + lag, snapshot))
@@ -342,9 +351,12 @@ class PortalWorld:
         """(id, properties) of every record search sees at `now`."""
         found: list[tuple[str, dict[str, str]]] = []
         for object_id, versions in self.index[object_type].items():
-            current = [v for v in versions if v.visible_at <= now]
-            if current and current[-1].properties is not None:
-                found.append((object_id, current[-1].properties))
+            # Newest first: usually the last version is already visible.
+            for version in reversed(versions):
+                if version.visible_at <= now:
+                    if version.properties is not None:
+                        found.append((object_id, version.properties))
+                    break
         return found
 
     def associated(self, from_type: str, from_id: str, to_type: str) -> list[str]:

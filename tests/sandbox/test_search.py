@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from app.sandbox import ManualClock
+from app.sandbox.properties import default_properties
+from app.sandbox.search import compile_matcher, parse_request, record_matches
 from tests.sandbox.conftest import Sandbox
 
 SEARCH = "/crm/v3/objects/contacts/search"
@@ -293,3 +298,45 @@ async def test_merged_and_deleted_contacts_leave_search(
     )
 
     assert await search(sandbox, people, {}) == ["Ada"]
+
+
+@given(
+    stored=st.lists(
+        st.dictionaries(
+            st.sampled_from(["email", "phone", "firstname", "hs_object_id"]),
+            st.sampled_from(["", "a@x.io", "A@X.io", "4155550100", "Ada", "7", "b@y.io"]),
+        ),
+        max_size=8,
+    ),
+    groups=st.lists(
+        st.tuples(
+            st.sampled_from(["email", "phone", "firstname", "hs_object_id"]),
+            st.lists(
+                st.sampled_from(["a@x.io", "A@X.io", "4155550100", "ada", "7", "7.0", "x"]),
+                min_size=1,
+            ),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+)
+def test_the_compiled_in_lookup_answers_as_the_general_matcher(
+    stored: list[dict[str, str]], groups: list[tuple[str, list[str]]]
+) -> None:
+    defs = default_properties("contacts", 0.0)
+    body = {
+        "filterGroups": [
+            {"filters": [{"propertyName": name, "operator": "IN", "values": values}]}
+            for name, values in groups
+        ]
+    }
+    request = parse_request(body, defs)
+
+    def no_associations(_object_id: str) -> Callable[[str], list[str]]:
+        return lambda _target: []
+
+    matches = compile_matcher(request, "contacts", defs, no_associations)
+    assert matches.__name__ == "in_any_group", "the fast path applies to IN groups"
+    for properties in stored:
+        expected = record_matches(request, "contacts", properties, defs, no_associations(""))
+        assert matches("1", properties) == expected
