@@ -1,9 +1,10 @@
 """Webhook intake: HubSpot's signed app webhook and each portal's receptionist webhook.
 
 Both routes verify at the edge, store into the inbox in one transaction, and answer 2xx
-only after it commits (receptionist events arriving together share one: `InboxWriter`). Checks run in DESIGN.md's order: 413 body too large, 404 unknown
-portal (receptionist route), 401 authentication, 400 malformed JSON, 422 invalid event,
-503 database unavailable. Nothing rejected is stored; a repeat is a 2xx that stores nothing.
+only after it commits (receptionist events arriving together share one: `InboxWriter`).
+Checks run in DESIGN.md's order: 413 body too large, 404 unknown portal (receptionist
+route), 401 authentication, 400 malformed JSON, 422 invalid event, 503 database
+unavailable. Nothing rejected is stored; a repeat is a 2xx that stores nothing.
 """
 
 from __future__ import annotations
