@@ -258,15 +258,8 @@ async def identify(tokens: TokenResponse, resources: Services) -> tuple[int, str
     try:
         described = await oauth.introspect(tokens.access_token)
     except HubSpotError as error:
-        if hub_id is None:
-            raise CallbackFailure(
-                "no_portal_id",
-                400,
-                "HubSpot did not say which account this is",
-                "Please start the install again.",
-            ) from None
         log.info(
-            "introspection failed; continuing without the hub domain",
+            "introspection failed; the hub domain stays unknown",
             extra={"status": error.status_code},
         )
         described = {}

@@ -81,7 +81,7 @@ RECEPTIONIST_TYPES = (CALL, TEXT, CHAT, PING)
 CONTACTS = "/crm/v3/objects/contacts"
 # Records per HubSpot batch request (its limit), and events per handler batch.
 BATCH_LIMIT = 100
-# Values per IN filter (HubSpot's limit); larger lists are split.
+# Values per IN filter: a batch of 100 events never needs more; larger lists are split.
 IN_LIMIT = 100
 MAX_FILTER_GROUPS = 5
 SEARCH_PAGE = 200
@@ -496,8 +496,8 @@ class BatchSync:
         self.errors_written: set[str] = set()
         self.adopted: set[str] = set()  # existing contacts new callers' creates ran into
         self._options_refreshed = False
-        # Batch requests of one kind go out together; adapting to the portal's properties
-        # after a refusal happens once at a time.
+        # Creates and updates go out together: adapting to the portal's properties after a
+        # refusal (a deleted property, a stale option list) happens one at a time.
         self._fixing = asyncio.Lock()
 
     async def run(
@@ -647,7 +647,7 @@ class BatchSync:
         ):
             for start in range(0, len(values), IN_LIMIT):
                 filters.append((name, [v for v in values[start : start + IN_LIMIT] if v]))
-        searches = []
+        found: dict[str, Contact] = {}
         for start in range(0, len(filters), MAX_FILTER_GROUPS):
             groups = [
                 {"filters": [{"propertyName": name, "operator": "IN", "values": values}]}
@@ -655,13 +655,9 @@ class BatchSync:
                 if values
             ]
             if groups:
-                searches.append(self._search_all(f"{CONTACTS}/search", groups, CONTACT_READ))
-        found: dict[str, Contact] = {}
-        # Together: the search budget (per second) paces them.
-        for records in await _together(*searches):
-            for record in records:
-                contact = Contact.of(record)
-                found[contact.id] = contact
+                for record in await self._search_all(f"{CONTACTS}/search", groups, CONTACT_READ):
+                    contact = Contact.of(record)
+                    found[contact.id] = contact
         return found
 
     async def _search_all(
@@ -683,14 +679,14 @@ class BatchSync:
     async def _read_contacts(self, contact_ids: list[str]) -> dict[str, Contact]:
         """Contacts by id (no search lag); a merged id answers with the surviving contact."""
         found: dict[str, Contact] = {}
-
-        async def read(chunk: list[str]) -> None:
+        for start in range(0, len(contact_ids), BATCH_LIMIT):
+            chunk = contact_ids[start : start + BATCH_LIMIT]
             body = {"properties": CONTACT_READ, "inputs": [{"id": c} for c in chunk]}
             try:
                 answer = await self.client.post_json(f"{CONTACTS}/batch/read", body) or {}
             except HubSpotError as error:
                 if error.status_code == 404:
-                    return
+                    continue
                 raise
             for record in answer.get("results") or []:
                 contact = Contact.of(record)
@@ -698,13 +694,6 @@ class BatchSync:
                 for requested in chunk:
                     if requested == contact.id or requested in merged:
                         found[requested] = contact
-
-        await _together(
-            *(
-                read(contact_ids[start : start + BATCH_LIMIT])
-                for start in range(0, len(contact_ids), BATCH_LIMIT)
-            )
-        )
         return found
 
     # --- 2. new callers --------------------------------------------------------------------
@@ -830,9 +819,8 @@ class BatchSync:
             read = await self._read_contacts(wanted)
             for requested, contact in read.items():
                 self.contacts[requested] = contact
-            unread = set(wanted) - set(read)
             for item in self.items:
-                if item.contact_id in unread and item.ok:
+                if item.contact_id in wanted and item.contact_id not in read and item.ok:
                     item.retry = ContactGone("the contact HubSpot named could not be read")
 
     async def _remember_identities(self) -> None:
@@ -848,14 +836,11 @@ class BatchSync:
                 if plan.email and "email" in plan.properties:
                     emails.add(plan.email)
                 per_contact[plan.contact_id] = (phones, emails)
-        items_of: dict[str, list[Item]] = defaultdict(list)
-        for item in self.items:
-            if item.contact_id:
-                items_of[item.contact_id].append(item)
         for contact_id, contact in self.contacts.items():
             keys = contact.keys(self.region)
-            for item in items_of[contact_id]:
-                keys |= {k for k in item.keys if self.match.get(k) in (None, contact_id)}
+            for item in self.items:
+                if item.contact_id == contact_id:
+                    keys |= {k for k in item.keys if self.match.get(k) in (None, contact_id)}
             per_contact[contact_id] = (
                 {v for k, v in keys if k == identity.PHONE},
                 {v for k, v in keys if k == identity.EMAIL},
@@ -878,14 +863,10 @@ class BatchSync:
 
     async def _update_contacts(self, contact_ids: set[str]) -> None:
         """Write the batch's values to these existing contacts (those read or adopted)."""
-        items_of: dict[str, list[Item]] = defaultdict(list)
-        for item in self.items:
-            if item.contact_id in contact_ids and item.ok:
-                items_of[item.contact_id].append(item)
         plans: list[WriteInput] = []
-        for contact_id, items in items_of.items():
-            contact = self.contacts.get(contact_id)
-            if contact is None:
+        for contact_id, contact in self.contacts.items():
+            items = [i for i in self.items if i.contact_id == contact_id and i.ok]
+            if contact_id not in contact_ids or not items:
                 continue
             values, owners = _owners(items, self.state, self.outcomes)
             values.update(self._fills(contact, items))
@@ -951,13 +932,8 @@ class BatchSync:
     async def _send(self, path: str, inputs: list[WriteInput]) -> Sent:
         """Batch writes of up to 100 inputs; a rejected batch is split down to the bad record."""
         sent = Sent()
-        # The requests go out together: the rate budget, not this loop, paces them.
-        await _together(
-            *(
-                self._send_chunk(path, inputs[start : start + BATCH_LIMIT], sent)
-                for start in range(0, len(inputs), BATCH_LIMIT)
-            )
-        )
+        for start in range(0, len(inputs), BATCH_LIMIT):
+            await self._send_chunk(path, inputs[start : start + BATCH_LIMIT], sent)
         return sent
 
     async def _send_chunk(self, path: str, chunk: list[WriteInput], sent: Sent) -> None:

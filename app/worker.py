@@ -464,7 +464,7 @@ class Worker:
         task = asyncio.create_task(self._run_batch(batch, context))
         return _Running(batch, context, task)
 
-    async def _run_batch(self, batch: _Batch, context: HandlerContext | None = None) -> bool:
+    async def _run_batch(self, batch: _Batch, context: HandlerContext) -> bool:
         """Run the handler and record its outcomes; False when the portal must not be served on."""
         cipher = self.services.cipher
         views: list[EventView] = []
@@ -477,7 +477,6 @@ class Worker:
                 outcomes[row.id] = error
                 continue
             views.append(EventView.of(row, payload))
-        context = context or HandlerContext(self.services, batch.portal_id, self.worker_id)
         try:
             if views:
                 try:

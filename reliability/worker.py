@@ -26,14 +26,13 @@ log = logging.getLogger(__name__)
 class MarksDoneFirstWorker(Worker):
     """The bug run 2 plants: acknowledge the batch, then try the work."""
 
-    async def _run_batch(self, batch: _Batch, context: HandlerContext | None = None) -> bool:
+    async def _run_batch(self, batch: _Batch, context: HandlerContext) -> bool:
         await self._record(batch, {row.id: Done() for row in batch.events if row.id is not None})
         views = [
             EventView.of(row, read_payload(row, self.services.cipher))
             for row in batch.events
             if row.id is not None
         ]
-        context = context or HandlerContext(self.services, batch.portal_id, self.worker_id)
         try:
             await batch.spec.handle(context, views)
         except Exception as error:

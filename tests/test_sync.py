@@ -238,8 +238,9 @@ async def test_the_same_caller_twenty_times_is_one_contact_with_twenty_calls(
 async def test_callers_recurring_across_overlapping_batches_are_one_contact_each(
     client: Any, install_portal: Any, services: Any, sandbox: Any
 ) -> None:
-    """350 events from 25 callers: four batches, each starting while the one before makes
-    its engagements. Search lags, so only what the previous batch indexed finds a caller."""
+    """350 events from 25 callers: four batches, which the worker starts as soon as the one
+    before has written its contacts. Search lags, so only what the previous batch indexed
+    finds a returning caller."""
     portal = await install_portal(1001)
     await drain(services)  # provisioning
     sandbox.config.search_lag_seconds = 30.0

@@ -22,6 +22,7 @@ from app.errors import (
     HubSpotValidationError,
 )
 from app.hubspot.auth import PortalAuth, TokenRefresher
+from app.hubspot.oauth2 import error_body
 from app.logs import hubspot_error_fields, redact_text
 from app.metrics import count_hubspot_request
 
@@ -213,12 +214,7 @@ def error_from_response(
     response: httpx.Response, *, portal_id: int | None, what: str = "HubSpot call"
 ) -> HubSpotError:
     """The error-tree exception for a failed answer, with HubSpot's category and correlationId."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = {}
-    if not isinstance(body, dict):
-        body = {}
+    body = error_body(response)
     status = response.status_code
     category = body.get("category") or body.get("errorType") or body.get("policyName")
     raw_message = str(body.get("message") or response.reason_phrase or "error")

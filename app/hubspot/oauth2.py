@@ -112,18 +112,22 @@ class _AsyncProtocol(OAuth2Client):  # type: ignore[misc]  # authlib is untyped
         return self.parse_response_token(response)
 
 
+def error_body(response: httpx.Response) -> dict[str, Any]:
+    """A failed answer's JSON object, or {} when it has none (an HTML error page, say)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 def raise_for_token_error(
     response: httpx.Response, *, refresh: bool = False, portal_id: int | None = None
 ) -> None:
     """Classify a failed token-endpoint answer into the error tree."""
     if response.is_success:
         return
-    try:
-        body = response.json()
-    except ValueError:
-        body = {}
-    if not isinstance(body, dict):
-        body = {}
+    body = error_body(response)
     error = str(body.get("error") or "")
     status_word = str(body.get("status") or "")
     context: dict[str, Any] = {

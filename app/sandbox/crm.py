@@ -11,8 +11,8 @@ from starlette.routing import BaseRoute
 
 from app.sandbox import objects
 from app.sandbox.errors import ApiError, not_found, validation_error
-from app.sandbox.gateway import ApiContext, api_route, json_response, read_json
-from app.sandbox.properties import DEFAULT_READ_PROPERTIES, OBJECT_TYPE_ALIASES, OBJECT_TYPES, iso
+from app.sandbox.gateway import ApiContext, api_route, batch_answer, json_response, read_json
+from app.sandbox.properties import DEFAULT_READ_PROPERTIES, OBJECT_TYPE_ALIASES, OBJECT_TYPES
 from app.sandbox.search import compile_matcher, parse_request, sort_key
 from app.sandbox.state import ASSOCIATION_TYPES, CrmObject, PortalWorld
 
@@ -43,21 +43,6 @@ def _not_found(object_id: str) -> ApiError:
     return not_found(
         "Object not found.  objectId are usually numeric.", context={"id": [object_id]}
     )
-
-
-def _batch_answer(
-    started: float, results: list[dict[str, Any]], errors: list[dict[str, Any]], now: float
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "status": "COMPLETE",
-        "results": results,
-        "startedAt": iso(started),
-        "completedAt": iso(now),
-    }
-    if errors:
-        body["numErrors"] = len(errors)
-        body["errors"] = errors
-    return body
 
 
 def _missing_error(object_type: str, ids: list[str]) -> dict[str, Any]:
@@ -243,7 +228,7 @@ async def batch(request: Request, ctx: ApiContext) -> Response:
         ]
         created = [objects.commit_create(state, world, object_type, p, source) for p in prepared]
         results = [objects.to_json(world, o, every_property=True) for o in created]
-        return json_response(_batch_answer(started, results, [], state.now()), 201)
+        return json_response(batch_answer(started, results, state.now()), 201)
     if action == "read":
         return _batch_read(ctx, object_type, body, inputs, started)
     if action == "update":
@@ -262,7 +247,7 @@ async def batch(request: Request, ctx: ApiContext) -> Response:
         results = [objects.to_json(world, o, every_property=True) for o in updated]
         errors = [_missing_error(object_type, missing)] if missing else []
         return json_response(
-            _batch_answer(started, results, errors, state.now()), 207 if errors else 200
+            batch_answer(started, results, state.now(), errors), 207 if errors else 200
         )
     if action == "upsert":
         return _batch_upsert(ctx, object_type, inputs, started)
@@ -302,7 +287,7 @@ def _batch_read(
             results.append(objects.to_json(world, obj, properties))
     errors = [_missing_error(object_type, missing)] if missing else []
     return json_response(
-        _batch_answer(started, results, errors, ctx.state.now()), 207 if errors else 200
+        batch_answer(started, results, ctx.state.now(), errors), 207 if errors else 200
     )
 
 
@@ -342,7 +327,7 @@ def _batch_upsert(
         results.append(
             {**objects.to_json(world, obj, every_property=True), "new": existing is None}
         )
-    return json_response(_batch_answer(started, results, [], state.now()))
+    return json_response(batch_answer(started, results, state.now()))
 
 
 async def merge(request: Request, ctx: ApiContext) -> Response:
@@ -397,7 +382,7 @@ async def associate_default(request: Request, ctx: ApiContext) -> Response:
         "labels": [],
         "associationTypes": [{"category": "HUBSPOT_DEFINED", "typeId": type_id, "label": None}],
     }
-    return json_response(_batch_answer(ctx.state.now(), [result], [], ctx.state.now()))
+    return json_response(batch_answer(ctx.state.now(), [result], ctx.state.now()))
 
 
 async def associate_typed(request: Request, ctx: ApiContext) -> Response:

@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from app.sandbox.errors import ApiError, correlation_id, hubspot_error, missing_scopes
 from app.sandbox.limits import take_fault
+from app.sandbox.properties import iso
 from app.sandbox.state import AccessToken, PortalWorld, RequestRecord, SandboxState
 
 Auth = Literal["portal", "app", "none"]
@@ -61,6 +62,25 @@ def json_response(
 ) -> Response:
     """A JSON answer."""
     return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def batch_answer(
+    started: float,
+    results: list[dict[str, Any]],
+    now: float,
+    errors: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """HubSpot's answer to a batch call: results, timings, and the errors if any."""
+    body: dict[str, Any] = {
+        "status": "COMPLETE",
+        "results": results,
+        "startedAt": iso(started),
+        "completedAt": iso(now),
+    }
+    if errors:
+        body["numErrors"] = len(errors)
+        body["errors"] = errors
+    return body
 
 
 def error_response(error: ApiError) -> Response:

@@ -15,7 +15,14 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from app.sandbox.errors import not_found, validation_error
-from app.sandbox.gateway import ApiContext, api_route, json_response, random_token, read_json
+from app.sandbox.gateway import (
+    ApiContext,
+    api_route,
+    batch_answer,
+    json_response,
+    random_token,
+    read_json,
+)
 from app.sandbox.properties import iso
 from app.sandbox.state import JournalEntry, SandboxState
 
@@ -62,15 +69,9 @@ def _one(state: SandboxState, entries: list[JournalEntry]) -> Response:
 def _batch(state: SandboxState, entries: list[JournalEntry], count: int) -> Response:
     if not 1 <= count <= MAX_BATCH:
         raise validation_error(f"count must be between 1 and {MAX_BATCH}")
-    started = iso(state.now())
-    return json_response(
-        {
-            "status": "COMPLETE",
-            "results": [_fetch_answer(state, e) for e in entries[:count]],
-            "startedAt": started,
-            "completedAt": iso(state.now()),
-        }
-    )
+    started = state.now()
+    results = [_fetch_answer(state, e) for e in entries[:count]]
+    return json_response(batch_answer(started, results, state.now()))
 
 
 async def earliest(request: Request, ctx: ApiContext) -> Response:

@@ -10,8 +10,8 @@ from starlette.routing import BaseRoute
 
 from app.sandbox import objects
 from app.sandbox.errors import conflict, not_found, validation_error
-from app.sandbox.gateway import ApiContext, api_route, json_response, read_json
-from app.sandbox.properties import EMAIL_RE, iso
+from app.sandbox.gateway import ApiContext, api_route, batch_answer, json_response, read_json
+from app.sandbox.properties import EMAIL_RE
 from app.sandbox.state import Attendance, MarketingEvent, PortalWorld
 
 READ = ("crm.objects.marketing_events.read", "crm.objects.marketing_events.write")
@@ -106,14 +106,7 @@ async def batch_upsert_events(request: Request, ctx: ApiContext) -> Response:
         _validate(item)
     started = ctx.state.now()
     results = [_upsert(ctx, item, allow_update=True).to_json() for item in inputs]
-    return json_response(
-        {
-            "status": "COMPLETE",
-            "results": results,
-            "startedAt": iso(started),
-            "completedAt": iso(ctx.state.now()),
-        }
-    )
+    return json_response(batch_answer(started, results, ctx.state.now()))
 
 
 async def get_event(request: Request, ctx: ApiContext) -> Response:
@@ -218,14 +211,7 @@ async def attendance_by_email(request: Request, ctx: ApiContext) -> Response:
             contact = found
         _record(ctx, event, contact.id, state_name, interaction_at)
         results.append({"email": email, "vid": int(contact.id)})
-    return json_response(
-        {
-            "status": "COMPLETE",
-            "results": results,
-            "startedAt": iso(started),
-            "completedAt": iso(ctx.state.now()),
-        }
-    )
+    return json_response(batch_answer(started, results, ctx.state.now()))
 
 
 async def attendance_by_id(request: Request, ctx: ApiContext) -> Response:
@@ -246,24 +232,15 @@ async def attendance_by_id(request: Request, ctx: ApiContext) -> Response:
             continue
         _record(ctx, event, contact.id, state_name, _interaction(item, started))
         results.append({"vid": int(contact.id)})
-    body: dict[str, Any] = {
-        "status": "COMPLETE",
-        "results": results,
-        "startedAt": iso(started),
-        "completedAt": iso(ctx.state.now()),
-    }
-    if missing:
-        body |= {
-            "numErrors": 1,
-            "errors": [
-                {
-                    "status": "error",
-                    "category": "OBJECT_NOT_FOUND",
-                    "message": "Some contacts were not found",
-                    "context": {"ids": missing},
-                }
-            ],
+    errors = [
+        {
+            "status": "error",
+            "category": "OBJECT_NOT_FOUND",
+            "message": "Some contacts were not found",
+            "context": {"ids": missing},
         }
+    ]
+    body = batch_answer(started, results, ctx.state.now(), errors if missing else None)
     return json_response(body, 207 if missing else 200)
 
 

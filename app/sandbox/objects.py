@@ -199,16 +199,26 @@ def commit_create(
     world.index_write(obj, now, state.config.search_lag_seconds)
     if object_type == "contacts":
         state.emit_contact_event(world, "contact.creation", obj.id, source, changeFlag="NEW")
-        for name, value in _user_properties(obj, world).items():
-            state.emit_contact_event(
-                world,
-                "contact.propertyChange",
-                obj.id,
-                source,
-                propertyName=name,
-                propertyValue=value,
-            )
+        _emit_property_changes(state, world, obj, source, _user_properties(obj, world))
     return obj
+
+
+def _emit_property_changes(
+    state: SandboxState,
+    world: PortalWorld,
+    obj: CrmObject,
+    source: ChangeSource,
+    changed: dict[str, str],
+) -> None:
+    for name, value in changed.items():
+        state.emit_contact_event(
+            world,
+            "contact.propertyChange",
+            obj.id,
+            source,
+            propertyName=name,
+            propertyValue=value,
+        )
 
 
 def create_object(
@@ -248,15 +258,7 @@ def commit_update(
     _apply_system_properties(obj, now, created=False)
     world.index_write(obj, now, state.config.search_lag_seconds)
     if obj.object_type == "contacts":
-        for name, value in changed.items():
-            state.emit_contact_event(
-                world,
-                "contact.propertyChange",
-                obj.id,
-                source,
-                propertyName=name,
-                propertyValue=value,
-            )
+        _emit_property_changes(state, world, obj, source, changed)
     return obj
 
 

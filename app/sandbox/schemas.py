@@ -10,13 +10,12 @@ from starlette.routing import BaseRoute
 
 from app.sandbox.crm import resolve_type
 from app.sandbox.errors import ApiError, hubspot_error, not_found, validation_error
-from app.sandbox.gateway import ApiContext, api_route, json_response, read_json
+from app.sandbox.gateway import ApiContext, api_route, batch_answer, json_response, read_json
 from app.sandbox.properties import (
     BOOL_OPTIONS,
     PropertyDef,
     PropertyGroup,
     clean_options,
-    iso,
     validate_definition,
 )
 from app.sandbox.state import PortalWorld
@@ -107,14 +106,7 @@ async def batch_create_properties(request: Request, ctx: ApiContext) -> Response
             results.append(create_property(ctx.portal, object_type, item, started).to_json())
         except ApiError as error:
             errors.append({**error.body, "context": {"name": [str(item.get("name"))]}})
-    body: dict[str, Any] = {
-        "status": "COMPLETE",
-        "results": results,
-        "startedAt": iso(started),
-        "completedAt": iso(ctx.state.now()),
-    }
-    if errors:
-        body |= {"numErrors": len(errors), "errors": errors}
+    body = batch_answer(started, results, ctx.state.now(), errors)
     return json_response(body, 207 if errors else 201)
 
 
