@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -89,13 +90,11 @@ async def enqueue_many(
         raise ValueError("one status per event")
     hashes = [idempotency_hashes(cipher, event) for event in events]
     answers: list[Enqueued | None] = [None] * len(events)
-    for position, event in enumerate(events):
-        if len(hashes[position]) > 1:
-            # During key rotation a stored key may be hashed under an older key, which the
-            # unique index cannot see; with one key, the index and ON CONFLICT alone dedupe.
-            existing = await _find(session, event, hashes[position])
-            if existing is not None:
-                answers[position] = Enqueued(existing, created=False)
+    # During key rotation a stored key may be hashed under an older key, which the unique
+    # index cannot see; with one key, the index and ON CONFLICT alone dedupe.
+    rotating = [position for position, found in enumerate(hashes) if len(found) > 1]
+    for position, existing in (await _find(session, events, hashes, rotating)).items():
+        answers[position] = Enqueued(existing, created=False)
     now = utcnow()
     rows: dict[tuple[int, str, str], dict[str, Any]] = {}
     for position, event in enumerate(events):
@@ -135,6 +134,7 @@ async def enqueue_many(
         for row in stored:
             inserted[(row.portal_id, row.source, row.idempotency_hash)] = row.id
     answered: set[tuple[int, str, str]] = set()
+    conflicted: list[int] = []
     for position, event in enumerate(events):
         if answers[position] is not None:
             continue
@@ -143,11 +143,14 @@ async def enqueue_many(
             # The first event with this key is the one stored; a repeat names it.
             answers[position] = Enqueued(inserted[key], created=key not in answered)
             answered.add(key)
-            continue
-        existing = await _find(session, event, hashes[position])
-        # A concurrent transaction stored the same key first (PostgreSQL waited for it).
-        assert existing is not None, "conflicting insert left no row"
-        answers[position] = Enqueued(existing, created=False)
+        else:
+            conflicted.append(position)
+    # Stored before (a sender's retry) or by a concurrent transaction PostgreSQL waited for:
+    # one query names them all, so a storm of retries costs what the same new events do.
+    stored_before = await _find(session, events, hashes, conflicted)
+    for position in conflicted:
+        assert position in stored_before, "conflicting insert left no row"
+        answers[position] = Enqueued(stored_before[position], created=False)
     return [answer for answer in answers if answer is not None]
 
 
@@ -155,13 +158,47 @@ def _row_key(event: NewEvent, idempotency_hash: str) -> tuple[int, str, str]:
     return (event.portal_id, str(event.source), idempotency_hash)
 
 
-async def _find(session: AsyncSession, event: NewEvent, hashes: list[str]) -> int | None:
-    query = sa.select(col(InboxEvent.id)).where(
-        col(InboxEvent.portal_id) == event.portal_id,
-        col(InboxEvent.source) == str(event.source),
-        col(InboxEvent.idempotency_hash).in_(hashes),
-    )
-    return (await session.execute(query.limit(1))).scalar_one_or_none()
+# Below SQLite's limit on the parts of one compound SELECT (500).
+_LOOKUPS_PER_QUERY = 100
+
+
+async def _find(
+    session: AsyncSession,
+    events: Sequence[NewEvent],
+    hashes: Sequence[list[str]],
+    positions: Sequence[int],
+) -> dict[int, int]:
+    """The stored rows of these events (by position in `events`): one query per hundred."""
+    if not positions:
+        return {}
+    wanted: dict[tuple[int, str, str], list[int]] = defaultdict(list)
+    for position in positions:
+        for value in hashes[position]:
+            wanted[_row_key(events[position], value)].append(position)
+    found: dict[int, int] = {}
+    keys = list(wanted)
+    for start in range(0, len(keys), _LOOKUPS_PER_QUERY):
+        # One equality lookup per key, joined by UNION ALL: each is an exact probe of the
+        # unique index whatever the planner knows (over a table not analyzed yet,
+        # PostgreSQL reads an IN list row by row through every event of the portal).
+        lookups = [
+            sa.select(
+                col(InboxEvent.id),
+                col(InboxEvent.portal_id),
+                col(InboxEvent.source),
+                col(InboxEvent.idempotency_hash),
+            ).where(
+                col(InboxEvent.portal_id) == portal_id,
+                col(InboxEvent.source) == source,
+                col(InboxEvent.idempotency_hash) == value,
+            )
+            for portal_id, source, value in keys[start : start + _LOOKUPS_PER_QUERY]
+        ]
+        query = lookups[0] if len(lookups) == 1 else sa.union_all(*lookups)
+        for row in await session.execute(query):
+            for position in wanted.get((row.portal_id, row.source, row.idempotency_hash), ()):
+                found[position] = row.id
+    return found
 
 
 # Enough to take a burst of concurrent webhooks in one commit, few enough that one

@@ -7,12 +7,21 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 
 from app.crypto import TokenCipher, generate_key
 from app.db import SessionFactory, transaction
 from app.errors import CryptoError
-from app.inbox import Enqueued, InboxWriter, NewEvent, enqueue, purge_expired, read_payload
+from app.inbox import (
+    Enqueued,
+    InboxWriter,
+    NewEvent,
+    enqueue,
+    enqueue_many,
+    purge_expired,
+    read_payload,
+)
 from app.models import EventSource, EventStatus, InboxEvent, utcnow
 from tests.conftest import TEST_KEY
 
@@ -174,6 +183,39 @@ async def test_a_repeat_in_the_same_group_or_of_a_stored_event_is_a_duplicate(
     assert not b2.created
     assert b2.event_id == b1.event_id
     assert await count_events(sessions) == 2
+
+
+async def test_repeats_of_stored_events_are_named_by_one_query(
+    engine: AsyncEngine, sessions: SessionFactory, cipher: TokenCipher
+) -> None:
+    """A sender retrying a whole burst costs one lookup per group, not one per repeat."""
+    async with transaction(sessions) as session:
+        stored = await enqueue_many(
+            [call_event(f"evt_{n}") for n in range(20)], session=session, cipher=cipher
+        )
+    statements: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement.split(None, 1)[0].upper())
+
+    # Repeats of the twenty (two of them twice), interleaved with twenty new events.
+    burst = [call_event(f"evt_{n}") for n in (*range(20), 3, 7)]
+    burst += [call_event(f"new_{n}") for n in range(20)]
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", record)
+    try:
+        async with transaction(sessions) as session:
+            answers = await enqueue_many(burst, session=session, cipher=cipher)
+    finally:
+        sa.event.remove(engine.sync_engine, "before_cursor_execute", record)
+    by_key = {f"evt_{n}": answer.event_id for n, answer in enumerate(stored)}
+    for event, answer in zip(burst, answers, strict=True):
+        if event.idempotency_key in by_key:
+            assert (answer.event_id, answer.created) == (by_key[event.idempotency_key], False)
+        else:
+            assert answer.created
+    assert await count_events(sessions) == 40
+    data_statements = [s for s in statements if s in ("INSERT", "SELECT")]
+    assert data_statements == ["INSERT", "SELECT"]
 
 
 async def test_an_event_that_cannot_be_stored_does_not_fail_the_others_of_its_group(
