@@ -186,20 +186,18 @@ async def logout(request: Request) -> Response:
     return response
 
 
-async def _guard(
-    request: Request, *, form: bool = False
-) -> tuple[AdminSession | None, Response | None]:
+async def _guard(request: Request, *, form: bool = False) -> AdminSession | Response:
     """The session, or the answer instead: 404 when off, 401 signed out, 403 on a bad CSRF token."""
     if not console_enabled(request):
-        return None, not_found()
+        return not_found()
     session = read_session(request)
     if session is None:
-        return None, sign_in_page(request, status_code=401)
+        return sign_in_page(request, status_code=401)
     if form:
         data = await request.form()
         if not hmac.compare_digest(str(data.get("csrf", "")), session.csrf_token):
-            return None, Response("The form expired; go back and reload the page.", status_code=403)
-    return session, None
+            return Response("The form expired; go back and reload the page.", status_code=403)
+    return session
 
 
 # --- the portals table -----------------------------------------------------------------
@@ -315,10 +313,9 @@ async def portal_rows(
 
 async def console_home(request: Request) -> Response:
     """The portals table, searchable and filterable by status."""
-    session, denial = await _guard(request)
-    if denial is not None:
-        return denial
-    assert session is not None
+    session = await _guard(request)
+    if isinstance(session, Response):
+        return session
     query = request.query_params.get("q", "")
     status = request.query_params.get("status", "")
     if status and status not in {s.value for s in PortalStatus}:
@@ -402,10 +399,9 @@ async def rotate_portal_secret(resources: Services, portal_id: int) -> Secret:
 
 async def console_portal(request: Request) -> Response:
     """A portal's recent events, problems and actions."""
-    session, denial = await _guard(request)
-    if denial is not None:
-        return denial
-    assert session is not None
+    session = await _guard(request)
+    if isinstance(session, Response):
+        return session
     return await _portal_page(request, session, notice="")
 
 
@@ -447,10 +443,9 @@ async def _portal_page(
 
 async def portal_action(request: Request) -> Response:
     """Retry failed events, rotate the secret, re-run provisioning, or disconnect."""
-    session, denial = await _guard(request, form=True)
-    if denial is not None:
-        return denial
-    assert session is not None
+    session = await _guard(request, form=True)
+    if isinstance(session, Response):
+        return session
     resources = services(request)
     portal_id = int(request.path_params["portal_id"])
     action = request.path_params["action"]

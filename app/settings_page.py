@@ -282,7 +282,7 @@ class PortalSession:
     value: str
 
 
-async def _guard(request: Request, *, form: bool) -> tuple[PortalSession | None, Response | None]:
+async def _guard(request: Request, *, form: bool) -> PortalSession | Response:
     """The session, or the page to answer instead (401 none, 403 stale or a bad CSRF token)."""
     resources = services(request)
     found = read_portal_session(request, resources)
@@ -292,7 +292,7 @@ async def _guard(request: Request, *, form: bool) -> tuple[PortalSession | None,
             if request.cookies.get(SESSION_COOKIE)
             else "This browser has no Hubline settings session."
         )
-        return None, _signed_out(request, status_code=401, reason="no_session", message=message)
+        return _signed_out(request, status_code=401, reason="no_session", message=message)
     portal_id, generation = found
     async with resources.sessions() as session:
         portal = await session.get(Portal, portal_id)
@@ -301,7 +301,7 @@ async def _guard(request: Request, *, form: bool) -> tuple[PortalSession | None,
         or portal.install_generation != generation
         or portal.status == PortalStatus.uninstalled
     ):
-        return None, _signed_out(
+        return _signed_out(
             request,
             status_code=403,
             reason="stale_session",
@@ -312,7 +312,7 @@ async def _guard(request: Request, *, form: bool) -> tuple[PortalSession | None,
     if form:
         data = await request.form()
         if not hmac.compare_digest(str(data.get("csrf", "")), csrf_token(resources, value)):
-            return None, error_page(
+            return error_page(
                 request,
                 status_code=403,
                 title="This form has expired",
@@ -322,15 +322,14 @@ async def _guard(request: Request, *, form: bool) -> tuple[PortalSession | None,
                 action_url="/settings",
                 action_label="Reload the settings page",
             )
-    return PortalSession(portal_id, value), None
+    return PortalSession(portal_id, value)
 
 
 async def show_settings(request: Request) -> Response:
     """The settings page again (after the OAuth flow opened a session in this browser)."""
-    session, denial = await _guard(request, form=False)
-    if denial is not None:
-        return denial
-    assert session is not None
+    session = await _guard(request, form=False)
+    if isinstance(session, Response):
+        return session
     return await render_settings(
         request, services(request), portal_id=session.portal_id, session_value=session.value
     )
@@ -338,10 +337,9 @@ async def show_settings(request: Request) -> Response:
 
 async def rotate(request: Request) -> Response:
     """Rotate the receptionist secret; the old one keeps working for the grace period."""
-    session, denial = await _guard(request, form=True)
-    if denial is not None:
-        return denial
-    assert session is not None
+    session = await _guard(request, form=True)
+    if isinstance(session, Response):
+        return session
     resources = services(request)
     grace = timedelta(hours=resources.settings.secret_rotation_grace_hours)
     async with transaction(resources.sessions) as db:
@@ -361,10 +359,9 @@ async def rotate(request: Request) -> Response:
 
 async def set_region(request: Request) -> Response:
     """Set (or clear) the region used for phone numbers written without a country code."""
-    session, denial = await _guard(request, form=True)
-    if denial is not None:
-        return denial
-    assert session is not None
+    session = await _guard(request, form=True)
+    if isinstance(session, Response):
+        return session
     resources = services(request)
     chosen = str((await request.form()).get("region", "")).strip().upper()
     if chosen and chosen not in phonenumbers.SUPPORTED_REGIONS:
@@ -393,10 +390,9 @@ async def set_region(request: Request) -> Response:
 
 async def send_test_event(request: Request) -> Response:
     """Post a signed `test.ping` through the real receptionist route and show it arrived."""
-    session, denial = await _guard(request, form=True)
-    if denial is not None:
-        return denial
-    assert session is not None
+    session = await _guard(request, form=True)
+    if isinstance(session, Response):
+        return session
     resources = services(request)
     portal_id = session.portal_id
     async with resources.sessions() as db:

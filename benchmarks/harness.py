@@ -31,6 +31,7 @@ from sqlalchemy.engine import make_url
 
 from app import db
 from app.crypto import generate_key
+from app.sandbox.testing import approve
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -422,13 +423,7 @@ async def _install(
     started = await http.get(f"{hubline_url}/oauth/install")
     if started.status_code != 302:
         raise RuntimeError(f"/oauth/install answered {started.status_code}")
-    authorize_url = started.headers["location"]
-    form = dict(parse_qsl(urlsplit(authorize_url).query))
-    form["portal_id"] = str(portal_id)
-    approved = await http.post(f"{sandbox_url}/oauth/authorize/approve", data=form)
-    if approved.status_code != 302:
-        raise RuntimeError(f"the sandbox's approve answered {approved.status_code}")
-    page = await http.get(approved.headers["location"])
+    page = await http.get(await approve(http, started.headers["location"], portal_id))
     if page.status_code != 200:
         raise RuntimeError(f"/oauth/callback answered {page.status_code}: {page.text[:300]}")
     return Installed(

@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from reliability.report import RunResult
+from reliability.report import RunResult, say
 from reliability.stack import Postgres, Stack, WorkerKind, running_stack
 from reliability.traffic import DeliveryLog, deliver_all, plan_events
 from reliability.verify import Accounting, account, unfinished_count
@@ -33,10 +32,6 @@ class CrashConfig:
     drain_timeout: float = 900.0
     seed: int = 1
     first_portal: int = 2001
-
-
-def say(message: str) -> None:
-    print(f"  · {message}", file=sys.stderr, flush=True)
 
 
 async def wait_drained(database_url: str, *, timeout: float, source: str | None) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 from app.main import HTTP_TIMEOUT
 from app.retry import DEFAULT_POLICY
 from reliability.crash import wait_drained
-from reliability.report import RunResult
+from reliability.report import RunResult, say
 from reliability.stack import Postgres, Stack, running_stack
 from reliability.traffic import DeliveryLog, deliver_all, plan_events
 from reliability.verify import account, inbox_rows
@@ -32,10 +31,6 @@ IN_FLIGHT_SLACK = 0.05
 # The sync spends a handful of requests on a batch of up to 100 events; even with every
 # retry HubSpot's faults cause, ten requests per event means something loops.
 MAX_REQUESTS_PER_EVENT = 10.0
-
-
-def say(message: str) -> None:
-    print(f"  · {message}", file=sys.stderr, flush=True)
 
 
 async def burst_429s(stack: Stack, stop: asyncio.Event, bursts: list[float]) -> None:

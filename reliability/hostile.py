@@ -14,7 +14,6 @@ import asyncio
 import json
 import random
 import re
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from starlette.routing import Route
 
 from app import db
 from app.sandbox.webhooks import signature_v3
-from reliability.report import RunResult
+from reliability.report import RunResult, say
 from reliability.stack import ADMIN_TOKEN, CLIENT_SECRET, Postgres, Stack, running_stack
 from reliability.traffic import plan_events, signed_headers
 
@@ -40,10 +39,6 @@ OTHER_PORTAL = 8002
 MAX_BODY = 1024 * 1024
 # Standard Webhooks and HubSpot both accept timestamps up to five minutes away.
 WINDOW_SECONDS = 300
-
-
-def say(message: str) -> None:
-    print(f"  · {message}", file=sys.stderr, flush=True)
 
 
 @dataclass

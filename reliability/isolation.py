@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,16 +26,12 @@ from app.vault import (
     refresh_token_context,
 )
 from reliability.crash import wait_drained
-from reliability.report import RunResult
+from reliability.report import RunResult, say
 from reliability.stack import Postgres, Stack, running_stack
 from reliability.traffic import DeliveryLog, deliver, deliver_all, plan_events, signed_headers
 from reliability.verify import inbox_rows
 
 PORTALS = [7001, 7002, 7003, 7004, 7005, 7006]
-
-
-def say(message: str) -> None:
-    print(f"  · {message}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)

@@ -10,23 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
 from app.crypto import TokenCipher
-from reliability.report import RunResult
+from reliability.report import RunResult, say
 from reliability.stack import Postgres, Stack, running_stack
 from reliability.traffic import DeliveryLog, PlannedEvent, deliver, plan_events
 from reliability.verify import event_hash, inbox_rows
 
 PORTALS = [3001, 3002, 3003, 3004, 3005]
-
-
-def say(message: str) -> None:
-    print(f"  · {message}", file=sys.stderr, flush=True)
 
 
 async def watch_readiness(

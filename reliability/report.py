@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def say(message: str) -> None:
+    """A progress line (stderr): the table and the JSON stay on their own streams."""
+    print(f"  · {message}", file=sys.stderr, flush=True)
 
 
 @dataclass

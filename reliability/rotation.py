@@ -11,7 +11,6 @@ import asyncio
 import json
 import random
 import signal
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -38,15 +37,11 @@ from app.vault import (
     receptionist_secret_context,
     refresh_token_context,
 )
-from reliability.report import RunResult
+from reliability.report import RunResult, say
 from reliability.stack import HUBLINE, Postgres, Processes, Stack, running_stack
 from reliability.traffic import DeliveryLog, deliver, plan_events
 
 FIRST_PORTAL = 600_000
-
-
-def say(message: str) -> None:
-    print(f"  · {message}", file=sys.stderr, flush=True)
 
 
 async def seed_secrets(database_url: str, cipher: TokenCipher, total: int) -> dict[str, str]:

@@ -15,7 +15,6 @@ import contextlib
 import os
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import sqlalchemy as sa
 
 from app import db
 from reliability.crash import wait_drained
-from reliability.report import RunResult
+from reliability.report import RunResult, say
 from reliability.stack import Postgres, Stack, running_stack
 from reliability.traffic import DeliveryLog, PlannedEvent, deliver, plan_events
 from reliability.verify import account
@@ -35,10 +34,6 @@ BUSY_PORTAL_PER_HOUR = 60
 FLAT_TOLERANCE = 0.10
 # Pools open and close connections as load wobbles; a change this small is not a leak.
 CONNECTION_SLACK = 2
-
-
-def say(message: str) -> None:
-    print(f"  · {message}", file=sys.stderr, flush=True)
 
 
 @dataclass

@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import sqlalchemy as sa
@@ -30,6 +29,7 @@ from sqlalchemy.engine import make_url
 
 from app import db
 from app.crypto import generate_key
+from app.sandbox.testing import approve
 
 CLIENT_ID = "reliability-client-id"
 CLIENT_SECRET = "reliability-client-secret-0123456789"  # noqa: S105 - the sandbox's own app
@@ -373,13 +373,7 @@ async def install_portal(stack: Stack, portal_id: int) -> InstalledPortal:
         started = await browser.get("/oauth/install")
         if started.status_code != 302:
             raise RuntimeError(f"/oauth/install answered {started.status_code}")
-        authorize = started.headers["location"]
-        form = dict(parse_qsl(urlsplit(authorize).query))
-        form["portal_id"] = str(portal_id)
-        approved = await browser.post(stack.sandbox_url + "/oauth/authorize/approve", data=form)
-        if approved.status_code != 302:
-            raise RuntimeError(f"sandbox approve answered {approved.status_code}")
-        page = await browser.get(approved.headers["location"])
+        page = await browser.get(await approve(browser, started.headers["location"], portal_id))
         if page.status_code != 200:
             raise RuntimeError(f"/oauth/callback answered {page.status_code}: {page.text[:300]}")
         return InstalledPortal(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -18,17 +17,13 @@ import sqlalchemy as sa
 from app import db
 from app.models import OAuthToken, Portal
 from reliability.crash import wait_drained
-from reliability.report import RunResult
+from reliability.report import RunResult, say
 from reliability.stack import Postgres, Stack, running_stack
 from reliability.traffic import DeliveryLog, deliver_all, plan_events
 from reliability.verify import account
 
 TARGET, BYSTANDER = 5001, 5002
 LEASE_SECONDS = 30.0  # `hubline worker`'s lease
-
-
-def say(message: str) -> None:
-    print(f"  · {message}", file=sys.stderr, flush=True)
 
 
 async def _portal_state(database_url: str) -> tuple[str, float | None, bool]:

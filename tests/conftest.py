@@ -254,20 +254,16 @@ def settings_page_value(page: str, testid: str) -> str:
 
 async def approve_in_sandbox(sandbox_app: Any, authorize_url: str, portal_id: int) -> str:
     """Open the sandbox's authorize page and press Approve for a portal; the redirect URL."""
-    from urllib.parse import parse_qsl, urlsplit
-
     import httpx
+
+    from app.sandbox.testing import approve
 
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=sandbox_app), base_url=SANDBOX_URL
     ) as browser:
         page = await browser.get(authorize_url)
         assert page.status_code == 200, page.text
-        form = dict(parse_qsl(urlsplit(authorize_url).query))
-        form["portal_id"] = str(portal_id)
-        approved = await browser.post("/oauth/authorize/approve", data=form)
-    assert approved.status_code == 302, approved.text
-    return approved.headers["location"]
+        return await approve(browser, authorize_url, portal_id)
 
 
 @pytest.fixture

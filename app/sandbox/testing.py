@@ -6,7 +6,7 @@ import base64
 import hashlib
 import secrets
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit, urlunsplit
 
 import httpx
 
@@ -74,6 +74,22 @@ async def authorize(
     if code_challenge is not None:
         form |= {"code_challenge": code_challenge, "code_challenge_method": "S256"}
     return await client.post("/oauth/authorize/approve", data=form)
+
+
+async def approve(client: httpx.AsyncClient, authorize_url: str, portal_id: int) -> str:
+    """Press Approve, for a portal, on the authorize page an app sent the browser to.
+
+    Answers where the sandbox sends the browser back: the app's redirect URI with the code
+    (and the app's state), to be opened with the client that holds the app's cookies.
+    """
+    page = urlsplit(authorize_url)
+    form = dict(parse_qsl(page.query))
+    form["portal_id"] = str(portal_id)
+    approve_url = urlunsplit((page.scheme, page.netloc, f"{page.path}/approve", "", ""))
+    approved = await client.post(approve_url, data=form)
+    if approved.status_code != 302:
+        raise RuntimeError(f"the sandbox's approve answered {approved.status_code}")
+    return approved.headers["location"]
 
 
 def code_from(response: httpx.Response) -> str:
