@@ -112,6 +112,45 @@ def json_log() -> Iterator[io.StringIO]:
         root.removeHandler(handler)
 
 
+async def test_a_request_id_is_taken_or_made_echoed_and_on_every_line(
+    client: httpx.AsyncClient,
+    install_portal: Any,
+    json_log: io.StringIO,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    portal = await install_portal(1001)
+
+    # The caller's id is kept, echoed, and carried by every line the request logs.
+    answer = await client.post(
+        f"/webhooks/portals/{portal.portal_id}/receptionist",
+        json=call(id="evt-request-id"),
+        headers={
+            "Authorization": f"Bearer {portal.webhook_secret}",
+            "X-Request-ID": "lb-7f3e.9a:01",
+        },
+    )
+    assert answer.status_code == 202, answer.text
+    assert answer.headers["X-Request-ID"] == "lb-7f3e.9a:01"
+    lines = [line for line in json_lines(json_log) if line.get("request_id") == "lb-7f3e.9a:01"]
+    request_line = next(line for line in lines if line["logger"] == "app.requests")
+    assert request_line["message"] == f"POST /webhooks/portals/{portal.portal_id}/receptionist 202"
+
+    # Without one, or with one that is too long or carries more than an id needs (it is
+    # echoed in a header and written to every log line), Hubline makes its own, per request.
+    made: list[str] = []
+    for incoming in (None, None, "x" * 129, "a id; with=spaces", '"quoted"', ""):
+        headers = {} if incoming is None else {"X-Request-ID": incoming}
+        response = await client.get("/healthz", headers=headers)
+        made.append(response.headers["X-Request-ID"])
+    assert all(re.fullmatch(r"[0-9a-f]{32}", request_id) for request_id in made)
+    assert len(set(made)) == len(made)
+    logged = {
+        line["request_id"] for line in json_lines(json_log) if line["logger"] == "app.requests"
+    }
+    assert set(made) <= logged
+
+
 async def test_hubspot_error_lines_carry_the_correlation_id_and_portal(
     client: httpx.AsyncClient,
     install_portal: Any,

@@ -30,7 +30,7 @@ from app.inbox import (
     unpark_portal_events,
 )
 from app.main import Services, close_services, open_services
-from app.models import EventSource, EventStatus, InboxEvent
+from app.models import EventSource, EventStatus, InboxEvent, PortalLease
 from app.retry import RetryPolicy
 from app.settings import Settings
 from app.worker import Worker
@@ -221,6 +221,67 @@ async def test_done_is_not_recorded_when_another_worker_took_the_events(core: Se
     assert event.status == EventStatus.in_progress
     assert event.lease_owner == "someone-else"
     assert writes == []
+
+
+async def test_a_batch_that_outlasts_the_lease_keeps_it_while_its_worker_lives(
+    core: Services,
+) -> None:
+    registry = Registry()
+    handled_by: list[str] = []
+
+    @registry.handler("test.work")
+    async def work(context: HandlerContext, _events: list[EventView]) -> None:
+        handled_by.append(context.worker_id)
+        await asyncio.sleep(1.5)  # five leases long: only renewals keep it
+
+    [event_id] = await add_events(core, 1001, 1)
+    workers = [
+        Worker(core, registry=registry, poll_seconds=0.02, lease_seconds=0.3, worker_id=name)
+        for name in ("first", "second")
+    ]
+    running = [asyncio.create_task(worker.run()) for worker in workers]
+    try:
+        async with asyncio.timeout(15):
+            while (await statuses(core))[event_id].status != EventStatus.done:
+                await asyncio.sleep(0.05)
+    finally:
+        for worker in workers:
+            worker.stop()
+        await asyncio.gather(*running)
+    assert len(handled_by) == 1, f"taken over while its worker was alive: {handled_by}"
+    assert (await statuses(core))[event_id].attempts == 1
+
+
+async def test_a_worker_that_lost_a_portals_lease_stops_serving_it(core: Services) -> None:
+    registry = Registry()
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    @registry.handler("test.work")
+    async def work(_context: HandlerContext, _events: list[EventView]) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    [event_id] = await add_events(core, 1001, 1)
+    worker = Worker(core, registry=registry, poll_seconds=0.02, lease_seconds=0.3)
+    running = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(10):
+            await started.wait()
+            async with transaction(core.sessions) as session:
+                # Another worker took the portal while this one could not renew (a long
+                # pause, a partition): its next heartbeat finds the lease gone.
+                await session.execute(sa.update(PortalLease).values(owner="someone-else"))
+            await cancelled.wait()
+    finally:
+        worker.stop()
+        await running
+    event = (await statuses(core))[event_id]
+    assert event.status != EventStatus.done, "the handler was stopped, not finished"
 
 
 # --- real worker processes ---------------------------------------------------------------
