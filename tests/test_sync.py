@@ -19,7 +19,7 @@ from sqlmodel import col
 
 from app.main import close_services, open_services
 from app.models import EngagementRecord, EventStatus, InboxEvent, PortalProblem, utcnow
-from app.sandbox.objects import create_object, update_object
+from app.sandbox.objects import archive_object, create_object, update_object
 from app.sandbox.properties import options
 from app.sandbox.state import UI_SOURCE
 from app.settings import Settings
@@ -468,7 +468,7 @@ async def test_a_summary_longer_than_hubspot_keeps_is_cut_not_lost(
     assert len(contact.properties["ai_call_summary"]) == 65_536
     [made] = sandbox.calls(1001)
     assert len(made.properties["hs_call_body"]) <= 65_536
-    assert await events_by_status(services) == {EventStatus.done: 2}
+    assert [event.status for event in await inbox_events(services)] == [EventStatus.done] * 2
 
 
 async def test_a_property_deleted_in_hubspot_is_left_out_until_provisioning_recreates_it(
@@ -566,7 +566,7 @@ async def test_a_ping_never_reaches_the_crm(
     await post_event(client, portal, {"id": "ping-1", "type": "test.ping"})
     await drain(services)
     assert portal_requests(sandbox, 1001) == before
-    assert await events_by_status(services) == {EventStatus.done: 2}
+    assert [event.status for event in await inbox_events(services)] == [EventStatus.done] * 2
 
 
 async def test_an_engagement_already_recorded_is_not_made_again(
@@ -604,6 +604,59 @@ async def test_a_contact_a_person_created_meanwhile_is_used_not_duplicated(
     assert contact.properties["ai_call_summary"]
     [made] = sandbox.calls(1001)
     assert sandbox.portal(1001).associated("calls", made.id, "contacts") == [person.id]
+
+
+@pytest.mark.parametrize("searchable", [True, False], ids=["found", "too-new-to-search"])
+async def test_an_email_another_contact_holds_is_left_off_while_the_rest_updates(
+    client: Any, install_portal: Any, services: Any, sandbox: Any, searchable: bool
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)
+    by_phone = person_contact(sandbox, 1001, firstname="Augusta", phone="(415) 555-0100")
+    if not searchable:
+        # Search cannot see it yet: only the update's 409 tells Hubline the email is taken.
+        sandbox.config.search_lag_seconds = 30.0
+    by_email = person_contact(sandbox, 1001, firstname="Other", email="shared@example.com")
+    # The caller is matched by phone first; its contact's email is empty, but the caller's
+    # email belongs to another contact, which HubSpot keeps unique.
+    caller = {"name": "Ada King", "phone": "+1 415 555 0100", "email": "shared@example.com"}
+    await post_event(client, portal, call(caller=caller))
+    await drain(services)
+
+    assert len(sandbox.contacts(1001)) == 2
+    assert "email" not in by_phone.properties
+    assert by_phone.properties["lastname"] == "King"
+    assert by_phone.properties["ai_call_summary"] == "Wants a cleaning appointment next week"
+    assert by_email.properties["email"] == "shared@example.com"
+    [made] = sandbox.calls(1001)
+    assert sandbox.portal(1001).associated("calls", made.id, "contacts") == [by_phone.id]
+    assert [event.status for event in await inbox_events(services)] == [EventStatus.done]
+
+
+@pytest.mark.parametrize("search_lag", [0.0, 1.0], ids=["searchable", "search-lags"])
+async def test_a_returning_callers_contact_deleted_in_hubspot_is_made_again(
+    client: Any, install_portal: Any, services: Any, sandbox: Any, search_lag: float
+) -> None:
+    portal = await install_portal(1001)
+    caller = {"name": "Ada Lovelace", "phone": "+1 415 555 0100"}
+    await post_event(client, portal, call(id="first", caller=caller))
+    await drain(services)
+    [first_contact] = sandbox.contacts(1001)
+    world = sandbox.portal(1001)
+    # With a lag, search still shows the deleted contact for a while: the update finds it
+    # gone, and the event is tried again until search catches up.
+    sandbox.config.search_lag_seconds = search_lag
+    archive_object(sandbox, world, first_contact, UI_SOURCE)  # a person deleted it
+
+    await post_event(client, portal, call(id="second", caller=caller))
+    await drain(services)
+
+    [contact] = sandbox.contacts(1001)
+    assert contact.id != first_contact.id
+    assert contact.properties["phone"] == "+14155550100"
+    second_call = max(sandbox.calls(1001), key=lambda made: int(made.id))
+    assert world.associated("calls", second_call.id, "contacts") == [contact.id]
+    assert [event.status for event in await inbox_events(services)] == [EventStatus.done] * 2
 
 
 async def test_demo_events_land_in_every_installed_portal(

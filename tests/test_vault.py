@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -13,15 +14,22 @@ from app.db import SessionFactory, transaction
 from app.errors import ConfigurationError
 from app.inbox import NewEvent, enqueue, read_payload
 from app.main import close_services, open_services
-from app.models import EventSource, InboxEvent, Portal, ReceptionistSecret, utcnow
+from app.models import EventSource, InboxEvent, OAuthState, Portal, ReceptionistSecret, utcnow
 from app.portals import accepted_secrets, create_secret
 from app.settings import Settings
 from app.tokens import load_tokens, store_tokens
-from app.vault import count_rows_to_rotate, receptionist_secret_context, rotate_keys
+from app.vault import (
+    code_verifier_context,
+    count_rows_to_rotate,
+    receptionist_secret_context,
+    rotate_keys,
+)
 
 OLD_KEY = generate_key()
 NEW_KEY = generate_key()
 PORTALS = range(2001, 2031)
+# Installs in progress: their PKCE code verifiers are secrets too.
+STATES = [f"state-{n:02d}" for n in range(4)]
 
 
 async def seed(sessions: SessionFactory, cipher: TokenCipher) -> None:
@@ -50,6 +58,18 @@ async def seed(sessions: SessionFactory, cipher: TokenCipher) -> None:
                     {"n": n},
                 )
                 await enqueue(event, session=session, cipher=cipher)
+        for state_hash in STATES:
+            session.add(
+                OAuthState(
+                    state_hash=state_hash,
+                    browser_hash="browser",
+                    code_verifier_ct=cipher.encrypt(
+                        f"verifier-{state_hash}", context=code_verifier_context(state_hash)
+                    ),
+                    key_id=cipher.primary_key_id,
+                    expires_at=utcnow() + timedelta(minutes=10),
+                )
+            )
 
 
 async def read_everything(sessions: SessionFactory, cipher: TokenCipher) -> int:
@@ -65,6 +85,12 @@ async def read_everything(sessions: SessionFactory, cipher: TokenCipher) -> int:
         for event in (await session.execute(sa.select(InboxEvent))).scalars():
             assert "n" in read_payload(event, cipher)
             read += 1
+        for state in (await session.execute(sa.select(OAuthState))).scalars():
+            assert state.code_verifier_ct is not None
+            context = code_verifier_context(state.state_hash)
+            verifier = cipher.decrypt(state.code_verifier_ct, context=context).decode()
+            assert verifier == f"verifier-{state.state_hash}"
+            read += 1
     return read
 
 
@@ -75,7 +101,9 @@ async def test_rotation_keeps_every_secret_readable_and_leaves_none_under_the_ol
     both = TokenCipher.from_setting(f"{NEW_KEY},{OLD_KEY}")
     await seed(sessions, old)
     async with sessions() as session:
-        assert await count_rows_to_rotate(session=session, cipher=both) == len(PORTALS) * 5
+        assert await count_rows_to_rotate(session=session, cipher=both) == (
+            len(PORTALS) * 5 + len(STATES)
+        )
 
     stop = asyncio.Event()
     reads = 0
@@ -98,7 +126,7 @@ async def test_rotation_keeps_every_secret_readable_and_leaves_none_under_the_ol
         "oauth_tokens": len(PORTALS),
         "receptionist_secrets": len(PORTALS),
         "events": len(PORTALS) * 3,
-        "oauth_states": 0,
+        "oauth_states": len(STATES),
     }
     assert sum(n for _, n in progress) == report.total
     async with sessions() as session:
