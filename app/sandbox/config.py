@@ -86,6 +86,11 @@ class SandboxConfig:
     # Whether 429 answers carry Retry-After; HubSpot's behaviour is unconfirmed, so off by default.
     send_retry_after: bool = False
     webhook_target_url: str | None = None
+    # The contact properties the app subscribed `contact.propertyChange` to: HubSpot sends
+    # changes of those only. The default is what Hubline's README asks for; None: all.
+    webhook_properties: list[str] | None = field(
+        default_factory=lambda: ["phone", "mobilephone", "email"]
+    )
     webhook_batch_delay: float = 0.2
     webhook_timeout: float = 5.0
     # HubSpot retries up to 10 times over about a day; the sandbox compresses the schedule.

@@ -22,6 +22,7 @@ SETTINGS: dict[str, tuple[type, ...]] = {
     "searches_per_second": (int, type(None)),
     "send_retry_after": (bool,),
     "webhook_target_url": (str, type(None)),
+    "webhook_properties": (list, type(None)),
     "webhook_batch_delay": (int, float),
     "webhook_timeout": (int, float),
     "webhook_max_retries": (int,),
@@ -265,7 +266,9 @@ async def settings(request: Request) -> Response:
             for k, v in body.items()
             if k in SETTINGS
             and (
-                not isinstance(v, SETTINGS[k]) or (isinstance(v, bool) and bool not in SETTINGS[k])
+                not isinstance(v, SETTINGS[k])
+                or (isinstance(v, bool) and bool not in SETTINGS[k])
+                or (isinstance(v, list) and not all(isinstance(item, str) for item in v))
             )
         )
         if unknown or wrong:

@@ -210,7 +210,10 @@ def _emit_property_changes(
     source: ChangeSource,
     changed: dict[str, str],
 ) -> None:
+    subscribed = state.config.webhook_properties
     for name, value in changed.items():
+        if subscribed is not None and name not in subscribed:
+            continue
         state.emit_contact_event(
             world,
             "contact.propertyChange",

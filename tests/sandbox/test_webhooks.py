@@ -46,10 +46,10 @@ async def test_contact_changes_arrive_signed_with_hubspots_fields(sandbox: Sandb
     assert request.headers["x-hubspot-signature"] == v1
     assert request.headers["x-hubspot-signature-version"] == "v1"
     events = sandbox.receiver.events()
+    # The app subscribed property changes of phone, mobilephone and email only.
     assert [(e["subscriptionType"], e.get("propertyName")) for e in events] == [
         ("contact.creation", None),
         ("contact.propertyChange", "email"),
-        ("contact.propertyChange", "firstname"),
         ("contact.deletion", None),
     ]
     creation = events[0]
@@ -61,16 +61,49 @@ async def test_contact_changes_arrive_signed_with_hubspots_fields(sandbox: Sandb
     assert creation["changeFlag"] == "NEW"
     assert creation["occurredAt"] == int(sandbox.clock.now * 1000)
     assert {"eventId", "subscriptionId", "sourceId"} <= creation.keys()
-    assert events[2]["propertyValue"] == "Ada"
-    assert events[1]["subscriptionId"] != events[2]["subscriptionId"], (
-        "one subscription per property"
+    assert events[1]["propertyValue"] == "ada@example.com"
+
+
+async def test_property_changes_follow_the_apps_subscriptions(sandbox: Sandbox) -> None:
+    sandbox.deliver_webhooks()
+    headers = await sandbox.token()
+    wrong = await sandbox.client.post("/_sandbox/settings", json={"webhook_properties": [1]})
+    assert wrong.status_code == 400
+    assert wrong.json()["wrong_type"] == ["webhook_properties"]
+    subscribe_all = await sandbox.client.post(
+        "/_sandbox/settings", json={"webhook_properties": None}
     )
+    assert subscribe_all.json()["webhook_properties"] is None
+    await sandbox.client.post(
+        CONTACTS,
+        json={"properties": {"email": "ada@example.com", "firstname": "Ada"}},
+        headers=headers,
+    )
+    await sandbox.client.post("/_sandbox/settings", json={"webhook_properties": ["firstname"]})
+    await sandbox.client.post(
+        CONTACTS,
+        json={"properties": {"email": "grace@example.com", "firstname": "Grace"}},
+        headers=headers,
+    )
+
+    await sandbox.webhooks_idle()
+    changes = [
+        (e["propertyName"], e["propertyValue"], e["subscriptionId"])
+        for e in sandbox.receiver.events()
+        if e["subscriptionType"] == "contact.propertyChange"
+    ]
+    assert [(name, value) for name, value, _ in changes] == [
+        ("email", "ada@example.com"),
+        ("firstname", "Ada"),
+        ("firstname", "Grace"),
+    ]
+    assert changes[0][2] != changes[1][2], "one subscription per property"
 
 
 async def test_changes_made_together_are_batched_up_to_100_events(sandbox: Sandbox) -> None:
     sandbox.deliver_webhooks()
     headers = await sandbox.token()
-    inputs = [{"properties": {"firstname": f"P{i}"}} for i in range(75)]
+    inputs = [{"properties": {"email": f"p{i}@example.com"}} for i in range(75)]
     # 75 creations and 75 property changes: 150 events, so two requests.
     await sandbox.client.post(f"{CONTACTS}/batch/create", json={"inputs": inputs}, headers=headers)
 
