@@ -118,6 +118,7 @@ class CallbackFailure(Exception):
 class Installed:
     outcome: InstallOutcome
     portal_id: int
+    bound_to_browser: bool  # the callback consumed a state this browser's cookie holds
 
 
 async def callback(request: Request) -> Response:
@@ -128,6 +129,11 @@ async def callback(request: Request) -> Response:
     except CallbackFailure as failure:
         log.info("install callback failed: %s", failure.reason, extra={"reason": failure.reason})
         return error_page(request, failure)
+    if not installed.bound_to_browser:
+        # An install begun on the marketplace listing carries no state, so nothing shows
+        # that this browser's user made it: a link with someone else's code would show
+        # them that account's secret. The state-bound flow proves it before any secret.
+        return installed_page(request, installed)
     # The browser-binding cookie stays (it expires by itself): it holds no state, and a
     # second tab's install still needs it.
     return await settings_page(request, resources, installed)
@@ -144,7 +150,8 @@ async def complete_install(request: Request, resources: Services) -> Installed:
             params.get("error_description") or params["error"],
         )
     verifier: str | None = None
-    if "state" in params:
+    state_checked = "state" in params
+    if state_checked:
         verifier = await consume_state(
             params["state"], request.cookies.get(STATE_COOKIE), resources
         )
@@ -172,7 +179,7 @@ async def complete_install(request: Request, resources: Services) -> Installed:
         "reinstalled" if outcome.reinstall else "installed",
         extra={"portal_id": portal_id, "install_generation": outcome.portal.install_generation},
     )
-    return Installed(outcome, portal_id)
+    return Installed(outcome, portal_id, bound_to_browser=state_checked)
 
 
 async def consume_state(state: str, cookie: str | None, resources: Services) -> str | None:
@@ -310,6 +317,20 @@ async def settings_page(request: Request, resources: Services, installed: Instal
     if response.status_code == 200:
         set_session_cookie(response, resources, session_value)
     return response
+
+
+def installed_page(request: Request, installed: Installed) -> Response:
+    """The install is done; the settings page waits for the state-bound flow."""
+    return templates.TemplateResponse(
+        request,
+        "installed.html",
+        {
+            "portal_id": installed.portal_id,
+            "hub_domain": installed.outcome.portal.hub_domain,
+            "return_url": safe_return_url(request.query_params.get("returnUrl")),
+        },
+        headers=NO_STORE,
+    )
 
 
 def error_page(request: Request, failure: CallbackFailure) -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -351,7 +352,7 @@ async def marketplace_callback(sandbox_app: Any, settings: Any, portal_id: int) 
     return str(approved.headers["location"])
 
 
-async def test_marketplace_initiated_install_completes(
+async def test_marketplace_initiated_install_completes_and_the_secret_waits_for_a_bound_flow(
     hubline_app: Any, sandbox_app: Any, settings: Any, services: Any
 ) -> None:
     callback = await marketplace_callback(sandbox_app, settings, 1002)
@@ -360,12 +361,43 @@ async def test_marketplace_initiated_install_completes(
         transport=httpx.ASGITransport(app=hubline_app), base_url=HUBLINE_URL
     ) as fresh_browser:  # never visited /oauth/install: no cookie
         page = await fresh_browser.get(callback)
-    assert page.status_code == 200
-    assert settings_page_value(page.text, "webhook-url").endswith("/portals/1002/receptionist")
+        assert page.status_code == 200
+        async with services.sessions() as session:
+            portal = await session.get(Portal, 1002)
+        assert portal is not None
+        assert portal.status == "active"
+        assert settings_page_value(page.text, "installed-portal") == "1002"
+        # Nothing shows this browser's user made the install (a link with someone else's
+        # code looks the same): no secret, no settings session.
+        [secret] = await secrets_of(services, 1002)
+        assert secret not in page.text
+        assert 'data-testid="webhook-secret"' not in page.text
+        assert "hubline_portal" not in fresh_browser.cookies
+        assert page.headers["cache-control"] == "no-store"
+
+        # The page's button runs the state-bound flow; HubSpot confirms the account.
+        continue_url = page_link(page.text, "continue-setup")
+        started = await fresh_browser.get(continue_url)
+        assert started.status_code == 302
+        back = await approve_in_sandbox(sandbox_app, started.headers["location"], 1002)
+        settings_page = await fresh_browser.get(back)
+    assert settings_page.status_code == 200
+    assert settings_page_value(settings_page.text, "webhook-url").endswith(
+        "/portals/1002/receptionist"
+    )
+    assert settings_page_value(settings_page.text, "webhook-secret") == secret
+
+
+def page_link(page: str, testid: str) -> str:
+    match = re.search(rf'href="([^"]*)"[^>]*data-testid="{testid}"', page)
+    assert match is not None, f"no link with data-testid={testid!r}"
+    return match.group(1)
+
+
+async def secrets_of(services: Any, portal_id: int) -> list[str]:
     async with services.sessions() as session:
-        portal = await session.get(Portal, 1002)
-    assert portal is not None
-    assert portal.status == "active"
+        secrets = await accepted_secrets(portal_id, session=session, cipher=services.cipher)
+    return [secret.reveal() for secret in secrets]
 
 
 async def test_return_url_off_hubspots_domain_is_neither_followed_nor_linked(
