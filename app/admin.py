@@ -7,7 +7,6 @@ token is never sent by a browser on its own, so these routes need no CSRF token.
 
 from __future__ import annotations
 
-import hmac
 import json
 import uuid
 from datetime import datetime, timedelta
@@ -17,7 +16,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from app.console import portal_rows, recent_events, retry_failed, rotate_portal_secret
+from app.console import (
+    TOO_MANY_ATTEMPTS,
+    client_address,
+    failed_sign_ins,
+    portal_rows,
+    recent_events,
+    retry_failed,
+    rotate_portal_secret,
+)
 from app.lifecycle import disconnect, portal_summaries
 from app.main import Services, services
 from app.models import utcnow
@@ -26,15 +33,25 @@ from app.properties import request_provisioning
 NO_STORE = {"Cache-Control": "no-store"}
 
 
-def admin_denial(request: Request) -> Response | None:
-    """The answer for a request without the admin token, or None when it carries it."""
+async def admin_denial(request: Request) -> Response | None:
+    """The answer for a request without the admin token, or None when it carries it.
+
+    Wrong tokens are slowed down exactly as on the console's sign-in form.
+    """
     expected = services(request).settings.admin_token.get_secret_value()
     if not expected:
         return JSONResponse({"error": "not_found", "detail": None}, status_code=404)
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), expected.encode()
-    ):
+    token = given.strip() if scheme.lower() == "bearer" else ""
+    # Only a presented token is a guess (and waits its turn); none is refused at once.
+    right = bool(token) and await failed_sign_ins(request).check(
+        client_address(request), token, expected
+    )
+    if right is None:
+        return JSONResponse(
+            {"error": "too_many_attempts", "detail": TOO_MANY_ATTEMPTS}, status_code=429
+        )
+    if not right:
         return JSONResponse(
             {"error": "unauthorized", "detail": "send Authorization: Bearer <ADMIN_TOKEN>"},
             status_code=401,
@@ -57,7 +74,7 @@ def _when(value: datetime | None) -> str | None:
 
 async def api_portals(request: Request) -> Response:
     """Every portal with its status, problems and (for needs_reauth) the re-consent link."""
-    denial = admin_denial(request)
+    denial = await admin_denial(request)
     if denial is not None:
         return denial
     resources = services(request)
@@ -116,7 +133,7 @@ async def portal_detail(resources: Services, portal_id: int) -> dict[str, Any] |
 
 async def api_portal(request: Request) -> Response:
     """One portal: status, counts, problems and its recent events with their outcomes."""
-    denial = admin_denial(request)
+    denial = await admin_denial(request)
     if denial is not None:
         return denial
     portal_id = int(request.path_params["portal_id"])
@@ -154,7 +171,7 @@ def _event_ids(data: dict[str, Any]) -> list[int] | str | None:
 
 async def api_portal_action(request: Request) -> Response:
     """`retry` (one, some or all failed events), `rotate-secret`, `disconnect`, `provision`."""
-    denial = admin_denial(request)
+    denial = await admin_denial(request)
     if denial is not None:
         return denial
     resources = services(request)

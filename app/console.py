@@ -15,6 +15,7 @@ import hmac
 import secrets
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +28,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
-from app.crypto import Secret
+from app.crypto import Secret, same_text
 from app.db import transaction
 from app.inbox import retry_events
 from app.main import Services, services
@@ -53,31 +54,65 @@ BACKLOG_ATTENTION = 100
 STALE_PENDING_ATTENTION = timedelta(minutes=5)
 NO_STORE = {"Cache-Control": "no-store"}
 DEFAULT_REFRESH_MS = 30_000
+TOO_MANY_ATTEMPTS = "Too many sign-in attempts at once: wait for the last one to finish."
 
 
 # --- sign-in, sessions and CSRF ----------------------------------------------------------
 
 
 class FailedSignIns:
-    """Per-client failure counts; each wrong token waits longer than the last."""
+    """Per-client failure counts for the admin token, on the console and the API alike.
 
-    def __init__(self) -> None:
+    A client's attempts are checked one at a time and each wrong token waits longer than
+    the last, so guesses sent in parallel gain nothing; past `MAX_WAITING` queued attempts
+    a client's further ones are turned away unchecked.
+    """
+
+    MAX_WAITING = 5
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._clock = clock
+        self._sleep = sleep
         self._failures: dict[str, tuple[int, float]] = {}
+        self._waiting: dict[str, int] = {}
+        self._turns: dict[str, asyncio.Lock] = {}
 
-    def delay(self, client: str) -> float:
+    async def check(self, client: str, given: str, expected: str) -> bool | None:
+        """Whether `given` is the token; None when the client has too many attempts queued."""
+        if self._waiting.get(client, 0) >= self.MAX_WAITING:
+            return None
+        self._waiting[client] = self._waiting.get(client, 0) + 1
+        turn = self._turns.setdefault(client, asyncio.Lock())
+        try:
+            async with turn:
+                await self._sleep(self._delay(client))
+                if same_text(given, expected):
+                    self._failures.pop(client, None)
+                    return True
+                self._failed(client)
+                return False
+        finally:
+            self._waiting[client] -= 1
+            if not self._waiting[client]:
+                # Nobody else holds or awaits this lock: the next attempt makes a new one.
+                del self._waiting[client], self._turns[client]
+
+    def _delay(self, client: str) -> float:
         failures, last = self._failures.get(client, (0, 0.0))
-        if time.monotonic() - last > 900:
+        if self._clock() - last > 900:
             return 0.0
         return min(0.25 * 2 ** max(failures - 1, 0), 8.0) if failures else 0.0
 
-    def failed(self, client: str) -> None:
+    def _failed(self, client: str) -> None:
         failures, _ = self._failures.get(client, (0, 0.0))
-        self._failures[client] = (failures + 1, time.monotonic())
+        self._failures[client] = (failures + 1, self._clock())
         if len(self._failures) > 10_000:  # never let a spray of addresses grow this forever
             self._failures.clear()
-
-    def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)
 
 
 def failed_sign_ins(request: Request) -> FailedSignIns:
@@ -121,7 +156,7 @@ def read_session(request: Request) -> AdminSession | None:
     if not (expires.isdigit() and nonce and signature):
         return None
     key = _session_key(resources)
-    if not hmac.compare_digest(signature, _sign(key, f"{expires}.{nonce}")):
+    if not same_text(signature, _sign(key, f"{expires}.{nonce}")):
         return None
     if int(expires) < time.time():
         return None
@@ -132,7 +167,7 @@ def console_enabled(request: Request) -> bool:
     return bool(services(request).settings.admin_token.get_secret_value())
 
 
-def _client(request: Request) -> str:
+def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
@@ -154,16 +189,17 @@ async def login(request: Request) -> Response:
     """Check the admin token from the sign-in form and start a session."""
     if not console_enabled(request):
         return not_found()
-    client = _client(request)
-    failures = failed_sign_ins(request)
-    await asyncio.sleep(failures.delay(client))
     form = await request.form()
-    given = str(form.get("token", "")).encode()
-    expected = services(request).settings.admin_token.get_secret_value().encode()
-    if not hmac.compare_digest(given, expected):
-        failures.failed(client)
+    resources = services(request)
+    right = await failed_sign_ins(request).check(
+        client_address(request),
+        str(form.get("token", "")),
+        resources.settings.admin_token.get_secret_value(),
+    )
+    if right is None:
+        return sign_in_page(request, status_code=429, message=TOO_MANY_ATTEMPTS)
+    if not right:
         return sign_in_page(request, status_code=401, message="That token is not right.")
-    failures.succeeded(client)
     response = RedirectResponse("/admin", status_code=303, headers=NO_STORE)
     response.set_cookie(
         SESSION_COOKIE,
@@ -171,16 +207,18 @@ async def login(request: Request) -> Response:
         max_age=SESSION_SECONDS,
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        # From PUBLIC_URL, not the request: behind a TLS-terminating proxy it arrives as http.
+        secure=resources.settings.public_url.startswith("https://"),
         path="/admin",
     )
     return response
 
 
 async def logout(request: Request) -> Response:
-    """End the session."""
-    if not console_enabled(request):
-        return not_found()
+    """End the session (a form with the CSRF token: another site cannot sign you out)."""
+    session = await _guard(request, form=True)
+    if isinstance(session, Response):
+        return session
     response = RedirectResponse("/admin", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/admin")
     return response
@@ -195,7 +233,7 @@ async def _guard(request: Request, *, form: bool = False) -> AdminSession | Resp
         return sign_in_page(request, status_code=401)
     if form:
         data = await request.form()
-        if not hmac.compare_digest(str(data.get("csrf", "")), session.csrf_token):
+        if not same_text(str(data.get("csrf", "")), session.csrf_token):
             return Response("The form expired; go back and reload the page.", status_code=403)
     return session
 

@@ -63,6 +63,14 @@ class Secret:
         return bool(self._value)
 
 
+def same_text(given: str, expected: str) -> bool:
+    """Constant-time equality of two strings, whatever they hold (hmac compares str only
+    when both are ASCII, and raises on anything else a client can send)."""
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
+
+
 def generate_key() -> str:
     """A new random key in the form TOKEN_ENCRYPTION_KEYS takes."""
     return base64.urlsafe_b64encode(os.urandom(KEY_BYTES)).decode().rstrip("=")

@@ -18,6 +18,7 @@ REQUIRED_SCOPES = (
 )
 OPTIONAL_SCOPES = "crm.objects.marketing_events.read crm.objects.marketing_events.write"
 SQLITE_DEFAULT_URL = "sqlite+aiosqlite:///./hubline.db"
+MIN_ADMIN_TOKEN_LENGTH = 16
 
 
 class Settings(BaseSettings):
@@ -58,6 +59,17 @@ class Settings(BaseSettings):
     def _not_blank(cls, value: SecretStr) -> SecretStr:
         if not value.get_secret_value().strip():
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _guessable(cls, value: SecretStr) -> SecretStr:
+        # The console reads and changes every portal: a short token is guessed, slowed or not.
+        token = value.get_secret_value()
+        if token and len(token.strip()) < MIN_ADMIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"must be at least {MIN_ADMIN_TOKEN_LENGTH} characters (or empty: console off)"
+            )
         return value
 
     @field_validator("hubspot_api_url", "hubspot_auth_url", "public_url")

@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
+from app.crypto import same_text
 from app.db import transaction
 from app.lifecycle import NEEDS_REAUTH_PROBLEM, reauth_url, webhook_url
 from app.logs import request_id_var
@@ -81,7 +82,7 @@ def read_portal_session(request: Request, resources: Services) -> tuple[int, int
     parts = payload.split(".")
     if len(parts) != 3 or not all(part.isdigit() for part in parts):
         return None
-    if not hmac.compare_digest(mac, _mac(resources, "portal-session", payload)):
+    if not same_text(mac, _mac(resources, "portal-session", payload)):
         return None
     portal_id, generation, expires = (int(part) for part in parts)
     if expires < time.time():
@@ -311,7 +312,7 @@ async def _guard(request: Request, *, form: bool) -> PortalSession | Response:
     value = request.cookies[SESSION_COOKIE]
     if form:
         data = await request.form()
-        if not hmac.compare_digest(str(data.get("csrf", "")), csrf_token(resources, value)):
+        if not same_text(str(data.get("csrf", "")), csrf_token(resources, value)):
             return error_page(
                 request,
                 status_code=403,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -12,6 +13,7 @@ import sqlalchemy as sa
 from asgi_lifespan import LifespanManager
 from sqlmodel import col
 
+from app.console import FailedSignIns
 from app.db import transaction
 from app.inbox import NewEvent, enqueue
 from app.main import Services, create_app
@@ -98,18 +100,70 @@ async def test_signed_out_is_a_401_that_reveals_nothing(
     assert (await http.get("/admin/portals/1001")).status_code == 401
 
 
-async def test_wrong_tokens_are_refused_ever_more_slowly(
+class RecordedWaits:
+    """The throttle's sleeps, recorded instead of slept; `gate` holds them until opened."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        await self.gate.wait()
+
+
+def recorded_waits(http: httpx.AsyncClient) -> RecordedWaits:
+    waits = RecordedWaits()
+    app = http._transport.app  # type: ignore[attr-defined]
+    app.state.failed_sign_ins = FailedSignIns(sleep=waits)
+    return waits
+
+
+async def test_wrong_tokens_are_refused_ever_more_slowly_on_the_form_and_the_api(
     console: tuple[httpx.AsyncClient, Services],
 ) -> None:
     http, _ = console
+    waits = recorded_waits(http)
     for _ in range(3):
         response = await sign_in(http, "guess")
         assert response.status_code == 401
         assert "hubline_admin" not in response.headers.get("set-cookie", "")
-    failures = http._transport.app.state.failed_sign_ins  # type: ignore[attr-defined]
-    assert failures.delay("127.0.0.1") == 1.0
-    failures.failed("127.0.0.1")
-    assert failures.delay("127.0.0.1") == 2.0
+    # The API takes the same token: its wrong guesses count and wait alike.
+    api = await http.get("/admin/api/portals", headers={"Authorization": "Bearer guess"})
+    assert api.status_code == 401
+    assert (await sign_in(http, "guess")).status_code == 401
+    assert waits.waits == [0.0, 0.25, 0.5, 1.0, 2.0]
+    # The right token still gets in (after its wait), and clears the count.
+    assert (await sign_in(http)).status_code == 303
+    assert (await sign_in(http, "guess")).status_code == 401
+    assert waits.waits[-2:] == [4.0, 0.0]
+
+
+async def test_guesses_sent_at_once_are_checked_one_at_a_time_and_a_few_at_most(
+    console: tuple[httpx.AsyncClient, Services],
+) -> None:
+    http, _ = console
+    waits = recorded_waits(http)
+    assert (await sign_in(http, "guess")).status_code == 401
+    waits.gate.clear()  # every check now waits until the gate opens
+    guesses = [
+        asyncio.create_task(
+            http.get("/admin/api/portals", headers={"Authorization": f"Bearer guess-{n}"})
+        )
+        for n in range(20)
+    ]
+    async with asyncio.timeout(5):
+        while len(waits.waits) < 2:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert len(waits.waits) == 2, "one guess at a time: the others wait their turn"
+    waits.gate.set()
+    answers = [response.status_code for response in await asyncio.gather(*guesses)]
+    assert answers.count(401) == FailedSignIns.MAX_WAITING
+    assert answers.count(429) == 20 - FailedSignIns.MAX_WAITING
+    # Each checked guess waited longer than the one before it.
+    assert waits.waits == [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
 
 
 async def test_sign_in_sets_a_strict_http_only_session(
@@ -163,6 +217,54 @@ async def test_forms_without_the_csrf_token_are_refused(
         event = await session.get(InboxEvent, seeded["failed_event"])
     assert event is not None
     assert event.status == EventStatus.failed
+
+
+async def test_a_forged_or_garbled_csrf_token_is_a_403_not_a_crash(
+    console: tuple[httpx.AsyncClient, Services],
+) -> None:
+    http, resources = console
+    seeded = await seed(resources)
+    await sign_in(http)
+    for forged in ("é-not-ascii", "0" * 64, ""):
+        response = await http.post(
+            "/admin/portals/1001/retry",
+            data={"csrf": forged, "event_id": str(seeded["failed_event"])},
+        )
+        assert response.status_code == 403
+
+
+async def test_signing_out_takes_the_pages_csrf_token(
+    console: tuple[httpx.AsyncClient, Services],
+) -> None:
+    http, resources = console
+    await seed(resources)
+    await sign_in(http)
+    page = await http.get("/admin")
+    # Another site's form cannot sign the operator out.
+    assert (await http.post("/admin/logout")).status_code == 403
+    assert (await http.get("/admin")).status_code == 200
+    signed_out = await http.post("/admin/logout", data={"csrf": csrf_of(page.text)})
+    assert signed_out.status_code == 303
+    assert (await http.get("/admin")).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("public_url", "secure"), [("https://hubline.example", True), ("http://localhost:8000", False)]
+)
+async def test_the_session_cookie_is_secure_whenever_hubline_is_served_over_https(
+    make_settings: Callable[..., Settings], public_url: str, secure: bool
+) -> None:
+    app = create_app(make_settings(admin_token=ADMIN_TOKEN, public_url=public_url))
+    # Behind a TLS-terminating proxy the request itself arrives as plain http.
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://hubline.test"
+        ) as http,
+    ):
+        response = await sign_in(http)
+    assert response.status_code == 303
+    assert ("; secure" in response.headers["set-cookie"].lower()) is secure
 
 
 async def test_retry_a_failed_event_from_the_portal_page(

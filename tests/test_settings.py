@@ -53,6 +53,7 @@ def test_missing_required_setting_is_one_line_naming_it(missing: str) -> None:
         ("DEFAULT_PHONE_REGION", "ZZ"),
         ("TOKEN_ENCRYPTION_KEYS", "hunter2"),
         ("HUBSPOT_PKCE", "perhaps"),
+        ("ADMIN_TOKEN", "hunter2"),
     ],
 )
 def test_malformed_setting_is_one_line_naming_it(variable: str, value: str) -> None:
