@@ -335,6 +335,13 @@ async def receptionist_webhook(request: Request) -> Response:
         )
     except EventRejected as rejected:
         return error_response(422, "invalid_event", rejected.problems)
+    if portal.status != PortalStatus.active:
+        # The cached status may predate a reinstall (made in another process), whose
+        # un-parking would then never see this event: park only on the database's word.
+        try:
+            portal = await resources.portals.reload(portal_id) or portal
+        except DATABASE_ERRORS as error:
+            return database_unavailable(error)
     # An uninstalled portal's events wait, parked, for a reinstall; so do those of a
     # portal whose authorization lapsed, until it is renewed.
     status = EventStatus.pending if portal.status == PortalStatus.active else EventStatus.parked

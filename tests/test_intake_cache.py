@@ -104,6 +104,27 @@ async def test_an_uninstalled_portals_events_are_parked_once_the_cache_lapses(
     assert statuses == [EventStatus.parked, EventStatus.pending]
 
 
+async def test_a_reinstall_made_elsewhere_is_not_parked_on_a_stale_cache(
+    client: httpx.AsyncClient, services: Any
+) -> None:
+    secret = await add_portal(services.sessions, services.cipher, PORTAL)
+    await _set_status(services.sessions, PortalStatus.uninstalled)
+    path = receptionist_path(PORTAL)
+    body = dumps(call_event(id="evt-1"))
+    assert (
+        await client.post(path, content=body, headers=standard_headers(secret, body))
+    ).status_code == 202  # cached: uninstalled
+    # Reinstalled through another process: it un-parked what it saw, and this process's
+    # cache still says uninstalled. An event parked now would wait for the next reinstall.
+    await _set_status(services.sessions, PortalStatus.active)
+    body = dumps(call_event(id="evt-2"))
+    assert (
+        await client.post(path, content=body, headers=standard_headers(secret, body))
+    ).status_code == 202
+    statuses = sorted(row.status for row in await inbox_rows(services.sessions))
+    assert statuses == [EventStatus.parked, EventStatus.pending]
+
+
 async def test_a_cached_secret_never_outlives_its_grace(
     sessions: SessionFactory, cipher: TokenCipher
 ) -> None:
