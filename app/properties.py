@@ -10,7 +10,10 @@ and is left out of every write; everything else still syncs.
 What the last run found is kept per portal in `app_state` (`crm_properties:<portal id>`):
 how each property is written and the dropdown options known to exist, so the sync handler
 needs no request to know what it may write. A `call_outcome` Hubline has not seen before
-is added as a new option (value = its label in snake_case) before it is written.
+is added as a new option (value = its label in snake_case) before it is written; where
+HubSpot refuses that (no schema write scope) the outcome is left out and the portal told
+once. An option an admin removed (a call outcome, or `lead_source`'s `ai_receptionist`)
+is added back when a write is refused for it, or, if it cannot be, left out and reported.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from app.db import transaction
-from app.errors import HubSpotAuthError, HubSpotConflict, HubSpotValidationError
+from app.errors import HubSpotAuthError, HubSpotConflict, HubSpotError, HubSpotValidationError
 from app.hubspot import HubSpotClient, hubspot_client
 from app.inbox import Done, EventView, HandlerContext, NewEvent, Outcome, enqueue, registry
 from app.lifecycle import PROVISION_EVENT
@@ -47,6 +50,8 @@ PROPERTIES_PATH = "/crm/v3/properties/contacts"
 SCHEMA_READ_SCOPES = frozenset({"crm.schemas.contacts.read", "crm.schemas.contacts.write"})
 SCHEMA_WRITE_SCOPE = "crm.schemas.contacts.write"
 SCOPE_PROBLEM = "properties:schema_scope"
+# New call outcomes cannot be added as options (the schema write scope is missing).
+OPTIONS_SCOPE_PROBLEM = "properties:options_scope"
 STATE_PREFIX = "crm_properties:"
 DAILY_SECONDS = 24 * 3600.0
 
@@ -366,6 +371,8 @@ async def _provision(
         log.info("created %d contact properties", len(made), extra={"portal_id": client.portal_id})
     if can_write or not missing:
         findings.fine.add(SCOPE_PROBLEM)
+    if can_write:
+        findings.fine.add(OPTIONS_SCOPE_PROBLEM)
     lead_source = state.usable.get("lead_source")
     if lead_source is not None and lead_source.kind == OPTION:
         if LEAD_SOURCE_VALUE not in lead_source.options and can_write:
@@ -408,9 +415,18 @@ async def add_options(
 
 
 async def ensure_outcome_options(
-    services: Services, client: HubSpotClient, state: PortalProperties, labels: list[str]
+    services: Services,
+    client: HubSpotClient,
+    state: PortalProperties,
+    labels: list[str],
+    *,
+    problems: set[str],
 ) -> set[str]:
-    """Make every outcome (by label) an option of `call_outcome`; answers the usable values."""
+    """Make every outcome (by label) an option of `call_outcome`; answers the usable values.
+
+    An outcome that cannot be added is left out of the writes (the other values still
+    sync); a missing scope is said once on the portal (`problems`: the codes it has).
+    """
     use = state.use("call_outcome")
     if use is None or use.kind != OPTION:
         return set()
@@ -418,6 +434,26 @@ async def ensure_outcome_options(
     if set(wanted) - set(use.options):
         try:
             await add_options(client, "call_outcome", wanted, use)
+        except HubSpotAuthError as error:
+            if error.status_code != 403:
+                raise
+            if OPTIONS_SCOPE_PROBLEM not in problems:
+                async with transaction(services.sessions) as session:
+                    await record_problem(
+                        client.portal_id,
+                        OPTIONS_SCOPE_PROBLEM,
+                        "Call outcomes the AI receptionist has not used before are not saved "
+                        "on contacts: HubSpot refused to add them as options of "
+                        f"'call_outcome' (missing scope {SCHEMA_WRITE_SCOPE}); install "
+                        "Hubline again to grant it.",
+                        session=session,
+                    )
+                problems.add(OPTIONS_SCOPE_PROBLEM)
+                log.warning(
+                    "property problem: %s",
+                    OPTIONS_SCOPE_PROBLEM,
+                    extra={"portal_id": client.portal_id},
+                )
         except HubSpotValidationError as error:
             # HubSpot's message can echo the labels (callers' words): log the category only.
             log.warning(
@@ -428,6 +464,40 @@ async def ensure_outcome_options(
         async with transaction(services.sessions) as session:
             await save_state(client.portal_id, state, session=session)
     return set(wanted) & set(use.options)
+
+
+async def ensure_lead_source_option(
+    services: Services, client: HubSpotClient, state: PortalProperties, problems: set[str]
+) -> bool:
+    """Add back the `lead_source` option Hubline writes (an admin removed it); False, with
+    `lead_source` left out of the writes and the reason on the portal, when it cannot be."""
+    use = state.use("lead_source")
+    if use is None or use.kind != OPTION:
+        return False
+    label = services.settings.lead_source_label
+    try:
+        await add_options(client, "lead_source", {LEAD_SOURCE_VALUE: label}, use)
+    except HubSpotError as error:
+        refused = (
+            isinstance(error, HubSpotValidationError)
+            or error.status_code == 404
+            or (isinstance(error, HubSpotAuthError) and error.status_code == 403)
+        )
+        if not refused:
+            raise
+        await mark_unusable(
+            services,
+            client.portal_id,
+            state,
+            "lead_source",
+            f"The contact property 'lead_source' has no option {LEAD_SOURCE_VALUE!r} and "
+            "HubSpot refused to add it back; new callers are synced without a lead source.",
+        )
+        problems.add(problem_code("lead_source"))
+        return False
+    async with transaction(services.sessions) as session:
+        await save_state(client.portal_id, state, session=session)
+    return LEAD_SOURCE_VALUE in use.options
 
 
 async def mark_unusable(

@@ -15,7 +15,8 @@ event:
    `sync_error_message` cleared; `firstname`, `lastname`, `email`, `phone`, `lead_source`
    are filled only where empty, so a person's edits are never overwritten.
 4. One batch create of calls and one of notes, each with its contact association.
-5. Campaign attendance (see `app.campaigns`).
+5. Campaign attendance (see `app.campaigns`): what HubSpot cannot take now is queued as
+   its own event, and the receptionist event, whose CRM work is done, is done.
 
 A batch HubSpot rejects for one record is split until the bad record stands alone: the
 others sync; the bad one's event fails with HubSpot's reason, which is also written to the
@@ -54,6 +55,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from app import campaigns, identity, properties
+from app.crypto import TokenCipher
 from app.db import transaction
 from app.errors import (
     HandlerError,
@@ -64,7 +66,7 @@ from app.errors import (
 )
 from app.hubspot import HubSpotClient, hubspot_client
 from app.inbox import Done, EventView, HandlerContext, Outcome, Write, registry
-from app.models import EngagementRecord, IdentityEntry, Portal, utcnow
+from app.models import EngagementRecord, IdentityEntry, InboxEvent, Portal, utcnow
 from app.properties import BOOL, NUMBER, OPTION, STRING, PortalProperties
 from app.receptionist import PING, ReceptionistEvent
 
@@ -108,6 +110,9 @@ CONTACT_READ = [
     "hs_merged_object_ids",
 ]
 IDENTITY_FIELDS = ("firstname", "lastname", "email", "phone", "lead_source")
+# Dropdowns whose options Hubline relies on: a value of theirs refused as not an option
+# means an admin removed it since Hubline last looked, which one repair fixes.
+REPAIRABLE_OPTIONS = ("call_outcome", "lead_source")
 _T = TypeVar("_T")
 Key = tuple[str, str]  # (identity.PHONE | identity.EMAIL, normalized value)
 
@@ -266,6 +271,7 @@ class Item:
     retry: HandlerError | None = None  # retried alone
     engagement_id: str | None = None
     intended_for: str | None = None  # the contact an earlier attempt meant to associate
+    attendance_later: campaigns.Attendance | None = None  # queued: HubSpot could not take it
 
     @property
     def made_for(self) -> str | None:
@@ -495,7 +501,7 @@ class BatchSync:
         self.contact_errors: dict[str, str] = {}  # contact id → reason for sync_error_message
         self.errors_written: set[str] = set()
         self.adopted: set[str] = set()  # existing contacts new callers' creates ran into
-        self._options_refreshed = False
+        self._repaired: set[str] = set()  # dropdowns whose options this batch repaired
         # Creates and updates go out together: adapting to the portal's properties after a
         # refusal (a deleted property, a stale option list) happens one at a time.
         self._fixing = asyncio.Lock()
@@ -527,7 +533,11 @@ class BatchSync:
         synced = [i for i in self.items if i.ok and i.contact_id and i.engagement_id]
         # One write records every engagement of the batch; the worker runs it once, in the
         # transaction that marks the events done.
-        write = _record_engagements(self.portal_id, synced, self._postgres) if synced else None
+        write = (
+            _record_engagements(self.portal_id, synced, self._postgres, self.services.cipher)
+            if synced
+            else None
+        )
         return {item.id: self._outcome(item, write) for item in self.items}
 
     # --- setup ------------------------------------------------------------------------
@@ -547,7 +557,7 @@ class BatchSync:
         labels = [i.event.outcome for i in self.items if i.event.outcome]
         if labels:
             self.outcomes = await properties.ensure_outcome_options(
-                self.services, self.client, self.state, labels
+                self.services, self.client, self.state, labels, problems=self.problems
             )
 
     # --- 1. who are the callers -------------------------------------------------------
@@ -739,8 +749,9 @@ class BatchSync:
         while pending:
             inputs = [WriteInput({"properties": dict(p.properties)}, p) for p in pending]
             sent = await self._send(f"{CONTACTS}/batch/create", inputs)
-            by_email = {p.email: p for p in pending if p.email}
-            by_phone = {p.phone: p for p in pending if p.phone and not p.email}
+            # Match what was sent: a plan whose email HubSpot refused went out without it.
+            by_email = {p.email: p for p in pending if p.email and "email" in p.properties}
+            by_phone = {p.phone: p for p in pending if p.phone and "email" not in p.properties}
             for record in sent.results:
                 contact = Contact.of(record)
                 plan = by_email.get(identity.normalize_email(contact.get("email") or None) or "")
@@ -837,7 +848,9 @@ class BatchSync:
                     emails.add(plan.email)
                 per_contact[plan.contact_id] = (phones, emails)
         for contact_id, contact in self.contacts.items():
-            keys = contact.keys(self.region)
+            # A value two contacts share (duplicates a person made) stays with the contact
+            # the batch matched it to, so the next call goes to the same one.
+            keys = {k for k in contact.keys(self.region) if self.match.get(k) in (None, contact_id)}
             for item in self.items:
                 if item.contact_id == contact_id:
                     keys |= {k for k in item.keys if self.match.get(k) in (None, contact_id)}
@@ -864,11 +877,20 @@ class BatchSync:
     async def _update_contacts(self, contact_ids: set[str]) -> None:
         """Write the batch's values to these existing contacts (those read or adopted)."""
         plans: list[WriteInput] = []
+        newest = await self._newest_synced(
+            [c for c in self.contacts if c in contact_ids], [i.id for i in self.items]
+        )
         for contact_id, contact in self.contacts.items():
             items = [i for i in self.items if i.contact_id == contact_id and i.ok]
             if contact_id not in contact_ids or not items:
                 continue
-            values, owners = _owners(items, self.state, self.outcomes)
+            # An event retried after a newer one synced fills gaps but does not bring its
+            # older AI values back over the newer ones.
+            synced_up_to = newest.get(contact_id)
+            current = [
+                i for i in items if synced_up_to is None or i.event.occurred_at >= synced_up_to
+            ]
+            values, owners = _owners(current, self.state, self.outcomes)
             values.update(self._fills(contact, items))
             if self.state.use("sync_error_message") is not None:
                 values["sync_error_message"] = ""
@@ -897,6 +919,29 @@ class BatchSync:
                     for item in items:
                         item.failure = reason_of(error)
             plans = retry
+
+    async def _newest_synced(
+        self, contact_ids: list[str], batch_event_ids: list[int]
+    ) -> dict[str, datetime]:
+        """When each contact's newest event outside this batch happened, among those whose
+        engagement HubSpot made (and so whose values the contact was given)."""
+        if not contact_ids:
+            return {}
+        async with self.services.sessions() as session:
+            rows = await session.execute(
+                sa.select(
+                    col(EngagementRecord.contact_id), sa.func.max(col(InboxEvent.occurred_at))
+                )
+                .join(InboxEvent, col(InboxEvent.id) == col(EngagementRecord.event_id))
+                .where(
+                    col(EngagementRecord.portal_id) == self.portal_id,
+                    col(EngagementRecord.contact_id).in_(contact_ids),
+                    col(EngagementRecord.engagement_id) != "",
+                    col(EngagementRecord.event_id).not_in(batch_event_ids),
+                )
+                .group_by(col(EngagementRecord.contact_id))
+            )
+            return {contact_id: when for contact_id, when in rows.all() if when is not None}
 
     def _fills(self, contact: Contact, items: list[Item]) -> dict[str, str]:
         """Identity values for the contact's empty fields only: a person's edits stay."""
@@ -936,18 +981,26 @@ class BatchSync:
             await self._send_chunk(path, inputs[start : start + BATCH_LIMIT], sent)
         return sent
 
-    async def _send_chunk(self, path: str, chunk: list[WriteInput], sent: Sent) -> None:
+    async def _send_chunk(
+        self,
+        path: str,
+        chunk: list[WriteInput],
+        sent: Sent,
+        resent: frozenset[str] = frozenset(),
+    ) -> None:
+        """`resent`: the dropdowns this chunk was already sent again for, after their repair."""
         if not chunk:
             return
         try:
             answer = await self.client.post_json(path, {"inputs": [w.body for w in chunk]}) or {}
         except (HubSpotValidationError, HubSpotConflict) as error:
-            if await self._fix_portal_properties(error, chunk):
-                await self._send_chunk(path, chunk, sent)
+            fixed = await self._fix_portal_properties(error, chunk, resent)
+            if fixed is not None:
+                await self._send_chunk(path, chunk, sent, resent | fixed)
             elif len(chunk) > 1:
                 middle = len(chunk) // 2
-                await self._send_chunk(path, chunk[:middle], sent)
-                await self._send_chunk(path, chunk[middle:], sent)
+                await self._send_chunk(path, chunk[:middle], sent, resent)
+                await self._send_chunk(path, chunk[middle:], sent, resent)
             else:
                 log.info(
                     "%s",
@@ -966,14 +1019,23 @@ class BatchSync:
             ids = ((problem or {}).get("context") or {}).get("ids") or []
             sent.missing_ids.update(str(i) for i in ids)
 
-    async def _fix_portal_properties(self, error: HubSpotError, chunk: list[WriteInput]) -> bool:
-        """A refusal caused by the portal, not the record: adapt and answer True to resend."""
+    async def _fix_portal_properties(
+        self, error: HubSpotError, chunk: list[WriteInput], resent: frozenset[str]
+    ) -> frozenset[str] | None:
+        """A refusal caused by the portal, not the record: adapt the chunk to send it again.
+
+        Answers None when there is nothing to adapt, else the dropdowns whose repair the
+        chunk is sent again for. Creates and updates run together, so both can be refused
+        for the same removed option: the one that comes second finds it repaired and is
+        sent again with the repaired options (once; a value refused after that is the
+        record's).
+        """
         async with self._fixing:
-            return await self._fix_portal_properties_alone(error, chunk)
+            return await self._fix_portal_properties_alone(error, chunk, resent)
 
     async def _fix_portal_properties_alone(
-        self, error: HubSpotError, chunk: list[WriteInput]
-    ) -> bool:
+        self, error: HubSpotError, chunk: list[WriteInput], resent: frozenset[str]
+    ) -> frozenset[str] | None:
         named = property_errors(error)
         gone = {
             p.name
@@ -990,28 +1052,44 @@ class BatchSync:
                 "out until the next property check recreates it.",
             )
             self.problems.add(properties.problem_code(name))
-        stale_option = (
-            any(p.name == "call_outcome" and p.code == "INVALID_OPTION" for p in named)
-            and not self._options_refreshed
-        )
-        if stale_option:
-            self._options_refreshed = True
+        refused_options = {
+            p.name for p in named if p.code == "INVALID_OPTION" and p.name in REPAIRABLE_OPTIONS
+        }
+        stale = frozenset(name for name in refused_options if name not in resent)
+        for name in sorted(stale - self._repaired):
+            self._repaired.add(name)  # once per batch
+            await self._repair_options(name)
+        if not gone and not stale:
+            return None
+        for values in [w.body.get("properties") or {} for w in chunk] + [
+            p.properties for p in self.new_contacts
+        ]:
+            self._drop_unwritable(values, gone)
+        return stale
+
+    async def _repair_options(self, name: str) -> None:
+        """Read a dropdown's options again and add back those Hubline writes."""
+        if name == "call_outcome":
             use = self.state.use("call_outcome")
             if use is not None:
                 use.options = []  # forget the cache: read the property again
             labels = [i.event.outcome for i in self.items if i.event.outcome]
             self.outcomes = await properties.ensure_outcome_options(
-                self.services, self.client, self.state, labels
+                self.services, self.client, self.state, labels, problems=self.problems
             )
-        if not gone and not stale_option:
-            return False
-        for write in chunk:
-            values = write.body.get("properties") or {}
-            for name in gone:
-                values.pop(name, None)
-            if stale_option and values.get("call_outcome") not in self.outcomes:
-                values.pop("call_outcome", None)
-        return True
+        elif name == "lead_source":
+            await properties.ensure_lead_source_option(
+                self.services, self.client, self.state, self.problems
+            )
+
+    def _drop_unwritable(self, values: dict[str, Any], gone: set[str]) -> None:
+        """Take out of a record what the portal cannot take (as far as Hubline now knows)."""
+        for name in gone:
+            values.pop(name, None)
+        if "call_outcome" in values and values["call_outcome"] not in self.outcomes:
+            values.pop("call_outcome")
+        if "lead_source" in values and self._lead_source() is None:
+            values.pop("lead_source")
 
     # --- 4. engagements ---------------------------------------------------------------------
 
@@ -1338,18 +1416,29 @@ class BatchSync:
     # --- 5. campaigns and errors ---------------------------------------------------------------
 
     async def _campaigns(self) -> None:
-        attendances = [
-            campaigns.Attendance(i.event.campaign_id, i.contact_id, i.event.occurred_at)
-            for i in self.items
-            if i.ok and i.engagement_id and i.contact_id and i.event.campaign_id
-        ]
-        await campaigns.record_attendance(
+        by_event: dict[int, Item] = {}
+        attendances: list[campaigns.Attendance] = []
+        for i in self.items:
+            if i.ok and i.engagement_id and i.contact_id and i.event.campaign_id:
+                by_event[i.id] = i
+                attendances.append(
+                    campaigns.Attendance(
+                        i.event.campaign_id, i.contact_id, i.event.occurred_at, i.id
+                    )
+                )
+        recording = await campaigns.record_attendance(
             self.services,
             self.client,
             scopes=self.scopes,
             known_problems=self.problems,
             attendances=attendances,
         )
+        # The event's contact and engagement are in the CRM: it is done, and what HubSpot
+        # could not take now is queued with it (retrying the event would rewrite the
+        # contact with values a newer event may have replaced).
+        for attendance in recording.later:
+            assert attendance.event_id is not None
+            by_event[attendance.event_id].attendance_later = attendance
 
     async def _write_contact_errors(self) -> None:
         """Say on each contact why one of its events failed (when it was not said already)."""
@@ -1391,6 +1480,8 @@ class BatchSync:
             "engagement_id": item.engagement_id,
             "created_contact": item.created_contact,
         }
+        if item.attendance_later is not None:
+            result["campaign_attendance"] = "queued"
         return Done(result=result, contact_id=item.contact_id, write=write)
 
 
@@ -1399,8 +1490,12 @@ class BatchSync:
 _ENGAGEMENTS: sa.Table = EngagementRecord.__table__  # type: ignore[attr-defined]
 
 
-def _record_engagements(portal_id: int, items: list[Item], postgres: bool) -> Write:
-    """One statement mapping every synced event of a batch to its engagement."""
+def _record_engagements(
+    portal_id: int, items: list[Item], postgres: bool, cipher: TokenCipher
+) -> Write:
+    """One statement mapping every synced event of a batch to its engagement (and the
+    attendances left for later, queued in the same transaction)."""
+    later = [i.attendance_later for i in items if i.attendance_later is not None]
     rows = [
         {
             "portal_id": portal_id,
@@ -1425,5 +1520,7 @@ def _record_engagements(portal_id: int, items: list[Item], postgres: bool) -> Wr
         )
         connection = await session.connection()
         await connection.execute(statement, [row | {"created_at": now} for row in rows])
+        if later:
+            await campaigns.try_later(portal_id, later, session=session, cipher=cipher)
 
     return write

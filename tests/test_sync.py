@@ -17,8 +17,11 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import col
 
+from app.db import transaction
+from app.inbox import retry_events
 from app.main import close_services, open_services
 from app.models import EngagementRecord, EventStatus, InboxEvent, PortalProblem, utcnow
+from app.sandbox.limits import Fault
 from app.sandbox.objects import archive_object, create_object, update_object
 from app.sandbox.properties import options
 from app.sandbox.state import UI_SOURCE
@@ -656,6 +659,53 @@ async def test_a_returning_callers_contact_deleted_in_hubspot_is_made_again(
     assert contact.properties["phone"] == "+14155550100"
     second_call = max(sandbox.calls(1001), key=lambda made: int(made.id))
     assert world.associated("calls", second_call.id, "contacts") == [contact.id]
+    assert [event.status for event in await inbox_events(services)] == [EventStatus.done] * 2
+
+
+async def test_a_phone_two_contacts_share_keeps_every_call_on_the_same_one(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    older = person_contact(sandbox, 1001, firstname="Augusta", phone="(415) 555-0100")
+    person_contact(sandbox, 1001, firstname="Augusta (copy)", mobilephone="+1 415 555 0100")
+    caller = {"name": "Ada Lovelace", "phone": "+1 415 555 0100"}
+    for n in range(3):  # one batch each: later ones start from the index
+        await post_event(client, portal, call(id=f"shared-{n}", caller=caller))
+        await drain(services)
+
+    world = sandbox.portal(1001)
+    assert {world.associated("calls", made.id, "contacts")[0] for made in sandbox.calls(1001)} == {
+        older.id
+    }
+    assert len(sandbox.contacts(1001)) == 2
+
+
+async def test_an_older_event_retried_after_a_newer_one_keeps_the_newer_ai_values(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)
+    # The older call's engagement is refused once: it fails after writing its contact.
+    sandbox.faults.append(
+        Fault(count=1, status=400, portal_id=1001, path_prefix="/crm/v3/objects/calls")
+    )
+    await post_event(
+        client, portal, call(id="older", summary="Asked about prices", outcome="Message taken")
+    )
+    await drain(services)
+    await post_event(
+        client, portal, call(id="newer", summary="Booked a check-up", outcome="Appointment Booked")
+    )
+    await drain(services)
+    # An operator retries the failed one.
+    async with transaction(services.sessions) as session:
+        assert await retry_events(session=session, portal_id=1001) == 1
+    await drain(services)
+
+    [contact] = sandbox.contacts(1001)
+    assert contact.properties["ai_call_summary"] == "Booked a check-up"
+    assert contact.properties["call_outcome"] == "appointment_booked"
+    assert len(sandbox.calls(1001)) == 2
     assert [event.status for event in await inbox_events(services)] == [EventStatus.done] * 2
 
 
