@@ -3,9 +3,9 @@
 A worker claims a portal by taking its lease (a row in `portal_leases`), takes the
 portal's due events in `occurred_at` order in batches, hands each batch to the
 handler registered for its type, and records every outcome in one transaction
-that also checks it still holds the events. Leases are renewed while work runs;
-an expired lease (a crashed worker) is taken over and its in-flight events are
-put back. Many portals are served at once by separate tasks, so a portal
+that also checks it still holds the portal and the events. Leases are renewed
+while work runs; an expired lease (a crashed worker) is taken over and its
+in-flight events are put back. Many portals are served at once by separate tasks, so a portal
 waiting on HubSpot never stalls the others.
 """
 
@@ -131,7 +131,7 @@ class _Running:
 
 
 class LeaseLost(Exception):
-    """Another worker took over these events (our lease expired); nothing was recorded."""
+    """Another worker took over the portal or its events (our lease expired); nothing recorded."""
 
 
 class Worker:
@@ -377,6 +377,9 @@ class Worker:
         while True:
             now = utcnow()
             async with transaction(self.services.sessions) as session:
+                if not await self._hold_portal(portal_id, session=session):
+                    log.warning("lost the lease of a portal; claiming no more of its events")
+                    return None
                 if recover:
                     await self._recover_abandoned(portal_id, session=session)
                     recover = False
@@ -422,6 +425,27 @@ class Worker:
                 for row in run:
                     row.attempts += 1
                 return _Batch(portal_id, spec, run)
+
+    async def _hold_portal(self, portal_id: int, *, session: AsyncSession) -> bool:
+        """Renew our lease on the portal in the caller's transaction; False when we lost it.
+
+        Claims and records check this themselves: the heartbeat notices a lost lease only
+        every third of a lease, and in between another worker may serve the portal. Called
+        before the events are locked, as the heartbeat locks leases before events, so the
+        two never wait on each other in opposite orders.
+        """
+        now = utcnow()
+        renewed = await session.execute(
+            sa.update(PortalLease)
+            .where(
+                col(PortalLease.portal_id) == portal_id,
+                col(PortalLease.owner) == self.worker_id,
+                col(PortalLease.expires_at) > now,
+            )
+            .values(expires_at=now + self.lease)
+            .returning(col(PortalLease.portal_id))
+        )
+        return renewed.scalar_one_or_none() is not None
 
     async def _recover_abandoned(self, portal_id: int, *, session: AsyncSession) -> None:
         """Put back events a crashed worker left in progress; we hold the portal's lease now."""
@@ -493,8 +517,30 @@ class Worker:
         except LeaseLost:
             log.warning("lost the lease on a batch; another worker took it over")
             return False
+        except Exception as error:
+            log.exception("recording a batch's outcomes failed; retrying its events")
+            return await self._record_failure(batch, error)
+
+    async def _record_failure(self, batch: _Batch, error: Exception) -> bool:
+        """Record `error` as every event's outcome, after recording the real ones failed.
+
+        Left in progress, the events would be put back by the next claim with no backoff
+        and their attempts would end with a generic error: the handler's side effects
+        repeat at once, and the reason is lost. A fresh transaction, since the failed one
+        may have left its connection unusable.
+        """
+        try:
+            return await self._record(
+                batch, {row.id: error for row in batch.events if row.id is not None}
+            )
+        except Exception:
+            # The database is unreachable, or the events are no longer ours: whoever
+            # holds the portal next puts them back.
+            log.exception("recording a batch's failure failed too; its events wait for recovery")
+            return False
 
     async def _record(self, batch: _Batch, outcomes: dict[int, Outcome]) -> bool:
+        """Record the outcomes in one transaction; LeaseLost when the portal or events are lost."""
         now = utcnow()
         keep_serving = True
         counted: list[tuple[str, float | None]] = []
@@ -547,6 +593,8 @@ class Worker:
             others.append((row.id, values))
         ids = [row.id for row in batch.events]
         async with transaction(self.services.sessions) as session:
+            if not await self._hold_portal(batch.portal_id, session=session):
+                raise LeaseLost(f"portal {batch.portal_id}")
             # Still ours? The rows stay locked (PostgreSQL) or the database does (SQLite's
             # BEGIN IMMEDIATE) until commit, so the updates below cannot race a takeover.
             held = await session.execute(
@@ -560,7 +608,7 @@ class Worker:
             )
             lost = set(ids) - set(held.scalars())
             if lost:
-                raise LeaseLost(min(i for i in lost if i is not None))
+                raise LeaseLost(f"event {min(i for i in lost if i is not None)}")
             if done:
                 # On the connection: the session would read a list of parameter sets as an
                 # ORM bulk update by primary key.
@@ -617,7 +665,10 @@ class Worker:
                 log.exception("renewing leases failed")
 
     async def _renew_leases(self) -> None:
-        portals = [p for p, task in self._active.items() if not task.done()]
+        # Taken before the awaits below: meanwhile a task may end and leave `_active`, or
+        # be replaced by a new one for the same portal, holding a lease just taken.
+        tasks = {p: task for p, task in self._active.items() if not task.done()}
+        portals = list(tasks)
         if not portals:
             return
         expires = utcnow() + self.lease
@@ -646,7 +697,8 @@ class Worker:
             log.warning(
                 "lost the lease of a portal; stopping its work", extra={"lost_portal": portal_id}
             )
-            self._active[portal_id].cancel()
+            if self._active.get(portal_id) is tasks[portal_id]:
+                tasks[portal_id].cancel()
 
     async def _periodic_loop(self) -> None:
         while True:
@@ -699,6 +751,10 @@ def build_worker(services: Services, **options: Any) -> Worker:
 def describe_error(error: BaseException) -> str:
     """The error as an operator reads it, with anything that looks like a secret or PII removed."""
     text = str(error) or type(error).__name__
+    if isinstance(error, sa.exc.StatementError) and error.orig is not None:
+        # Its own text repeats the statement's parameters, which may hold a caller's
+        # name (a failed Done.write's row): keep only what the database said.
+        text = str(error.orig) or type(error.orig).__name__
     if not isinstance(error, CryptoError) and type(error).__module__ != "app.errors":
         text = f"{type(error).__name__}: {text}"
     return redact_text(text)[:MAX_ERROR_LENGTH]

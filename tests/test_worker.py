@@ -30,7 +30,7 @@ from app.inbox import (
     unpark_portal_events,
 )
 from app.main import Services, close_services, open_services
-from app.models import EventSource, EventStatus, InboxEvent, PortalLease
+from app.models import EventSource, EventStatus, InboxEvent, PortalLease, utcnow
 from app.retry import RetryPolicy
 from app.settings import Settings
 from app.worker import Worker
@@ -144,6 +144,42 @@ async def test_a_handler_that_always_fails_ends_failed_with_its_last_error(core:
     assert event.status == EventStatus.failed
     assert event.attempts == 3
     assert event.last_error == "RuntimeError: HubSpot fell over (call 3)"
+
+
+async def test_outcomes_that_cannot_be_recorded_are_retried_with_backoff_and_their_error(
+    core: Services,
+) -> None:
+    registry = Registry()
+    # Per call: when it started, and what the previous attempt left on the event.
+    calls: list[tuple[datetime, datetime, str | None, int]] = []
+
+    async def write(_session: Any) -> None:
+        raise RuntimeError("the contacts table is locked")
+
+    @registry.handler("test.work")
+    async def work(_context: HandlerContext, events: list[EventView]) -> dict[int, Any]:
+        started = utcnow()
+        async with core.sessions() as session:
+            stored = await session.get(InboxEvent, events[0].id)
+            assert stored is not None
+            calls.append((started, stored.run_after, stored.last_error, events[0].attempts))
+        return {events[0].id: Done(write=write)}
+
+    [event_id] = await add_events(core, 1001, 1)
+    await Worker(core, registry=registry, retry_policy=FAST_RETRIES, poll_seconds=0.01).drain(
+        timeout=20
+    )
+    assert [attempt for *_, attempt in calls] == [1, 2, 3]
+    for (previous_start, *_), (_start, run_after, last_error, _attempt) in itertools.pairwise(
+        calls
+    ):
+        # Put back by the retry policy when the write failed, not at once by recovery.
+        assert run_after > previous_start
+        assert last_error == "RuntimeError: the contacts table is locked"
+    event = (await statuses(core))[event_id]
+    assert event.status == EventStatus.failed
+    assert event.attempts == 3
+    assert event.last_error == "RuntimeError: the contacts table is locked"
 
 
 async def test_outcomes_are_per_event_within_a_batch(core: Services) -> None:
@@ -282,6 +318,68 @@ async def test_a_worker_that_lost_a_portals_lease_stops_serving_it(core: Service
         await running
     event = (await statuses(core))[event_id]
     assert event.status != EventStatus.done, "the handler was stopped, not finished"
+
+
+async def test_a_worker_that_lost_a_portals_lease_records_and_claims_nothing_more_of_it(
+    core: Services,
+) -> None:
+    registry = Registry()
+    handled: list[int] = []
+    writes: list[int] = []
+
+    @registry.handler("test.work")
+    async def work(_context: HandlerContext, events: list[EventView]) -> dict[int, Any]:
+        handled.extend(e.id for e in events)
+        if len(handled) == 1:
+            async with transaction(core.sessions) as session:
+                # Another worker took the portal over before this one's next heartbeat.
+                await session.execute(sa.update(PortalLease).values(owner="someone-else"))
+
+        async def write(_session: Any) -> None:
+            writes.extend(e.id for e in events)
+
+        return {e.id: Done(write=write) for e in events}
+
+    first, *later = await add_events(core, 1001, 3)
+    worker = Worker(core, registry=registry, poll_seconds=0.01)
+    await worker._fill_slots()
+    await asyncio.gather(*worker._active.values())
+    events = await statuses(core)
+    assert handled == [first]
+    assert writes == []
+    assert events[first].status == EventStatus.in_progress, "left for the new owner to recover"
+    assert [events[i].status for i in later] == [EventStatus.pending] * 2
+    assert [events[i].attempts for i in later] == [0, 0]
+
+
+async def test_a_heartbeat_cancels_no_task_that_replaced_the_one_it_found(core: Services) -> None:
+    worker = Worker(core, registry=Registry(), poll_seconds=0.01)
+    async with transaction(core.sessions) as session:
+        for portal_id in (1, 2):
+            session.add(
+                PortalLease(
+                    portal_id=portal_id,
+                    owner=worker.worker_id,
+                    expires_at=utcnow() + timedelta(seconds=30),
+                )
+            )
+    replaced, ended, replacement = (asyncio.create_task(asyncio.sleep(30)) for _ in range(3))
+    worker._active = {1: replaced, 2: ended}
+    try:
+        async with transaction(core.sessions) as session:
+            # Holding the lease rows (PostgreSQL) or the database (SQLite) keeps the renewal
+            # waiting after it has looked at the portals' tasks.
+            await session.execute(sa.update(PortalLease).values(owner="someone-else"))
+            renewal = asyncio.create_task(worker._renew_leases())
+            await asyncio.sleep(0.05)
+            # Meanwhile portal 2's task ended, and portal 1's was followed by a new one.
+            worker._active = {1: replacement}
+        await renewal
+        assert not replacement.cancelling()
+    finally:
+        for task in (replaced, ended, replacement):
+            task.cancel()
+        await asyncio.gather(replaced, ended, replacement, return_exceptions=True)
 
 
 # --- real worker processes ---------------------------------------------------------------
