@@ -9,6 +9,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from app.models import EngagementRecord, InboxEvent
+from app.sandbox.objects import create_object
+from app.sandbox.state import UI_SOURCE
 from app.worker import Worker
 
 BASE_TIME = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)
@@ -74,3 +76,18 @@ async def events_by_status(services: Any) -> dict[str, int]:
 async def engagement_rows(services: Any) -> list[EngagementRecord]:
     async with services.sessions() as session:
         return list((await session.execute(sa.select(EngagementRecord))).scalars())
+
+
+def person_contact(sandbox: Any, portal_id: int, **properties: str) -> Any:
+    """A contact a person typed into HubSpot's UI."""
+    world = sandbox.portal(portal_id)
+    return create_object(sandbox, world, "contacts", {"properties": properties}, UI_SOURCE)
+
+
+async def inbox_events(services: Any) -> list[InboxEvent]:
+    """The receptionist's events in the inbox, oldest first."""
+    async with services.sessions() as session:
+        rows = await session.execute(
+            sa.select(InboxEvent).where(InboxEvent.source == "receptionist").order_by(InboxEvent.id)
+        )
+        return list(rows.scalars())

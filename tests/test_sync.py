@@ -22,7 +22,7 @@ from app.inbox import retry_events
 from app.main import close_services, open_services
 from app.models import EngagementRecord, EventStatus, InboxEvent, PortalProblem, utcnow
 from app.sandbox.limits import Fault
-from app.sandbox.objects import archive_object, create_object, update_object
+from app.sandbox.objects import archive_object, update_object
 from app.sandbox.properties import options
 from app.sandbox.state import UI_SOURCE
 from app.settings import Settings
@@ -32,24 +32,12 @@ from tests.sync_support import (
     drain,
     engagement_rows,
     events_by_status,
+    inbox_events,
+    person_contact,
     portal_requests,
     post_event,
     rate_limited,
 )
-
-
-def person_contact(sandbox: Any, portal_id: int, **properties: str) -> Any:
-    """A contact a person typed into HubSpot's UI."""
-    world = sandbox.portal(portal_id)
-    return create_object(sandbox, world, "contacts", {"properties": properties}, UI_SOURCE)
-
-
-async def inbox_events(services: Any) -> list[InboxEvent]:
-    async with services.sessions() as session:
-        rows = await session.execute(
-            sa.select(InboxEvent).where(InboxEvent.source == "receptionist").order_by(InboxEvent.id)
-        )
-        return list(rows.scalars())
 
 
 async def test_new_caller_becomes_one_contact_with_one_call(

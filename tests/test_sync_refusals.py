@@ -21,12 +21,10 @@ from app.main import close_services, open_services
 from app.models import EventStatus, InboxEvent
 from app.properties import GROUP_LABEL, GROUP_NAME, SPECS, problem_code
 from app.sandbox.limits import Fault
-from app.sandbox.objects import create_object
 from app.sandbox.properties import PropertyGroup
 from app.sandbox.schemas import create_property
-from app.sandbox.state import UI_SOURCE
 from app.settings import Settings
-from tests.sync_support import call, drain, post_event
+from tests.sync_support import call, drain, inbox_events, person_contact, post_event
 from tests.test_properties import problems
 
 CONTACT_SCOPES = "oauth crm.objects.contacts.read crm.objects.contacts.write"
@@ -61,21 +59,6 @@ def remove_option(sandbox: Any, portal_id: int, name: str, value: str) -> None:
     """An admin deletes one option of a dropdown in HubSpot's settings."""
     prop = sandbox.portal(portal_id).properties["contacts"][name]
     prop.options = [o for o in prop.options if o["value"] != value]
-
-
-def person_contact(sandbox: Any, portal_id: int, **properties: str) -> Any:
-    world = sandbox.portal(portal_id)
-    return create_object(sandbox, world, "contacts", {"properties": properties}, UI_SOURCE)
-
-
-async def receptionist_events(services: Any) -> list[InboxEvent]:
-    async with services.sessions() as session:
-        rows = await session.execute(
-            sa.select(InboxEvent)
-            .where(col(InboxEvent.source) == "receptionist")
-            .order_by(col(InboxEvent.id))
-        )
-        return list(rows.scalars())
 
 
 async def unfinished_events(services: Any) -> list[InboxEvent]:
@@ -118,7 +101,7 @@ async def test_a_marketing_event_deleted_in_hubspot_is_made_again_and_the_batch_
     await drain(services)
 
     assert await unfinished_events(services) == []
-    assert [e.attempts for e in await receptionist_events(services)] == [1, 1, 1]
+    assert [e.attempts for e in await inbox_events(services)] == [1, 1, 1]
     [event] = world.marketing_events.values()
     assert event.external_event_id == "spring"
     attended = [a for a in world.attendance if a.external_event_id == "spring"]
@@ -142,7 +125,7 @@ async def test_a_failing_marketing_endpoint_neither_fails_nor_redoes_the_synced_
     await post_event(client, portal, call(caller=alan))  # no campaign
     await drain(services)
 
-    events = await receptionist_events(services)
+    events = await inbox_events(services)
     assert [(e.status, e.attempts) for e in events] == [(EventStatus.done, 1)] * 2
     assert await unfinished_events(services) == []
     assert len(sandbox.calls(1001)) == 2  # nothing made twice
@@ -172,7 +155,7 @@ async def test_a_new_outcome_without_the_schema_scope_is_reported_and_the_rest_s
     await post_event(client, portal, call(caller=alan, outcome="Message taken"))
     await drain(services)
 
-    assert [e.status for e in await receptionist_events(services)] == [EventStatus.done] * 2
+    assert [e.status for e in await inbox_events(services)] == [EventStatus.done] * 2
     contacts = by_phone(sandbox, 1001)
     ada_props = contacts["+14155550100"].properties
     assert ada_props["ai_call_summary"] == "Wants a cleaning appointment next week"
@@ -236,7 +219,7 @@ async def test_an_option_removed_under_both_concurrent_writes_is_repaired_for_bo
         await close_services(racing)
 
     assert transport.both_refused.is_set()
-    assert [e.status for e in await receptionist_events(services)] == [EventStatus.done] * 2
+    assert [e.status for e in await inbox_events(services)] == [EventStatus.done] * 2
     assert known.properties["call_outcome"] == "message_taken"
     assert by_phone(sandbox, 1001)["+14155550100"].properties["call_outcome"] == "message_taken"
     options = sandbox.portal(1001).properties["contacts"]["call_outcome"].option_values()
@@ -267,7 +250,7 @@ async def test_a_removed_lead_source_option_is_repaired_or_left_out_and_callers_
     await post_event(client, portal, call(caller=kim))
     await drain(services)
 
-    assert [e.status for e in await receptionist_events(services)] == [EventStatus.done] * 2
+    assert [e.status for e in await inbox_events(services)] == [EventStatus.done] * 2
     new = by_phone(sandbox, 1001)["+14155550100"].properties
     assert new["firstname"] == "Ada"
     assert new["ai_call_summary"] == "Wants a cleaning appointment next week"
