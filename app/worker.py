@@ -512,6 +512,18 @@ class Worker:
         except asyncio.CancelledError:
             await asyncio.shield(self._release_batch(batch))
             raise
+        # The handler's work is done (HubSpot has it): a cancellation now (the grace period
+        # over, a lost lease) waits for the record rather than drop it, or the events would
+        # stay in progress and their work be done again.
+        recording = asyncio.ensure_future(self._record_outcomes(batch, outcomes))
+        try:
+            return await asyncio.shield(recording)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await recording
+            raise
+
+    async def _record_outcomes(self, batch: _Batch, outcomes: dict[int, Outcome]) -> bool:
         try:
             return await self._record(batch, outcomes)
         except LeaseLost:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import random
@@ -380,6 +381,39 @@ async def test_a_heartbeat_cancels_no_task_that_replaced_the_one_it_found(core: 
         for task in (replaced, ended, replacement):
             task.cancel()
         await asyncio.gather(replaced, ended, replacement, return_exceptions=True)
+
+
+async def test_a_batch_cancelled_while_its_outcomes_are_recorded_still_records_them(
+    core: Services,
+) -> None:
+    registry = Registry()
+    writing = asyncio.Event()
+    release = asyncio.Event()
+
+    @registry.handler("test.work")
+    async def work(_context: HandlerContext, events: list[EventView]) -> dict[int, Any]:
+        async def write(_session: Any) -> None:
+            writing.set()
+            await release.wait()
+
+        return {events[0].id: Done(write=write)}
+
+    [event_id] = await add_events(core, 1001, 1)
+    worker = Worker(core, registry=registry, poll_seconds=0.01)
+    await worker._fill_slots()
+    [serving] = worker._active.values()
+    async with asyncio.timeout(10):
+        await writing.wait()
+    # The grace period ends (or the lease is lost) while the handler's work is recorded.
+    serving.cancel()
+    await asyncio.sleep(0.05)
+    release.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        async with asyncio.timeout(10):
+            await serving
+    event = (await statuses(core))[event_id]
+    assert event.status == EventStatus.done, "the finished work was recorded, not dropped"
+    assert event.attempts == 1
 
 
 # --- real worker processes ---------------------------------------------------------------
