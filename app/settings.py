@@ -63,7 +63,7 @@ class Settings(BaseSettings):
 
     @field_validator("admin_token")
     @classmethod
-    def _guessable(cls, value: SecretStr) -> SecretStr:
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
         # The console reads and changes every portal: a short token is guessed, slowed or not.
         token = value.get_secret_value()
         if token and len(token.strip()) < MIN_ADMIN_TOKEN_LENGTH:

@@ -5,8 +5,8 @@ portal's due events in `occurred_at` order in batches, hands each batch to the
 handler registered for its type, and records every outcome in one transaction
 that also checks it still holds the portal and the events. Leases are renewed
 while work runs; an expired lease (a crashed worker) is taken over and its
-in-flight events are put back. Many portals are served at once by separate tasks, so a portal
-waiting on HubSpot never stalls the others.
+in-flight events are put back. Many portals are served at once by separate
+tasks, so a portal waiting on HubSpot never stalls the others.
 """
 
 from __future__ import annotations
@@ -530,7 +530,11 @@ class Worker:
             log.warning("lost the lease on a batch; another worker took it over")
             return False
         except Exception as error:
-            log.exception("recording a batch's outcomes failed; retrying its events")
+            # Not the traceback: a database error's text repeats the statement's parameters.
+            log.error(
+                "recording a batch's outcomes failed (%s); retrying its events",
+                describe_error(error),
+            )
             return await self._record_failure(batch, error)
 
     async def _record_failure(self, batch: _Batch, error: Exception) -> bool:
@@ -545,10 +549,13 @@ class Worker:
             return await self._record(
                 batch, {row.id: error for row in batch.events if row.id is not None}
             )
-        except Exception:
+        except Exception as again:
             # The database is unreachable, or the events are no longer ours: whoever
             # holds the portal next puts them back.
-            log.exception("recording a batch's failure failed too; its events wait for recovery")
+            log.error(
+                "recording a batch's failure failed too (%s); its events wait for recovery",
+                describe_error(again),
+            )
             return False
 
     async def _record(self, batch: _Batch, outcomes: dict[int, Outcome]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -24,11 +25,10 @@ from app.settings import Settings
 ADMIN_TOKEN = "operator-token-for-tests"
 
 
-@pytest.fixture
-async def console(
-    make_settings: Callable[..., Settings],
-) -> AsyncIterator[tuple[httpx.AsyncClient, Services]]:
-    app = create_app(make_settings(admin_token=ADMIN_TOKEN))
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Services]]:
+    """Hubline with these settings, and a client that reaches it as plain http."""
+    app = create_app(settings)
     async with (
         LifespanManager(app),
         httpx.AsyncClient(
@@ -36,6 +36,14 @@ async def console(
         ) as http,
     ):
         yield http, app.state.services
+
+
+@pytest.fixture
+async def console(
+    make_settings: Callable[..., Settings],
+) -> AsyncIterator[tuple[httpx.AsyncClient, Services]]:
+    async with serving(make_settings(admin_token=ADMIN_TOKEN)) as console:
+        yield console
 
 
 async def seed(resources: Services) -> dict[str, Any]:
@@ -254,13 +262,10 @@ async def test_signing_out_takes_the_pages_csrf_token(
 async def test_the_session_cookie_is_secure_whenever_hubline_is_served_over_https(
     make_settings: Callable[..., Settings], public_url: str, secure: bool
 ) -> None:
-    app = create_app(make_settings(admin_token=ADMIN_TOKEN, public_url=public_url))
     # Behind a TLS-terminating proxy the request itself arrives as plain http.
-    async with (
-        LifespanManager(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://hubline.test"
-        ) as http,
+    async with serving(make_settings(admin_token=ADMIN_TOKEN, public_url=public_url)) as (
+        http,
+        _,
     ):
         response = await sign_in(http)
     assert response.status_code == 303
