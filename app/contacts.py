@@ -417,6 +417,9 @@ def _concerns(
         ids = [payload.get(key) for key in ("objectId", "primaryObjectId", "newObjectId")]
         ids.extend(payload.get("mergedObjectIds") or [])
         return contact_id in {_id(value) for value in ids}
+    if source == EventSource.internal:
+        # Work a sync queued for later (a note, an attendance) names its contact.
+        return _id(payload.get("contact_id")) == contact_id
     if source == EventSource.receptionist and hashes:
         caller = payload.get("caller") or {}
         return identity.CallerHashes.of(

@@ -455,6 +455,7 @@ class HandlerSpec:
     types: frozenset[str]
     handle: Handler
     batch_size: int
+    fill_wait: timedelta | None = None  # see `Registry.handler`
 
 
 class Registry:
@@ -463,12 +464,22 @@ class Registry:
     def __init__(self) -> None:
         self._by_type: dict[str, HandlerSpec] = {}
 
-    def handler(self, *types: str, batch_size: int = 1) -> Callable[[Handler], Handler]:
+    def handler(
+        self, *types: str, batch_size: int = 1, fill_wait: timedelta | None = None
+    ) -> Callable[[Handler], Handler]:
+        """Register a handler for `types`, given up to `batch_size` events at a time.
+
+        With `fill_wait`, the handler's events wait to fill a batch: they are claimed once
+        `batch_size` of them are due, once the oldest has waited `fill_wait`, or once the
+        portal has nothing else due; until then the portal's other events are claimed past
+        them. For work HubSpot takes a hundred records a request that may land a little
+        later, where each request counts against the portal's budget.
+        """
         if not 1 <= batch_size <= 100:
             raise ValueError("batch_size must be between 1 and 100")
 
         def register(handle: Handler) -> Handler:
-            spec = HandlerSpec(frozenset(types), handle, batch_size)
+            spec = HandlerSpec(frozenset(types), handle, batch_size, fill_wait)
             for event_type in types:
                 if event_type in self._by_type:
                     raise ValueError(f"a handler for {event_type!r} is already registered")
@@ -483,6 +494,11 @@ class Registry:
     @property
     def types(self) -> frozenset[str]:
         return frozenset(self._by_type)
+
+    @property
+    def filling_types(self) -> frozenset[str]:
+        """Types whose handlers wait to fill a batch (`fill_wait`)."""
+        return frozenset(t for t, spec in self._by_type.items() if spec.fill_wait is not None)
 
 
 registry = Registry()

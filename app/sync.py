@@ -14,7 +14,12 @@ event:
 3. Existing contacts get one batch update: Hubline's AI properties are overwritten and
    `sync_error_message` cleared; `firstname`, `lastname`, `email`, `phone`, `lead_source`
    are filled only where empty, so a person's edits are never overwritten.
-4. One batch create of calls and one of notes, each with its contact association.
+4. One batch create of calls and one of notes, each with its contact association. A full
+   batch (a backlog: more events wait behind it) queues its texts' and chats' notes
+   instead, as `receptionist.note` events written a hundred to a request: with a tenth of
+   the events being texts, a note request per batch would be a quarter of the portal's
+   budget for a tenth of its events. They wait for a full request at most 10 s, or until
+   the portal has nothing else to do.
 5. Campaign attendance (see `app.campaigns`): what HubSpot cannot take now is queued as
    its own event, and the receptionist event, whose CRM work is done, is done.
 
@@ -42,7 +47,7 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -65,8 +70,17 @@ from app.errors import (
     PermanentError,
 )
 from app.hubspot import HubSpotClient, hubspot_client
-from app.inbox import Done, EventView, HandlerContext, Outcome, Write, registry
-from app.models import EngagementRecord, IdentityEntry, InboxEvent, Portal, utcnow
+from app.inbox import (
+    Done,
+    EventView,
+    HandlerContext,
+    NewEvent,
+    Outcome,
+    Write,
+    enqueue_many,
+    registry,
+)
+from app.models import EngagementRecord, EventSource, IdentityEntry, InboxEvent, Portal, utcnow
 from app.properties import BOOL, NUMBER, OPTION, STRING, PortalProperties
 from app.receptionist import PING, ReceptionistEvent
 
@@ -79,6 +93,10 @@ CALL = "call.completed"
 TEXT = "text.received"
 CHAT = "chat.completed"
 RECEPTIONIST_TYPES = (CALL, TEXT, CHAT, PING)
+# The note of a text or chat synced in a full batch, written with other batches' notes.
+NOTE_LATER = "receptionist.note"
+# How long a queued note may wait for others to share its request.
+NOTE_FILL_WAIT = timedelta(seconds=10)
 
 CONTACTS = "/crm/v3/objects/contacts"
 # Records per HubSpot batch request (its limit), and events per handler batch.
@@ -272,6 +290,7 @@ class Item:
     engagement_id: str | None = None
     intended_for: str | None = None  # the contact an earlier attempt meant to associate
     attendance_later: campaigns.Attendance | None = None  # queued: HubSpot could not take it
+    note_later: bool = False  # its note is queued as a NOTE_LATER event
 
     @property
     def made_for(self) -> str | None:
@@ -306,6 +325,11 @@ class Item:
     @property
     def ok(self) -> bool:
         return self.failure is None and self.retry is None
+
+    @property
+    def synced(self) -> bool:
+        """Its contact is written and its engagement made (or, for a note, queued)."""
+        return self.ok and bool(self.contact_id) and bool(self.engagement_id or self.note_later)
 
     def ai_properties(self, state: PortalProperties, outcomes: set[str]) -> dict[str, str]:
         """Hubline's AI properties from this event, for the properties the portal can take."""
@@ -477,7 +501,9 @@ async def handle_receptionist_events(
             continue
         items.append(Item(view, event))
     if items:
-        sync = BatchSync(ctx.services, ctx.portal_id, items)
+        # A full batch means more are waiting: its notes are queued, to be written with
+        # other batches' notes, as the budget allows one request for every kind of write.
+        sync = BatchSync(ctx.services, ctx.portal_id, items, notes_later=len(views) >= BATCH_LIMIT)
         outcomes.update(await sync.run(contacts_written=ctx.let_next_batch_start))
     return outcomes
 
@@ -485,10 +511,18 @@ async def handle_receptionist_events(
 class BatchSync:
     """The sync of one batch: resolve callers, write contacts, engagements, campaigns."""
 
-    def __init__(self, services: Services, portal_id: int, items: list[Item]) -> None:
+    def __init__(
+        self,
+        services: Services,
+        portal_id: int,
+        items: list[Item],
+        *,
+        notes_later: bool = False,
+    ) -> None:
         self.services = services
         self.portal_id = portal_id
         self.items = items
+        self.notes_later = notes_later  # queue new notes instead of writing them now
         self.client: HubSpotClient = hubspot_client(services, portal_id)
         self.region = services.settings.default_phone_region
         self.scopes: frozenset[str] = frozenset()
@@ -530,9 +564,22 @@ class BatchSync:
         await self._engagements()
         await self._campaigns()
         await self._write_contact_errors()
-        synced = [i for i in self.items if i.ok and i.contact_id and i.engagement_id]
-        # One write records every engagement of the batch; the worker runs it once, in the
-        # transaction that marks the events done.
+        synced = [i for i in self.items if i.synced]
+        # One write records every engagement of the batch (and queues the notes left for
+        # later); the worker runs it once, in the transaction that marks the events done.
+        write = (
+            _record_engagements(self.portal_id, synced, self._postgres, self.services.cipher)
+            if synced
+            else None
+        )
+        return {item.id: self._outcome(item, write) for item in self.items}
+
+    async def write_notes(self) -> dict[int, Outcome]:
+        """The engagement step alone, for events whose contact is known (queued notes)."""
+        await self._load()
+        await self._engagements()
+        await self._write_contact_errors()
+        synced = [i for i in self.items if i.synced]
         write = (
             _record_engagements(self.portal_id, synced, self._postgres, self.services.cipher)
             if synced
@@ -1113,6 +1160,8 @@ class BatchSync:
             elif record is not None:
                 item.intended_for = record.contact_id or None
                 uncertain.append((item, record.created_at))
+            elif self.notes_later and item.object_type == "notes":
+                item.note_later = True
             else:
                 create.append(item)
         if uncertain:
@@ -1419,7 +1468,7 @@ class BatchSync:
         by_event: dict[int, Item] = {}
         attendances: list[campaigns.Attendance] = []
         for i in self.items:
-            if i.ok and i.engagement_id and i.contact_id and i.event.campaign_id:
+            if i.synced and i.contact_id and i.event.campaign_id:
                 by_event[i.id] = i
                 attendances.append(
                     campaigns.Attendance(
@@ -1472,7 +1521,7 @@ class BatchSync:
             return item.retry
         if item.failure is not None:
             return PermanentError(item.failure)
-        if item.contact_id is None or item.engagement_id is None:
+        if not item.synced:
             return HandlerError("the event was not synced")  # retried
         result = {
             "contact_id": item.contact_id,
@@ -1480,6 +1529,9 @@ class BatchSync:
             "engagement_id": item.engagement_id,
             "created_contact": item.created_contact,
         }
+        if item.note_later:
+            del result["engagement_id"]
+            result["note"] = "queued"
         if item.attendance_later is not None:
             result["campaign_attendance"] = "queued"
         return Done(result=result, contact_id=item.contact_id, write=write)
@@ -1496,6 +1548,7 @@ def _record_engagements(
     """One statement mapping every synced event of a batch to its engagement (and the
     attendances left for later, queued in the same transaction)."""
     later = [i.attendance_later for i in items if i.attendance_later is not None]
+    notes = [_note_later(portal_id, i) for i in items if i.note_later]
     rows = [
         {
             "portal_id": portal_id,
@@ -1505,6 +1558,7 @@ def _record_engagements(
             "contact_id": item.contact_id,
         }
         for item in sorted(items, key=lambda i: i.id)
+        if item.engagement_id
     ]
 
     async def write(session: AsyncSession) -> None:
@@ -1518,9 +1572,53 @@ def _record_engagements(
                 for name in ("object_type", "engagement_id", "contact_id")
             },
         )
-        connection = await session.connection()
-        await connection.execute(statement, [row | {"created_at": now} for row in rows])
+        if rows:
+            connection = await session.connection()
+            await connection.execute(statement, [row | {"created_at": now} for row in rows])
         if later:
             await campaigns.try_later(portal_id, later, session=session, cipher=cipher)
+        if notes:
+            await enqueue_many(notes, session=session, cipher=cipher)
 
     return write
+
+
+def _note_later(portal_id: int, item: Item) -> NewEvent:
+    """The queued note of a synced text or chat: what it says and whose it is."""
+    return NewEvent(
+        portal_id=portal_id,
+        source=EventSource.internal,
+        type=NOTE_LATER,
+        idempotency_key=f"{NOTE_LATER}:{item.id}",
+        occurred_at=item.event.occurred_at,
+        payload={
+            "event_id": item.id,
+            "contact_id": item.contact_id,
+            "event": item.event.payload(),
+        },
+    )
+
+
+@registry.handler(NOTE_LATER, batch_size=BATCH_LIMIT, fill_wait=NOTE_FILL_WAIT)
+async def handle_notes_later(ctx: HandlerContext, views: list[EventView]) -> dict[int, Outcome]:
+    """Write queued notes, a hundred to a request. Each note is recorded against its
+    receptionist event, so the intents that keep engagements exactly-once apply as before."""
+    outcomes: dict[int, Outcome] = {}
+    items: dict[int, Item] = {}  # queued event id → the receptionist event's item
+    for view in views:
+        if not view.payload:
+            outcomes[view.id] = Done(result={"skipped": "payload deleted"})
+            continue
+        try:
+            event = ReceptionistEvent.model_validate(view.payload["event"])
+            origin = replace(view, id=int(view.payload["event_id"]), type=event.type)
+            contact_id = str(view.payload["contact_id"])
+        except (KeyError, TypeError, ValueError, ValidationError):
+            outcomes[view.id] = PermanentError("the stored event is not a queued note")
+            continue
+        items[view.id] = Item(origin, event, contact_id=contact_id)
+    if items:
+        sync = BatchSync(ctx.services, ctx.portal_id, list(items.values()))
+        written = await sync.write_notes()
+        outcomes.update({queued: written[item.id] for queued, item in items.items()})
+    return outcomes

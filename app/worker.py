@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -53,6 +53,8 @@ from app.models import EventStatus, InboxEvent, Lease, OAuthState, PortalLease, 
 from app.retry import DEFAULT_POLICY, Action, RetryPolicy
 
 if TYPE_CHECKING:
+    from sqlalchemy import Select
+
     from app.main import Services
 
 log = logging.getLogger(__name__)
@@ -383,19 +385,17 @@ class Worker:
                 if recover:
                     await self._recover_abandoned(portal_id, session=session)
                     recover = False
-                query = (
-                    sa.select(InboxEvent)
-                    .where(
-                        col(InboxEvent.portal_id) == portal_id,
-                        col(InboxEvent.status) == EventStatus.pending,
-                        col(InboxEvent.run_after) <= now,
-                    )
-                    .order_by(col(InboxEvent.occurred_at), col(InboxEvent.id))
-                    .limit(MAX_FETCH)
+                filling = self.registry.filling_types
+                query = self._due(portal_id, now).order_by(
+                    col(InboxEvent.occurred_at), col(InboxEvent.id)
                 )
-                if self._postgres:
-                    query = query.with_for_update(skip_locked=True)
+                if filling:
+                    query = query.where(col(InboxEvent.type).not_in(filling))
                 rows = list((await session.execute(query)).scalars())
+                if filling and only is None:
+                    # A fresh claim (nothing of the portal's in flight): events that wait
+                    # to fill a batch go first once they should wait no longer.
+                    rows = await self._filled_run(portal_id, now, rows, session=session) or rows
                 if not rows:
                     return None
                 spec = self.registry.lookup(rows[0].type)
@@ -425,6 +425,45 @@ class Worker:
                 for row in run:
                     row.attempts += 1
                 return _Batch(portal_id, spec, run)
+
+    def _due(self, portal_id: int, now: datetime) -> Select[InboxEvent]:
+        """The portal's due events, at most a fetch's worth, locked on PostgreSQL."""
+        query = (
+            sa.select(InboxEvent)
+            .where(
+                col(InboxEvent.portal_id) == portal_id,
+                col(InboxEvent.status) == EventStatus.pending,
+                col(InboxEvent.run_after) <= now,
+            )
+            .limit(MAX_FETCH)
+        )
+        return query.with_for_update(skip_locked=True) if self._postgres else query
+
+    async def _filled_run(
+        self, portal_id: int, now: datetime, others: list[InboxEvent], *, session: AsyncSession
+    ) -> list[InboxEvent]:
+        """Due events of a handler that waits to fill its batches, if they should run now:
+        a whole batch of them is due, the oldest has waited long enough, or nothing else
+        of the portal's is due (`others`). Empty otherwise."""
+        query = self._due(portal_id, now).where(
+            col(InboxEvent.type).in_(self.registry.filling_types)
+        )
+        rows = list(
+            (
+                await session.execute(
+                    query.order_by(col(InboxEvent.received_at), col(InboxEvent.id))
+                )
+            ).scalars()
+        )
+        if not rows:
+            return []
+        spec = self.registry.lookup(rows[0].type)
+        assert spec is not None
+        assert spec.fill_wait is not None
+        run = [row for row in rows if self.registry.lookup(row.type) is spec]
+        if not others or len(run) >= spec.batch_size or run[0].received_at <= now - spec.fill_wait:
+            return run
+        return []
 
     async def _hold_portal(self, portal_id: int, *, session: AsyncSession) -> bool:
         """Renew our lease on the portal in the caller's transaction; False when we lost it.

@@ -57,6 +57,17 @@ def portal_requests(sandbox: Any, portal_id: int) -> int:
     return sum(n for (pid, _, _), n in sandbox.request_counts.items() if pid == portal_id)
 
 
+def endpoint_requests(sandbox: Any, portal_id: int, prefix: str) -> dict[str, int]:
+    """Answered requests of a portal to endpoints under `prefix`, by the rest of the path."""
+    counts: dict[str, int] = {}
+    for (pid, endpoint, status), n in sandbox.request_counts.items():
+        path = endpoint.split(" ", 1)[-1]
+        if pid == portal_id and status < 400 and path.startswith(prefix + "/"):
+            rest = path.removeprefix(prefix + "/")
+            counts[rest] = counts.get(rest, 0) + n
+    return counts
+
+
 def rate_limited(sandbox: Any, portal_id: int) -> int:
     return sum(
         n
@@ -84,10 +95,10 @@ def person_contact(sandbox: Any, portal_id: int, **properties: str) -> Any:
     return create_object(sandbox, world, "contacts", {"properties": properties}, UI_SOURCE)
 
 
-async def inbox_events(services: Any) -> list[InboxEvent]:
-    """The receptionist's events in the inbox, oldest first."""
+async def inbox_events(services: Any, source: str = "receptionist") -> list[InboxEvent]:
+    """The inbox's events from one source (the receptionist's by default), oldest first."""
     async with services.sessions() as session:
         rows = await session.execute(
-            sa.select(InboxEvent).where(InboxEvent.source == "receptionist").order_by(InboxEvent.id)
+            sa.select(InboxEvent).where(InboxEvent.source == source).order_by(InboxEvent.id)
         )
         return list(rows.scalars())

@@ -278,3 +278,31 @@ async def test_erasing_a_contact_finishes_its_callers_pending_events(
     assert ada.finished_at is not None
     assert bob.payload_ct is not None
     assert bob.status == EventStatus.pending
+
+
+async def test_erasing_a_contact_drops_the_work_queued_for_it(sessions: Any, cipher: Any) -> None:
+    """A note or an attendance queued for later names its contact and holds the caller's
+    details: a privacy deletion erases those and finishes them, so neither reaches HubSpot."""
+    await add_portal(sessions, cipher, PORTAL)
+    when = datetime(2026, 3, 1, tzinfo=UTC)
+    caller = {"phone": ADA_PHONE, "phone_e164": ADA_PHONE, "email": None}
+    queued = [
+        ("receptionist.note", "51", {"event_id": 7, "contact_id": "51", "event": caller}),
+        ("campaigns.attendance", "51", {"campaign_id": "spring", "contact_id": "51"}),
+        ("receptionist.note", "52", {"event_id": 8, "contact_id": "52", "event": caller}),
+    ]
+    async with transaction(sessions) as session:
+        for number, (event_type, _, payload) in enumerate(queued):
+            await enqueue(
+                NewEvent(PORTAL, EventSource.internal, event_type, f"q{number}", when, payload),
+                session=session,
+                cipher=cipher,
+            )
+    async with transaction(sessions) as session:
+        purged = await erase_contact_data(PORTAL, "51", session=session, cipher=cipher)
+    assert purged == 2
+    note, attendance, other = await inbox_rows(sessions)
+    for erased in (note, attendance):
+        assert (erased.payload_ct, erased.status) == (None, EventStatus.skipped)
+    assert other.payload_ct is not None
+    assert other.status == EventStatus.pending

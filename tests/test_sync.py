@@ -26,10 +26,11 @@ from app.sandbox.objects import archive_object, update_object
 from app.sandbox.properties import options
 from app.sandbox.state import UI_SOURCE
 from app.settings import Settings
-from app.sync import SEARCH_LAG
+from app.sync import NOTE_LATER, SEARCH_LAG
 from tests.sync_support import (
     call,
     drain,
+    endpoint_requests,
     engagement_rows,
     events_by_status,
     inbox_events,
@@ -324,15 +325,19 @@ async def test_a_worker_killed_right_after_hubspot_created_a_call_leaves_one_cal
 
 
 class LostAnswerTransport(httpx.AsyncBaseTransport):
-    """The sandbox, except that the first calls create is answered 503: made or not, as asked."""
+    """The sandbox, except that the first create of `path` is answered 503: made or not, as
+    asked."""
 
-    def __init__(self, app: Any, *, made: bool) -> None:
+    def __init__(
+        self, app: Any, *, made: bool, path: str = "/crm/v3/objects/calls/batch/create"
+    ) -> None:
         self.inner = httpx.ASGITransport(app=app)
         self.made = made
+        self.path = path
         self.losses = 1
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self.losses and request.url.path == "/crm/v3/objects/calls/batch/create":
+        if self.losses and request.url.path == self.path:
             self.losses -= 1
             if self.made:
                 await self.inner.handle_async_request(request)  # HubSpot did the work...
@@ -399,7 +404,16 @@ async def test_300_events_sync_with_few_requests_and_no_429(
     assert spent < 30
     assert rate_limited(sandbox, 1001) == 0
     assert len(sandbox.calls(1001)) + len(sandbox.notes(1001)) == 300
-    assert await events_by_status(services) == {EventStatus.done: 301}
+    # Three full batches: their 30 texts' notes were queued and written in one request.
+    assert endpoint_requests(sandbox, 1001, "/crm/v3/objects/notes") == {"batch/create": 1}
+    queued = [e for e in await inbox_events(services, "internal") if e.type == NOTE_LATER]
+    assert len(queued) == 30
+    assert await events_by_status(services) == {EventStatus.done: 301 + 30}
+    records = {r.event_id: r for r in await engagement_rows(services)}
+    assert len(records) == 300
+    assert {r.engagement_id for r in records.values() if r.object_type == "notes"} == {
+        n.id for n in sandbox.notes(1001)
+    }
     phones = [c.properties.get("phone") for c in sandbox.contacts(1001)]
     assert len(phones) == len(set(phones))  # nobody twice
 
@@ -558,6 +572,46 @@ async def test_a_ping_never_reaches_the_crm(
     await drain(services)
     assert portal_requests(sandbox, 1001) == before
     assert await events_by_status(services) == {EventStatus.done: 2}
+
+
+@pytest.mark.parametrize("made", [True, False])
+async def test_queued_notes_are_made_once_when_hubspot_loses_the_answer(
+    client: Any,
+    install_portal: Any,
+    services: Any,
+    sandbox: Any,
+    sandbox_app: Any,
+    settings: Settings,
+    made: bool,
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    # A full batch, so its texts' notes are queued; a few, as settling reads each contact.
+    events = [
+        call(
+            id=f"event-{n}",
+            type="text.received" if n % 20 == 0 else "call.completed",
+            caller={"phone": f"+1 212 555 {n:04d}"},
+        )
+        for n in range(100)
+    ]
+    for start in range(0, len(events), 50):
+        await asyncio.gather(*(post_event(client, portal, e) for e in events[start : start + 50]))
+    lossy = LostAnswerTransport(sandbox_app, made=made, path="/crm/v3/objects/notes/batch/create")
+    flaky = await open_services(settings, transport=lossy)
+    try:
+        await drain(flaky)
+    finally:
+        await close_services(flaky)
+    assert lossy.losses == 0
+    notes = sandbox.notes(1001)
+    assert len(notes) == 5
+    records = await engagement_rows(services)
+    assert {r.engagement_id for r in records if r.object_type == "notes"} == {n.id for n in notes}
+    assert {r.event_id for r in records} == {e.id for e in await inbox_events(services)}
+    queued = [e for e in await inbox_events(services, "internal") if e.type == NOTE_LATER]
+    assert len(queued) == 5
+    assert {e.status for e in queued} == {EventStatus.done}
 
 
 async def test_an_engagement_already_recorded_is_not_made_again(

@@ -62,7 +62,7 @@ async def add_events(
                 portal_id,
                 EventSource.internal,
                 event_type,
-                f"{portal_id}-{minute}",
+                f"{portal_id}-{event_type}-{minute}",
                 BASE_TIME + timedelta(minutes=minute),
                 {"minute": minute},
             )
@@ -199,6 +199,41 @@ async def test_outcomes_are_per_event_within_a_batch(core: Services) -> None:
     assert [events[i].status for i in ids] == ["done", "failed", "done"]
     assert events[ids[1]].last_error == "HubSpot rejected the email"
     assert events[ids[2]].contact_id == "7"
+
+
+@pytest.mark.parametrize(
+    ("waiting", "fill_wait", "expected"),
+    [
+        # Fewer than a batch, not waited long: every other event passes them first.
+        (3, timedelta(hours=1), [("work", 5)] * 4 + [("later", 3)]),
+        # A whole batch is due: it goes at once.
+        (4, timedelta(hours=1), [("later", 4)] + [("work", 5)] * 4),
+        # Waited long enough: they go at once, a batch or not.
+        (3, timedelta(0), [("later", 3)] + [("work", 5)] * 4),
+    ],
+)
+async def test_events_that_wait_to_fill_a_batch_let_the_others_pass_until_they_should_go(
+    core: Services, waiting: int, fill_wait: timedelta, expected: list[tuple[str, int]]
+) -> None:
+    registry = Registry()
+    handled: list[tuple[str, int]] = []
+
+    @registry.handler("test.work", batch_size=5)
+    async def work(_context: HandlerContext, events: list[EventView]) -> None:
+        handled.append(("work", len(events)))
+
+    @registry.handler("test.later", batch_size=4, fill_wait=fill_wait)
+    async def later(_context: HandlerContext, events: list[EventView]) -> None:
+        handled.append(("later", len(events)))
+
+    # The waiting events are older than some of the work and in the middle of the rest:
+    # the runs of work are not cut at them.
+    await add_events(core, 1001, 20, event_type="test.work", start=10)
+    for n in range(waiting):
+        await add_events(core, 1001, 1, event_type="test.later", start=n * 7)
+    await Worker(core, registry=registry, poll_seconds=0.01).drain(timeout=20)
+    assert handled == expected
+    assert {e.status for e in (await statuses(core)).values()} == {EventStatus.done}
 
 
 async def test_a_type_without_handler_is_skipped(core: Services) -> None:
