@@ -80,7 +80,15 @@ from app.inbox import (
     enqueue_many,
     registry,
 )
-from app.models import EngagementRecord, EventSource, IdentityEntry, InboxEvent, Portal, utcnow
+from app.models import (
+    EngagementRecord,
+    EventSource,
+    EventStatus,
+    IdentityEntry,
+    InboxEvent,
+    Portal,
+    utcnow,
+)
 from app.properties import BOOL, NUMBER, OPTION, STRING, PortalProperties
 from app.receptionist import PING, ReceptionistEvent
 
@@ -970,25 +978,23 @@ class BatchSync:
     async def _newest_synced(
         self, contact_ids: list[str], batch_event_ids: list[int]
     ) -> dict[str, datetime]:
-        """When each contact's newest event outside this batch happened, among those whose
-        engagement HubSpot made (and so whose values the contact was given)."""
+        """When each contact's newest event outside this batch happened, among those synced
+        (and so whose values the contact was given; a text's note may still be queued)."""
         if not contact_ids:
             return {}
         async with self.services.sessions() as session:
             rows = await session.execute(
-                sa.select(
-                    col(EngagementRecord.contact_id), sa.func.max(col(InboxEvent.occurred_at))
-                )
-                .join(InboxEvent, col(InboxEvent.id) == col(EngagementRecord.event_id))
+                sa.select(col(InboxEvent.contact_id), sa.func.max(col(InboxEvent.occurred_at)))
                 .where(
-                    col(EngagementRecord.portal_id) == self.portal_id,
-                    col(EngagementRecord.contact_id).in_(contact_ids),
-                    col(EngagementRecord.engagement_id) != "",
-                    col(EngagementRecord.event_id).not_in(batch_event_ids),
+                    col(InboxEvent.portal_id) == self.portal_id,
+                    col(InboxEvent.contact_id).in_(contact_ids),
+                    col(InboxEvent.source) == EventSource.receptionist,
+                    col(InboxEvent.status) == EventStatus.done,
+                    col(InboxEvent.id).not_in(batch_event_ids),
                 )
-                .group_by(col(EngagementRecord.contact_id))
+                .group_by(col(InboxEvent.contact_id))
             )
-            return {contact_id: when for contact_id, when in rows.all() if when is not None}
+            return {contact: when for contact, when in rows.all() if contact and when}
 
     def _fills(self, contact: Contact, items: list[Item]) -> dict[str, str]:
         """Identity values for the contact's empty fields only: a person's edits stay."""
