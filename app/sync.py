@@ -572,22 +572,19 @@ class BatchSync:
         await self._engagements()
         await self._campaigns()
         await self._write_contact_errors()
-        synced = [i for i in self.items if i.synced]
-        # One write records every engagement of the batch (and queues the notes left for
-        # later); the worker runs it once, in the transaction that marks the events done.
-        write = (
-            _record_engagements(self.portal_id, synced, self._postgres, self.services.cipher)
-            if synced
-            else None
-        )
-        return {item.id: self._outcome(item, write) for item in self.items}
+        return self._outcomes()
 
     async def write_notes(self) -> dict[int, Outcome]:
         """The engagement step alone, for events whose contact is known (queued notes)."""
         await self._load()
         await self._engagements()
         await self._write_contact_errors()
+        return self._outcomes()
+
+    def _outcomes(self) -> dict[int, Outcome]:
         synced = [i for i in self.items if i.synced]
+        # One write records every engagement of the batch (and queues the notes left for
+        # later); the worker runs it once, in the transaction that marks the events done.
         write = (
             _record_engagements(self.portal_id, synced, self._postgres, self.services.cipher)
             if synced
