@@ -38,8 +38,8 @@ from app.errors import (
 )
 from app.hubspot import HubSpotClient, hubspot_client
 from app.inbox import Done, EventView, HandlerContext, NewEvent, Outcome, enqueue_many, registry
-from app.models import AppState, EventSource, Portal, PortalProblem, utcnow
-from app.portals import record_problem
+from app.models import AppState, EventSource, Portal, utcnow
+from app.portals import problem_codes, record_problem
 
 if TYPE_CHECKING:
     from app.main import Services
@@ -271,15 +271,7 @@ async def handle_attendance(ctx: HandlerContext, events: list[EventView]) -> dic
         return outcomes
     async with ctx.services.sessions() as session:
         portal = await session.get(Portal, ctx.portal_id)
-        problems = set(
-            (
-                await session.execute(
-                    sa.select(col(PortalProblem.code)).where(
-                        col(PortalProblem.portal_id) == ctx.portal_id
-                    )
-                )
-            ).scalars()
-        )
+        problems = await problem_codes(ctx.portal_id, session=session)
     recording = await record_attendance(
         ctx.services,
         hubspot_client(ctx.services, ctx.portal_id),

@@ -241,11 +241,7 @@ class EngagementRecord(SQLModel, table=True):
     """The HubSpot engagement one inbox event produced: at most one per event."""
 
     __tablename__ = "engagements"
-    __table_args__ = (
-        sa.UniqueConstraint("event_id", name="uq_engagements_event"),
-        # A contact's newest synced event: an older one retried later must not overwrite it.
-        sa.Index("ix_engagements_portal_contact", "portal_id", "contact_id"),
-    )
+    __table_args__ = (sa.UniqueConstraint("event_id", name="uq_engagements_event"),)
 
     id: int | None = Field(default=None, sa_column=sa.Column(BigIntPK, primary_key=True))
     portal_id: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False, index=True))

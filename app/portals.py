@@ -257,6 +257,14 @@ async def clear_problem(portal_id: int, code: str, *, session: AsyncSession) -> 
     )
 
 
+async def problem_codes(portal_id: int, *, session: AsyncSession) -> set[str]:
+    """The codes of the portal's problems (to report something once, not per event)."""
+    rows = await session.execute(
+        sa.select(col(PortalProblem.code)).where(col(PortalProblem.portal_id) == portal_id)
+    )
+    return set(rows.scalars())
+
+
 async def list_problems(portal_id: int, *, session: AsyncSession) -> list[PortalProblem]:
     rows = await session.execute(
         sa.select(PortalProblem)

@@ -35,7 +35,7 @@ from app.errors import HubSpotAuthError, HubSpotConflict, HubSpotError, HubSpotV
 from app.hubspot import HubSpotClient, hubspot_client
 from app.inbox import Done, EventView, HandlerContext, NewEvent, Outcome, enqueue, registry
 from app.lifecycle import PROVISION_EVENT
-from app.models import AppState, EventSource, Portal, PortalProblem, PortalStatus, utcnow
+from app.models import AppState, EventSource, Portal, PortalStatus, utcnow
 from app.portals import clear_problem, record_problem
 
 if TYPE_CHECKING:
@@ -570,11 +570,3 @@ def register_periodic(worker: Worker) -> None:
         await provision_all_daily(services)
 
     worker.add_periodic("properties-daily", DAILY_SECONDS, daily)
-
-
-async def property_problems(portal_id: int, *, session: AsyncSession) -> set[str]:
-    """The codes of the portal's problems (to report something once, not per event)."""
-    rows = await session.execute(
-        sa.select(col(PortalProblem.code)).where(col(PortalProblem.portal_id) == portal_id)
-    )
-    return set(rows.scalars())

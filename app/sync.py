@@ -89,6 +89,7 @@ from app.models import (
     Portal,
     utcnow,
 )
+from app.portals import problem_codes
 from app.properties import BOOL, NUMBER, OPTION, STRING, PortalProperties
 from app.receptionist import PING, ReceptionistEvent
 
@@ -598,7 +599,7 @@ class BatchSync:
         async with self.services.sessions() as session:
             portal = await session.get(Portal, self.portal_id)
             state = await properties.load_state(self.portal_id, session=session)
-            self.problems = await properties.property_problems(self.portal_id, session=session)
+            self.problems = await problem_codes(self.portal_id, session=session)
         if portal is not None:
             self.scopes = portal.scope_set
             self.region = portal.default_phone_region or self.region

@@ -6,8 +6,10 @@ import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import sqlalchemy as sa
 
+from app.main import close_services, open_services
 from app.models import EngagementRecord, InboxEvent
 from app.sandbox.objects import create_object
 from app.sandbox.state import UI_SOURCE
@@ -50,6 +52,15 @@ async def post_event(client: Any, portal: Any, event: dict[str, Any]) -> Any:
 
 async def drain(services: Any, timeout: float = 20.0) -> None:
     await Worker(services, poll_seconds=0.01).drain(timeout=timeout)
+
+
+async def drain_through(settings: Any, transport: httpx.AsyncBaseTransport) -> None:
+    """Drain with a worker of its own whose HubSpot requests go through `transport`."""
+    resources = await open_services(settings, transport=transport)
+    try:
+        await drain(resources)
+    finally:
+        await close_services(resources)
 
 
 def portal_requests(sandbox: Any, portal_id: int) -> int:

@@ -33,6 +33,15 @@ class Clock:
         return self.now
 
 
+async def _deliver(client: httpx.AsyncClient, secret: str, event_id: str) -> int:
+    """Post a signed receptionist call event to the portal; answers the status code."""
+    body = dumps(call_event(id=event_id))
+    answer = await client.post(
+        receptionist_path(PORTAL), content=body, headers=standard_headers(secret, body)
+    )
+    return answer.status_code
+
+
 async def _set_status(sessions: SessionFactory, status: PortalStatus) -> None:
     async with transaction(sessions) as session:
         await session.execute(
@@ -89,17 +98,10 @@ async def test_an_uninstalled_portals_events_are_parked_once_the_cache_lapses(
     client: httpx.AsyncClient, services: Any
 ) -> None:
     secret = await add_portal(services.sessions, services.cipher, PORTAL)
-    path = receptionist_path(PORTAL)
-    body = dumps(call_event(id="evt-1"))
-    assert (
-        await client.post(path, content=body, headers=standard_headers(secret, body))
-    ).status_code == 202
+    assert await _deliver(client, secret, "evt-1") == 202
     await _set_status(services.sessions, PortalStatus.uninstalled)
     services.portals.forget(PORTAL)  # what PORTAL_CACHE_SECONDS passing does
-    body = dumps(call_event(id="evt-2"))
-    assert (
-        await client.post(path, content=body, headers=standard_headers(secret, body))
-    ).status_code == 202
+    assert await _deliver(client, secret, "evt-2") == 202
     statuses = sorted(row.status for row in await inbox_rows(services.sessions))
     assert statuses == [EventStatus.parked, EventStatus.pending]
 
@@ -109,18 +111,11 @@ async def test_a_reinstall_made_elsewhere_is_not_parked_on_a_stale_cache(
 ) -> None:
     secret = await add_portal(services.sessions, services.cipher, PORTAL)
     await _set_status(services.sessions, PortalStatus.uninstalled)
-    path = receptionist_path(PORTAL)
-    body = dumps(call_event(id="evt-1"))
-    assert (
-        await client.post(path, content=body, headers=standard_headers(secret, body))
-    ).status_code == 202  # cached: uninstalled
+    assert await _deliver(client, secret, "evt-1") == 202  # cached: uninstalled
     # Reinstalled through another process: it un-parked what it saw, and this process's
     # cache still says uninstalled. An event parked now would wait for the next reinstall.
     await _set_status(services.sessions, PortalStatus.active)
-    body = dumps(call_event(id="evt-2"))
-    assert (
-        await client.post(path, content=body, headers=standard_headers(secret, body))
-    ).status_code == 202
+    assert await _deliver(client, secret, "evt-2") == 202
     statuses = sorted(row.status for row in await inbox_rows(services.sessions))
     assert statuses == [EventStatus.parked, EventStatus.pending]
 

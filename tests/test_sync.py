@@ -19,7 +19,6 @@ from sqlmodel import col
 
 from app.db import transaction
 from app.inbox import retry_events
-from app.main import close_services, open_services
 from app.models import EngagementRecord, EventStatus, InboxEvent, PortalProblem, utcnow
 from app.sandbox.limits import Fault
 from app.sandbox.objects import archive_object, update_object
@@ -30,6 +29,7 @@ from app.sync import NOTE_LATER, SEARCH_LAG
 from tests.sync_support import (
     call,
     drain,
+    drain_through,
     endpoint_requests,
     engagement_rows,
     events_by_status,
@@ -306,13 +306,7 @@ async def test_a_worker_killed_right_after_hubspot_created_a_call_leaves_one_cal
                     sa.update(EngagementRecord).values(created_at=utcnow() - 2 * SEARCH_LAG)
                 )
 
-    crashing = await open_services(
-        settings, transport=CrashAfterCallsCreated(sandbox_app, before_crash)
-    )
-    try:
-        await drain(crashing)
-    finally:
-        await close_services(crashing)
+    await drain_through(settings, CrashAfterCallsCreated(sandbox_app, before_crash))
 
     [made] = sandbox.calls(1001)
     assert len(sandbox.notes(1001)) == 1
@@ -358,11 +352,7 @@ async def test_an_engagement_create_answered_503_is_settled_within_the_attempt(
     portal = await install_portal(1001)
     await drain(services)  # provisioning
     await post_event(client, portal, call(caller={"name": "Ada", "phone": "+14155550100"}))
-    flaky = await open_services(settings, transport=LostAnswerTransport(sandbox_app, made=made))
-    try:
-        await drain(flaky)
-    finally:
-        await close_services(flaky)
+    await drain_through(settings, LostAnswerTransport(sandbox_app, made=made))
     [made_call] = sandbox.calls(1001)
     records = {r.object_type: r for r in await engagement_rows(services)}
     assert records["calls"].engagement_id == made_call.id
@@ -598,11 +588,7 @@ async def test_queued_notes_are_made_once_when_hubspot_loses_the_answer(
     for start in range(0, len(events), 50):
         await asyncio.gather(*(post_event(client, portal, e) for e in events[start : start + 50]))
     lossy = LostAnswerTransport(sandbox_app, made=made, path="/crm/v3/objects/notes/batch/create")
-    flaky = await open_services(settings, transport=lossy)
-    try:
-        await drain(flaky)
-    finally:
-        await close_services(flaky)
+    await drain_through(settings, lossy)
     assert lossy.losses == 0
     notes = sandbox.notes(1001)
     assert len(notes) == 5

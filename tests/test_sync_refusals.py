@@ -17,21 +17,25 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import col
 
-from app.main import close_services, open_services
 from app.models import EventStatus, InboxEvent
-from app.properties import GROUP_LABEL, GROUP_NAME, SPECS, problem_code
+from app.properties import GROUP_LABEL, GROUP_NAME, OPTIONS_SCOPE_PROBLEM, SPECS, problem_code
 from app.sandbox.limits import Fault
 from app.sandbox.properties import PropertyGroup
 from app.sandbox.schemas import create_property
 from app.settings import Settings
-from tests.sync_support import call, drain, inbox_events, person_contact, post_event
+from tests.sync_support import (
+    call,
+    drain,
+    drain_through,
+    inbox_events,
+    person_contact,
+    post_event,
+)
 from tests.test_properties import problems
 
 CONTACT_SCOPES = "oauth crm.objects.contacts.read crm.objects.contacts.write"
 # The portal lets Hubline read its properties but not change them.
 SCHEMA_READ_ONLY = f"{CONTACT_SCOPES} crm.schemas.contacts.read"
-# The portal problem saying new call outcomes cannot be added as options.
-OPTIONS_SCOPE_PROBLEM = "properties:options_scope"
 
 
 @pytest.fixture
@@ -212,11 +216,7 @@ async def test_an_option_removed_under_both_concurrent_writes_is_repaired_for_bo
     ada = {"name": "Ada Lovelace", "phone": "+1 415 555 0100"}
     await post_event(client, portal, call(caller=ada, outcome="Message taken"))
     transport = RepairAfterBothRefusals(sandbox_app)
-    racing = await open_services(settings, transport=transport)
-    try:
-        await drain(racing)
-    finally:
-        await close_services(racing)
+    await drain_through(settings, transport)
 
     assert transport.both_refused.is_set()
     assert [e.status for e in await inbox_events(services)] == [EventStatus.done] * 2
