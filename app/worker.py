@@ -49,7 +49,15 @@ from app.inbox import (
 )
 from app.logs import hubspot_error_fields, portal_id_var, redact_text
 from app.metrics import EVENTS_HANDLED, RECEIPT_TO_SYNCED
-from app.models import EventStatus, InboxEvent, Lease, OAuthState, PortalLease, utcnow
+from app.models import (
+    EventSource,
+    EventStatus,
+    InboxEvent,
+    Lease,
+    OAuthState,
+    PortalLease,
+    utcnow,
+)
 from app.retry import DEFAULT_POLICY, Action, RetryPolicy
 
 if TYPE_CHECKING:
@@ -64,6 +72,9 @@ MAX_FETCH = 100
 # portals waiting behind it are not starved when every slot is busy.
 BATCHES_PER_TURN = 10
 MAX_ERROR_LENGTH = 2000
+# How long an event of a type this worker has no handler for, made by a newer Hubline
+# (a rolling deploy), waits before this worker looks at it again.
+NEWER_TYPE_WAIT = timedelta(minutes=5)
 # Marks one handled event done; run with a parameter set per event (one executemany).
 # The caller has checked, with the rows locked, that it still holds them.
 _MARK_DONE = (
@@ -211,7 +222,8 @@ class Worker:
                 loop.remove_signal_handler(signum)
 
     async def drain(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 (a deadline, not a cancel scope)
-        """Handle events until none is pending or in progress (for tests and one-off runs)."""
+        """Handle events until none this worker can handle is pending or in progress (for
+        tests and one-off runs)."""
         deadline = time.monotonic() + timeout
         while True:
             await self._fill_slots()
@@ -407,7 +419,7 @@ class Worker:
                         break
                     run.append(row)
                 if spec is None:
-                    await self._finish_unhandled(run, session=session)
+                    await self._set_aside_unhandled(run, now, session=session)
                     continue
                 run = run[: spec.batch_size]
                 ids = [row.id for row in run]
@@ -513,14 +525,40 @@ class Worker:
             .execution_options(synchronize_session=False)
         )
 
-    async def _finish_unhandled(self, run: list[InboxEvent], *, session: AsyncSession) -> None:
-        EVENTS_HANDLED.labels(outcome="skipped").inc(len(run))
-        await session.execute(
-            sa.update(InboxEvent)
-            .where(col(InboxEvent.id).in_([row.id for row in run]))
-            .values(status=EventStatus.skipped, finished_at=utcnow(), last_error=None)
-            .execution_options(synchronize_session=False)
-        )
+    async def _set_aside_unhandled(
+        self, run: list[InboxEvent], now: datetime, *, session: AsyncSession
+    ) -> None:
+        """Events no handler here takes. HubSpot's are subscriptions Hubline does not use, and
+        are skipped. Any other was made or accepted by a newer Hubline than this worker (a
+        rolling deploy, or a rollback): it waits for a worker that knows its type, unlost."""
+        ignored = [row.id for row in run if row.source == EventSource.hubspot]
+        newer = [row for row in run if row.source != EventSource.hubspot]
+        if ignored:
+            EVENTS_HANDLED.labels(outcome="skipped").inc(len(ignored))
+            await session.execute(
+                sa.update(InboxEvent)
+                .where(col(InboxEvent.id).in_(ignored))
+                .values(status=EventStatus.skipped, finished_at=now, last_error=None)
+                .execution_options(synchronize_session=False)
+            )
+        if newer:
+            types = sorted({row.type for row in newer})
+            log.warning(
+                "%d event(s) of a type this worker has no handler for (%s): left for a worker "
+                "of the Hubline version that made them",
+                len(newer),
+                ", ".join(types),
+            )
+            await session.execute(
+                sa.update(InboxEvent)
+                .where(col(InboxEvent.id).in_([row.id for row in newer]))
+                .values(
+                    run_after=now + NEWER_TYPE_WAIT,
+                    last_error="no handler for this type in this worker's Hubline version; "
+                    "waiting for a worker that has one",
+                )
+                .execution_options(synchronize_session=False)
+            )
 
     def _start(self, batch: _Batch) -> _Running:
         context = HandlerContext(self.services, batch.portal_id, self.worker_id)
@@ -789,8 +827,15 @@ class Worker:
             return (await session.execute(statement)).scalar_one_or_none() is not None
 
     async def _has_unfinished_events(self) -> bool:
+        # Not counting what waits for a newer worker: this one will never finish it.
+        for_newer_worker = sa.and_(
+            col(InboxEvent.status) == EventStatus.pending,
+            col(InboxEvent.source) != EventSource.hubspot,
+            col(InboxEvent.type).not_in(self.registry.types),
+        )
         query = sa.select(col(InboxEvent.id)).where(
-            col(InboxEvent.status).in_([EventStatus.pending, EventStatus.in_progress])
+            col(InboxEvent.status).in_([EventStatus.pending, EventStatus.in_progress]),
+            sa.not_(for_newer_worker),
         )
         async with self.services.sessions() as session:
             return (await session.execute(query.limit(1))).first() is not None

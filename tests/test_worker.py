@@ -50,7 +50,13 @@ async def core(settings: Settings) -> AsyncIterator[Services]:
 
 
 async def add_events(
-    core: Services, portal_id: int, count: int, *, event_type: str = "test.work", start: int = 0
+    core: Services,
+    portal_id: int,
+    count: int,
+    *,
+    event_type: str = "test.work",
+    start: int = 0,
+    source: EventSource = EventSource.internal,
 ) -> list[int]:
     """Enqueue `count` events with shuffled occurred_at; returns their ids in occurred_at order."""
     minutes = list(range(start, start + count))
@@ -60,7 +66,7 @@ async def add_events(
         for minute in shuffled:
             event = NewEvent(
                 portal_id,
-                EventSource.internal,
+                source,
                 event_type,
                 f"{portal_id}-{event_type}-{minute}",
                 BASE_TIME + timedelta(minutes=minute),
@@ -236,10 +242,55 @@ async def test_events_that_wait_to_fill_a_batch_let_the_others_pass_until_they_s
     assert {e.status for e in (await statuses(core)).values()} == {EventStatus.done}
 
 
-async def test_a_type_without_handler_is_skipped(core: Services) -> None:
-    [event_id] = await add_events(core, 1001, 1, event_type="nobody.handles.this")
+async def test_a_hubspot_subscription_without_handler_is_skipped(core: Services) -> None:
+    [event_id] = await add_events(
+        core, 1001, 1, event_type="deal.creation", source=EventSource.hubspot
+    )
     await Worker(core, registry=Registry(), poll_seconds=0.01).drain()
     assert (await statuses(core))[event_id].status == EventStatus.skipped
+
+
+@pytest.mark.parametrize("source", [EventSource.internal, EventSource.receptionist])
+async def test_an_event_a_newer_version_made_waits_for_a_worker_that_handles_it(
+    core: Services, source: EventSource
+) -> None:
+    """A rolling deploy: the new web process (or worker) stores a type the old worker does
+    not know. The old worker leaves it, serving the portal's other events; the new one
+    handles it."""
+    [newer] = await add_events(core, 1001, 1, event_type="test.newer", source=source)
+    others = await add_events(core, 1001, 3, start=5)
+    old = Registry()
+
+    @old.handler("test.work")
+    async def work(_context: HandlerContext, _events: list[EventView]) -> None:
+        pass
+
+    before = utcnow()
+    await Worker(core, registry=old, poll_seconds=0.01).drain(timeout=10)
+    events = await statuses(core)
+    assert [events[i].status for i in others] == [EventStatus.done] * 3
+    waiting = events[newer]
+    assert waiting.status == EventStatus.pending
+    assert waiting.attempts == 0
+    assert waiting.run_after >= before + timedelta(minutes=4)
+    assert "waiting for a worker that has one" in (waiting.last_error or "")
+
+    # Once due again, a worker of the newer version handles it.
+    async with transaction(core.sessions) as session:
+        await session.execute(
+            sa.update(InboxEvent).where(InboxEvent.id == newer).values(run_after=utcnow())
+        )
+    new = Registry()
+    handled: list[int] = []
+    new.handler("test.work")(work)
+
+    @new.handler("test.newer")
+    async def newer_work(_context: HandlerContext, events: list[EventView]) -> None:
+        handled.extend(e.id for e in events)
+
+    await Worker(core, registry=new, poll_seconds=0.01).drain(timeout=10)
+    assert handled == [newer]
+    assert (await statuses(core))[newer].status == EventStatus.done
 
 
 async def test_an_unavailable_portal_parks_its_events_until_unparked(core: Services) -> None:
