@@ -119,6 +119,9 @@ CALL_TITLE = "AI receptionist call"
 AMBIGUOUS_CREATE_ROUNDS = 3
 NOTE_HEADINGS = {TEXT: "AI receptionist text", CHAT: "AI receptionist chat"}
 ASSOCIATION_TYPES = {"calls": 194, "notes": 202}
+# Records one association batch read may name (HubSpot's limit since February 2025).
+ASSOCIATION_READ_LIMIT = 1000
+NO_ASSOCIATIONS = "crm.associations.NO_ASSOCIATIONS_FOUND"
 # HubSpot keeps at most 65,536 characters in a text property.
 MAX_TEXT = 65_536
 TRUNCATED = " … (truncated)"
@@ -1352,8 +1355,10 @@ class BatchSync:
         for object_type in ("calls", "notes"):
             wanted = [i for i in items if i.object_type == object_type]
             owned: dict[str, str] = {}  # engagement id → contact id
-            for contact_id in sorted({i.made_for for i in wanted if i.made_for}):
-                for engagement_id in await self._associated(contact_id, object_type):
+            contact_ids = sorted({i.made_for for i in wanted if i.made_for})
+            associated = await self._associated_many(contact_ids, object_type)
+            for contact_id, engagement_ids in associated.items():
+                for engagement_id in engagement_ids:
                     owned[engagement_id] = contact_id
             records = await self._read_objects(object_type, sorted(owned))
             claimed: set[str] = set()
@@ -1367,6 +1372,49 @@ class BatchSync:
                         found[item.id] = engagement_id
                         claimed.add(engagement_id)
                         break
+        return found
+
+    async def _associated_many(
+        self, contact_ids: list[str], object_type: str
+    ) -> dict[str, list[str]]:
+        """Each contact's associated engagements of `object_type`, a thousand contacts a
+        request (a lost answer on a full batch is settled in one, not a hundred).
+
+        A contact is settled by its last page of results or by HubSpot's "no associations"
+        entry; one the answer leaves unsettled any other way is read on its own, since
+        taking it for "none" could make its engagement twice.
+        """
+        found: dict[str, list[str]] = {contact_id: [] for contact_id in contact_ids}
+        settled: set[str] = set()
+        pending: list[dict[str, str]] = [{"id": contact_id} for contact_id in contact_ids]
+        while pending:
+            following: list[dict[str, str]] = []
+            for start in range(0, len(pending), ASSOCIATION_READ_LIMIT):
+                answer = (
+                    await self.client.post_json(
+                        f"/crm/v4/associations/contacts/{object_type}/batch/read",
+                        {"inputs": pending[start : start + ASSOCIATION_READ_LIMIT]},
+                    )
+                    or {}
+                )
+                for result in answer.get("results") or []:
+                    contact_id = str((result.get("from") or {}).get("id"))
+                    if contact_id not in found:
+                        continue
+                    found[contact_id] += [str(t.get("toObjectId")) for t in result.get("to") or []]
+                    after = ((result.get("paging") or {}).get("next") or {}).get("after")
+                    if after:
+                        following.append({"id": contact_id, "after": str(after)})
+                    else:
+                        settled.add(contact_id)
+                for error in answer.get("errors") or []:
+                    if error.get("subCategory") == NO_ASSOCIATIONS:
+                        named = (error.get("context") or {}).get("fromObjectId") or []
+                        settled.update(str(i) for i in named if str(i) in found)
+            pending = following
+        for contact_id in contact_ids:
+            if contact_id not in settled:
+                found[contact_id] = await self._associated(contact_id, object_type)
         return found
 
     async def _associated(self, contact_id: str, object_type: str) -> list[str]:

@@ -7,6 +7,7 @@ is the sandbox behind `httpx.ASGITransport`, with its real rate limits.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -576,7 +577,7 @@ async def test_queued_notes_are_made_once_when_hubspot_loses_the_answer(
 ) -> None:
     portal = await install_portal(1001)
     await drain(services)  # provisioning
-    # A full batch, so its texts' notes are queued; a few, as settling reads each contact.
+    # A full batch, so its texts' notes are queued.
     events = [
         call(
             id=f"event-{n}",
@@ -598,6 +599,76 @@ async def test_queued_notes_are_made_once_when_hubspot_loses_the_answer(
     queued = [e for e in await inbox_events(services, "internal") if e.type == NOTE_LATER]
     assert len(queued) == 5
     assert {e.status for e in queued} == {EventStatus.done}
+    # The sandbox names endpoints by their route: `to_type` is the notes here.
+    settling = endpoint_requests(sandbox, 1001, "/crm/v4/associations/contacts")
+    assert settling == {"{to_type}/batch/read": 1}
+
+
+class UnsettlingAssociationsTransport(LostAnswerTransport):
+    """Loses the first calls create's answer, and answers association batch reads with
+    neither results nor "no associations" entries: an answer that settles no contact."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        if not request.url.path.startswith("/crm/v4/associations/"):
+            return response
+        body = json.loads(await response.aread())
+        body.pop("errors", None)
+        body["results"] = []
+        return httpx.Response(200, json=body)
+
+
+@pytest.mark.parametrize("made", [True, False])
+async def test_contacts_an_associations_read_leaves_unsettled_are_read_one_by_one(
+    client: Any,
+    install_portal: Any,
+    services: Any,
+    sandbox: Any,
+    sandbox_app: Any,
+    settings: Settings,
+    made: bool,
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    events = [call(id=f"event-{n}", caller={"phone": f"+1 212 555 {n:04d}"}) for n in range(3)]
+    await asyncio.gather(*(post_event(client, portal, e) for e in events))
+    await drain_through(settings, UnsettlingAssociationsTransport(sandbox_app, made=made))
+    calls = sandbox.calls(1001)
+    assert len(calls) == 3
+    assert {r.engagement_id for r in await engagement_rows(services)} == {c.id for c in calls}
+    # Taking "not in the answer" for "no call" would make the made calls twice: each
+    # contact is read alone instead.
+    alone = endpoint_requests(sandbox, 1001, "/crm/v4/objects/contacts")
+    assert alone == {"{object_id}/associations/{to_type}": 3}
+
+
+@pytest.mark.parametrize("made", [True, False])
+async def test_a_full_batch_whose_answer_is_lost_is_settled_in_one_associations_read(
+    client: Any,
+    install_portal: Any,
+    services: Any,
+    sandbox: Any,
+    sandbox_app: Any,
+    settings: Settings,
+    made: bool,
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    events = [call(id=f"event-{n}", caller={"phone": f"+1 212 555 {n:04d}"}) for n in range(100)]
+    for start in range(0, len(events), 50):
+        await asyncio.gather(*(post_event(client, portal, e) for e in events[start : start + 50]))
+    lossy = LostAnswerTransport(sandbox_app, made=made, path="/crm/v3/objects/calls/batch/create")
+    await drain_through(settings, lossy)
+    assert lossy.losses == 0
+    calls = sandbox.calls(1001)
+    assert len(calls) == 100
+    records = await engagement_rows(services)
+    assert {r.engagement_id for r in records} == {c.id for c in calls}
+    # A hundred contacts' associations in one request, none read one contact at a time.
+    assert endpoint_requests(sandbox, 1001, "/crm/v4/associations/contacts") == {
+        "{to_type}/batch/read": 1
+    }
+    assert endpoint_requests(sandbox, 1001, "/crm/v4/objects/contacts") == {}
 
 
 async def test_an_engagement_already_recorded_is_not_made_again(

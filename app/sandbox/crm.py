@@ -17,6 +17,10 @@ from app.sandbox.search import compile_matcher, parse_request, sort_key
 from app.sandbox.state import ASSOCIATION_TYPES, CrmObject, PortalWorld
 
 BATCH_LIMIT = 100
+# HubSpot's cap on the records one association batch read names (since February 2025).
+ASSOCIATION_READ_LIMIT = 1000
+# Associations one record's entry of a batch read lists before it pages (`after`).
+ASSOCIATION_PAGE_SIZE = 100
 LIST_LIMIT = 100
 READ_SCOPES = ("crm.objects.contacts.read", "crm.objects.contacts.write")
 WRITE_SCOPE = "crm.objects.contacts.write"
@@ -423,6 +427,73 @@ async def list_associations(request: Request, ctx: ApiContext) -> Response:
     )
 
 
+async def batch_read_associations(request: Request, ctx: ApiContext) -> Response:
+    """POST /crm/v4/associations/{fromType}/{toType}/batch/read.
+
+    One entry per input with associations, a page at a time (an input's `after` asks for
+    the next). An input with none, or naming no record, is an error entry
+    `crm.associations.NO_ASSOCIATIONS_FOUND`, and the answer is then 207, as HubSpot's is.
+    """
+    ctx.require_scope(*READ_SCOPES)
+    from_type = _object_type(request)
+    to_type = resolve_type(str(request.path_params["to_type"]))
+    inputs = (await read_json(request)).get("inputs")
+    if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
+        raise validation_error("inputs must be a list of objects")
+    if len(inputs) > ASSOCIATION_READ_LIMIT:
+        raise validation_error(
+            f"Too many inputs: {len(inputs)}. The limit is {ASSOCIATION_READ_LIMIT}.",
+            context={"limit": [str(ASSOCIATION_READ_LIMIT)]},
+        )
+    started = ctx.state.now()
+    type_id = ASSOCIATION_TYPES.get((from_type, to_type))
+    results: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    for item in inputs:
+        object_id = str(item.get("id", ""))
+        after = str(item.get("after") or "0")
+        start = int(after) if after.isdigit() else 0
+        source = ctx.portal.get(from_type, object_id)
+        ids = ctx.portal.associated(from_type, source.id, to_type) if source and type_id else []
+        page = ids[start : start + ASSOCIATION_PAGE_SIZE]
+        if not page:
+            errors.append(_no_associations_error(from_type, to_type, object_id))
+            continue
+        entry: dict[str, Any] = {
+            "from": {"id": object_id},
+            "to": [
+                {
+                    "toObjectId": int(i),
+                    "associationTypes": [
+                        {"category": "HUBSPOT_DEFINED", "typeId": type_id, "label": None}
+                    ],
+                }
+                for i in page
+            ],
+        }
+        if start + ASSOCIATION_PAGE_SIZE < len(ids):
+            entry["paging"] = {"next": {"after": str(start + ASSOCIATION_PAGE_SIZE)}}
+        results.append(entry)
+    return json_response(
+        batch_answer(started, results, ctx.state.now(), errors), 207 if errors else 200
+    )
+
+
+def _no_associations_error(from_type: str, to_type: str, object_id: str) -> dict[str, Any]:
+    singular_from, singular_to = from_type.removesuffix("s"), to_type.removesuffix("s")
+    return {
+        "status": "error",
+        "category": "OBJECT_NOT_FOUND",
+        "subCategory": "crm.associations.NO_ASSOCIATIONS_FOUND",
+        "message": f"No {singular_to} is associated with {singular_from} {object_id}.",
+        "context": {
+            "fromObjectId": [object_id],
+            "fromObjectType": [singular_from],
+            "toObjectType": [singular_to],
+        },
+    }
+
+
 def routes() -> list[BaseRoute]:
     """The CRM object routes (specific paths before the `{object_id}` ones)."""
     base = "/crm/v3/objects/{object_type}"
@@ -450,5 +521,10 @@ def routes() -> list[BaseRoute]:
             "/crm/v4/objects/{object_type}/{object_id}/associations/{to_type}",
             list_associations,
             methods=["GET"],
+        ),
+        api_route(
+            "/crm/v4/associations/{object_type}/{to_type}/batch/read",
+            batch_read_associations,
+            methods=["POST"],
         ),
     ]

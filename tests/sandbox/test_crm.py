@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from app.sandbox.crm import ASSOCIATION_PAGE_SIZE
 from tests.sandbox.conftest import Sandbox
 
 CONTACTS = "/crm/v3/objects/contacts"
@@ -243,6 +244,50 @@ async def test_associations_to_unknown_contacts_or_with_wrong_types_are_rejected
     assert response.status_code == 400
     assert response.json()["category"] == "VALIDATION_ERROR"
     assert sandbox.state.calls(1001) == []
+
+
+async def test_association_batch_read_pages_and_names_records_without_any(
+    sandbox: Sandbox,
+) -> None:
+    headers = await sandbox.token()
+    busy = await create_contact(sandbox, headers, firstname="Busy")
+    quiet = await create_contact(sandbox, headers, firstname="Quiet")
+    world = sandbox.state.portal(1001)
+    made = []
+    for n in range(ASSOCIATION_PAGE_SIZE + 5):
+        response = await sandbox.client.post(
+            "/crm/v3/objects/calls",
+            json={"properties": {"hs_timestamp": n}, "associations": association(busy, 194)},
+            headers=headers,
+        )
+        made.append(response.json()["id"])
+    url = "/crm/v4/associations/contacts/calls/batch/read"
+
+    first = await sandbox.client.post(
+        url, json={"inputs": [{"id": busy}, {"id": quiet}, {"id": "999999"}]}, headers=headers
+    )
+    assert first.status_code == 207
+    [entry] = first.json()["results"]
+    assert entry["from"] == {"id": busy}
+    assert [str(t["toObjectId"]) for t in entry["to"]] == made[:ASSOCIATION_PAGE_SIZE]
+    assert entry["to"][0]["associationTypes"][0]["typeId"] == 193  # contact to call
+    errors = first.json()["errors"]
+    assert [e["subCategory"] for e in errors] == ["crm.associations.NO_ASSOCIATIONS_FOUND"] * 2
+    assert [e["context"]["fromObjectId"] for e in errors] == [[quiet], ["999999"]]
+    after = entry["paging"]["next"]["after"]
+    rest = await sandbox.client.post(
+        url, json={"inputs": [{"id": busy, "after": after}]}, headers=headers
+    )
+    assert rest.status_code == 200
+    [entry] = rest.json()["results"]
+    assert [str(t["toObjectId"]) for t in entry["to"]] == made[ASSOCIATION_PAGE_SIZE:]
+    assert "paging" not in entry
+    assert world.associated("contacts", busy, "calls") == made
+
+    too_many = await sandbox.client.post(
+        url, json={"inputs": [{"id": str(n)} for n in range(1001)]}, headers=headers
+    )
+    assert too_many.status_code == 400
 
 
 async def test_batch_of_101_inputs_is_400(sandbox: Sandbox) -> None:
