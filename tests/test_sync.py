@@ -618,6 +618,28 @@ class UnsettlingAssociationsTransport(LostAnswerTransport):
         return httpx.Response(200, json=body)
 
 
+async def sync_calls_through(
+    client: Any,
+    install_portal: Any,
+    services: Any,
+    sandbox: Any,
+    settings: Settings,
+    transport: httpx.AsyncBaseTransport,
+    count: int,
+) -> None:
+    """`count` new callers' calls, synced by a worker whose HubSpot requests go through
+    `transport`: each call is made once and recorded against its event."""
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    events = [call(id=f"event-{n}", caller={"phone": f"+1 212 555 {n:04d}"}) for n in range(count)]
+    for start in range(0, count, 50):
+        await asyncio.gather(*(post_event(client, portal, e) for e in events[start : start + 50]))
+    await drain_through(settings, transport)
+    calls = sandbox.calls(1001)
+    assert len(calls) == count
+    assert {r.engagement_id for r in await engagement_rows(services)} == {c.id for c in calls}
+
+
 @pytest.mark.parametrize("made", [True, False])
 async def test_contacts_an_associations_read_leaves_unsettled_are_read_one_by_one(
     client: Any,
@@ -628,14 +650,8 @@ async def test_contacts_an_associations_read_leaves_unsettled_are_read_one_by_on
     settings: Settings,
     made: bool,
 ) -> None:
-    portal = await install_portal(1001)
-    await drain(services)  # provisioning
-    events = [call(id=f"event-{n}", caller={"phone": f"+1 212 555 {n:04d}"}) for n in range(3)]
-    await asyncio.gather(*(post_event(client, portal, e) for e in events))
-    await drain_through(settings, UnsettlingAssociationsTransport(sandbox_app, made=made))
-    calls = sandbox.calls(1001)
-    assert len(calls) == 3
-    assert {r.engagement_id for r in await engagement_rows(services)} == {c.id for c in calls}
+    lossy = UnsettlingAssociationsTransport(sandbox_app, made=made)
+    await sync_calls_through(client, install_portal, services, sandbox, settings, lossy, 3)
     # Taking "not in the answer" for "no call" would make the made calls twice: each
     # contact is read alone instead.
     alone = endpoint_requests(sandbox, 1001, "/crm/v4/objects/contacts")
@@ -652,18 +668,9 @@ async def test_a_full_batch_whose_answer_is_lost_is_settled_in_one_associations_
     settings: Settings,
     made: bool,
 ) -> None:
-    portal = await install_portal(1001)
-    await drain(services)  # provisioning
-    events = [call(id=f"event-{n}", caller={"phone": f"+1 212 555 {n:04d}"}) for n in range(100)]
-    for start in range(0, len(events), 50):
-        await asyncio.gather(*(post_event(client, portal, e) for e in events[start : start + 50]))
-    lossy = LostAnswerTransport(sandbox_app, made=made, path="/crm/v3/objects/calls/batch/create")
-    await drain_through(settings, lossy)
+    lossy = LostAnswerTransport(sandbox_app, made=made)
+    await sync_calls_through(client, install_portal, services, sandbox, settings, lossy, 100)
     assert lossy.losses == 0
-    calls = sandbox.calls(1001)
-    assert len(calls) == 100
-    records = await engagement_rows(services)
-    assert {r.engagement_id for r in records} == {c.id for c in calls}
     # A hundred contacts' associations in one request, none read one contact at a time.
     assert endpoint_requests(sandbox, 1001, "/crm/v4/associations/contacts") == {
         "{to_type}/batch/read": 1
