@@ -72,8 +72,10 @@ MAX_FETCH = 100
 # portals waiting behind it are not starved when every slot is busy.
 BATCHES_PER_TURN = 10
 MAX_ERROR_LENGTH = 2000
-# How long an event of a type this worker has no handler for, made by a newer Hubline
-# (a rolling deploy), waits before this worker looks at it again.
+# Events no handler takes are skipped only when HubSpot sent them (subscriptions Hubline
+# does not use); any other was made by a newer Hubline (a rolling deploy) and waits this
+# long before this worker looks at it again.
+SKIPPED_WHEN_UNHANDLED = EventSource.hubspot
 NEWER_TYPE_WAIT = timedelta(minutes=5)
 # Marks one handled event done; run with a parameter set per event (one executemany).
 # The caller has checked, with the rows locked, that it still holds them.
@@ -531,8 +533,8 @@ class Worker:
         """Events no handler here takes. HubSpot's are subscriptions Hubline does not use, and
         are skipped. Any other was made or accepted by a newer Hubline than this worker (a
         rolling deploy, or a rollback): it waits for a worker that knows its type, unlost."""
-        ignored = [row.id for row in run if row.source == EventSource.hubspot]
-        newer = [row for row in run if row.source != EventSource.hubspot]
+        ignored = [row.id for row in run if row.source == SKIPPED_WHEN_UNHANDLED]
+        newer = [row for row in run if row.source != SKIPPED_WHEN_UNHANDLED]
         if ignored:
             EVENTS_HANDLED.labels(outcome="skipped").inc(len(ignored))
             await session.execute(
@@ -830,7 +832,7 @@ class Worker:
         # Not counting what waits for a newer worker: this one will never finish it.
         for_newer_worker = sa.and_(
             col(InboxEvent.status) == EventStatus.pending,
-            col(InboxEvent.source) != EventSource.hubspot,
+            col(InboxEvent.source) != SKIPPED_WHEN_UNHANDLED,
             col(InboxEvent.type).not_in(self.registry.types),
         )
         query = sa.select(col(InboxEvent.id)).where(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -48,6 +49,12 @@ async def post_event(client: Any, portal: Any, event: dict[str, Any]) -> Any:
     )
     assert response.status_code in (200, 201, 202), response.text
     return response
+
+
+async def post_events(client: Any, portal: Any, events: list[dict[str, Any]]) -> None:
+    """Post events fifty at a time, in bursts as a busy receptionist platform sends them."""
+    for start in range(0, len(events), 50):
+        await asyncio.gather(*(post_event(client, portal, e) for e in events[start : start + 50]))
 
 
 async def drain(services: Any, timeout: float = 20.0) -> None:

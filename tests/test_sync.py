@@ -38,6 +38,7 @@ from tests.sync_support import (
     person_contact,
     portal_requests,
     post_event,
+    post_events,
     rate_limited,
 )
 
@@ -245,8 +246,7 @@ async def test_callers_recurring_across_overlapping_batches_are_one_contact_each
         if n % 5 == 0:
             caller = {"name": f"Caller {who}", "phone": f"415.555.{who:04d}"}
         events.append(call(id=f"recurring-{n}", caller=caller))
-    for start in range(0, 350, 50):
-        await asyncio.gather(*(post_event(client, portal, e) for e in events[start : start + 50]))
+    await post_events(client, portal, events)
     await drain(services, timeout=120)
 
     contacts = sandbox.contacts(1001)
@@ -386,8 +386,7 @@ async def test_300_events_sync_with_few_requests_and_no_429(
             caller = {"name": "Someone Known", "phone": rng.choice(returning).replace("(", "+1 (")}
         events.append(call(id=f"bulk-{n}", type=kind, caller=caller))
     before = portal_requests(sandbox, 1001)
-    for start in range(0, 300, 50):
-        await asyncio.gather(*(post_event(client, portal, e) for e in events[start : start + 50]))
+    await post_events(client, portal, events)
     await drain(services, timeout=120)
     spent = portal_requests(sandbox, 1001) - before
 
@@ -586,8 +585,7 @@ async def test_queued_notes_are_made_once_when_hubspot_loses_the_answer(
         )
         for n in range(100)
     ]
-    for start in range(0, len(events), 50):
-        await asyncio.gather(*(post_event(client, portal, e) for e in events[start : start + 50]))
+    await post_events(client, portal, events)
     lossy = LostAnswerTransport(sandbox_app, made=made, path="/crm/v3/objects/notes/batch/create")
     await drain_through(settings, lossy)
     assert lossy.losses == 0
@@ -632,8 +630,7 @@ async def sync_calls_through(
     portal = await install_portal(1001)
     await drain(services)  # provisioning
     events = [call(id=f"event-{n}", caller={"phone": f"+1 212 555 {n:04d}"}) for n in range(count)]
-    for start in range(0, count, 50):
-        await asyncio.gather(*(post_event(client, portal, e) for e in events[start : start + 50]))
+    await post_events(client, portal, events)
     await drain_through(settings, transport)
     calls = sandbox.calls(1001)
     assert len(calls) == count
