@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -41,6 +42,7 @@ def create_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
         # under busy_timeout instead. Transactions thus run one at a time, as SQLite's
         # writers do anyway; PostgreSQL is the engine for concurrency.
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
+        event.listen(engine.sync_engine, "close", _sqlite_roll_back_before_close)
         return engine
     if "poolclass" not in kwargs:
         kwargs.setdefault("pool_size", 10)
@@ -61,6 +63,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def _sqlite_begin(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_roll_back_before_close(dbapi_connection: Any, _record: Any) -> None:
+    # A task cancelled between a statement's first step and its last (an INSERT ...
+    # RETURNING whose rows were not yet fetched) makes SQLAlchemy close the connection.
+    # sqlite3 cannot finalize the statement its cursor still holds, so the connection
+    # lives on as a zombie keeping the write lock, and every other connection (another
+    # process's too) waits out busy_timeout. A rollback first aborts the statement and
+    # releases the lock. Garbage collection closes connections where nothing can be
+    # awaited: that closing goes ahead alone.
+    with contextlib.suppress(Exception):
+        dbapi_connection.run_async(_roll_back)
+
+
+async def _roll_back(driver_connection: Any) -> None:
+    # Shielded: a second cancellation must not stop it (the driver runs it before the close).
+    await asyncio.shield(driver_connection.rollback())
 
 
 def session_factory(engine: AsyncEngine) -> SessionFactory:

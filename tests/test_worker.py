@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -520,15 +521,21 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 class WorkerProcess:
     def __init__(self, env: dict[str, str]) -> None:
+        # The worker's log, kept for a failure's message: a hang is otherwise a mystery.
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in __exit__)
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "worker_process.py")],
             env=env,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=self.log,
             text=True,
             cwd=ROOT,
         )
         self.lines: list[str] = []
+
+    def log_tail(self, characters: int = 6000) -> str:
+        self.log.seek(0)
+        return self.log.read()[-characters:]
 
     async def wait_for(self, prefix: str, timeout: float = 30) -> str:
         assert self.process.stdout is not None
@@ -540,13 +547,26 @@ class WorkerProcess:
             self.lines.append(line.strip())
             if line.startswith(prefix):
                 return line.strip()
-        raise AssertionError(f"worker never printed {prefix!r}; it printed {self.lines}")
+        raise AssertionError(
+            f"worker never printed {prefix!r}; it printed {self.lines}; "
+            f"its log ends:\n{self.log_tail()}"
+        )
 
     def kill(self, signum: int) -> None:
         self.process.send_signal(signum)
 
     async def wait(self, timeout: float = 30) -> int:
-        return await asyncio.to_thread(self.process.wait, timeout)
+        try:
+            return await asyncio.to_thread(self.process.wait, timeout)
+        except subprocess.TimeoutExpired:
+            # Where it is stuck: worker_process.py prints its threads on SIGUSR1 and its
+            # asyncio tasks on SIGUSR2.
+            for signum in (signal.SIGUSR1, signal.SIGUSR2):
+                self.process.send_signal(signum)
+            await asyncio.sleep(1)
+            raise AssertionError(
+                f"the worker did not exit within {timeout} s; its log ends:\n{self.log_tail()}"
+            ) from None
 
     def __enter__(self) -> WorkerProcess:
         return self
@@ -557,6 +577,7 @@ class WorkerProcess:
         self.process.wait()
         if self.process.stdout is not None:
             self.process.stdout.close()
+        self.log.close()
 
 
 @pytest.fixture

@@ -8,7 +8,9 @@ tests read that table to prove exactly-once completion and exclusive leases.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import os
+import signal
 import sys
 import time
 
@@ -16,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.inbox import Done, EventView, HandlerContext, Outcome, Registry
+from app.logs import configure_logging
 from app.main import close_services, open_services
 from app.settings import load_settings
 from app.worker import Worker
@@ -45,7 +48,16 @@ async def work(context: HandlerContext, events: list[EventView]) -> dict[int, Ou
     return {e.id: _record(e.id, context.portal_id, context.worker_id, started) for e in events}
 
 
+def print_tasks() -> None:
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
+
+
 async def main() -> None:
+    # Logs and, on request, stacks go to stderr, which the tests show when a worker hangs.
+    configure_logging("INFO")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, print_tasks)
     settings = load_settings(dict(os.environ))
     services = await open_services(settings)
     worker = Worker(
