@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +72,7 @@ def _sqlite_roll_back_before_close(dbapi_connection: Any, _record: Any) -> None:
     # process's too) waits out busy_timeout. A rollback first aborts the statement and
     # releases the lock. Garbage collection closes connections where nothing can be
     # awaited: that closing goes ahead alone.
-    with contextlib.suppress(Exception):
+    with suppress(Exception):
         dbapi_connection.run_async(_roll_back)
 
 

@@ -356,11 +356,13 @@ async def test_a_batch_that_outlasts_the_lease_keeps_it_while_its_worker_lives(
     @registry.handler("test.work")
     async def work(context: HandlerContext, _events: list[EventView]) -> None:
         handled_by.append(context.worker_id)
-        await asyncio.sleep(1.5)  # five leases long: only renewals keep it
+        await asyncio.sleep(3.0)  # three leases long: only renewals keep it
 
     [event_id] = await add_events(core, 1001, 1)
+    # A lease of 1 s (renewed every third of it) leaves room for a loaded machine: at
+    # 0.3 s a renewal stuck behind SQLite's busy handler now and then came too late.
     workers = [
-        Worker(core, registry=registry, poll_seconds=0.02, lease_seconds=0.3, worker_id=name)
+        Worker(core, registry=registry, poll_seconds=0.02, lease_seconds=1.0, worker_id=name)
         for name in ("first", "second")
     ]
     running = [asyncio.create_task(worker.run()) for worker in workers]
@@ -522,7 +524,8 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 class WorkerProcess:
     def __init__(self, env: dict[str, str]) -> None:
         # The worker's log, kept for a failure's message: a hang is otherwise a mystery.
-        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in __exit__)
+        # Appending: the worker's writes land at the end whatever our reads' offset.
+        self.log = tempfile.TemporaryFile("a+")  # noqa: SIM115 (closed in __exit__)
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "worker_process.py")],
             env=env,
