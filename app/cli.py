@@ -93,6 +93,9 @@ async def cmd_migrate(_args: argparse.Namespace) -> int:
     from app import db
 
     settings = settings_from_environment()
+    path = db.sqlite_path(settings.database_url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as `hubline serve` does
     engine = db.create_engine(settings.database_url)
     try:
         before = await db.schema_revision(engine)
@@ -212,6 +215,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     except KeyboardInterrupt:
         return 130
+    except Exception as error:
+        trouble = _database_trouble(args, error)
+        if trouble is None:
+            raise
+        print(f"hubline: {trouble}", file=sys.stderr)
+        return 1
+
+
+def _database_trouble(args: argparse.Namespace, error: Exception) -> str | None:
+    """One line on why the database failed the command, when it is the database's state
+    (unreachable, schema missing or behind) rather than a fault a traceback should show."""
+    from app import db
+
+    if not isinstance(error, db.DATABASE_ERRORS):
+        return None
+    database_url = settings_from_environment().database_url
+    # `migrate` is what makes the schema: only whether it can reach the database counts.
+    return run_async(db.database_trouble(database_url, need_schema=args.run is not cmd_migrate))
 
 
 def _load_extensions() -> None:

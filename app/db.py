@@ -9,13 +9,14 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -26,6 +27,16 @@ from sqlalchemy.ext.asyncio import (
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 SessionFactory = async_sessionmaker[AsyncSession]
+
+# What "the database cannot be used" looks like: SQLAlchemy wraps driver errors, but a
+# refused connection or a pool timeout can surface as the driver's or the OS's own.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    sa.exc.SQLAlchemyError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
 
 
 def create_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
@@ -164,6 +175,49 @@ async def migrate_fresh_sqlite(engine: AsyncEngine, database_url: str) -> bool:
             return True
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def redacted_url(database_url: str | URL) -> str:
+    """The URL to show a person: its password masked."""
+    return make_url(database_url).render_as_string(hide_password=True)
+
+
+def error_reason(error: BaseException) -> str:
+    """The driver's own first line of a database error, without SQLAlchemy's statement
+    and parameters (which can carry stored values)."""
+    cause = error.orig if isinstance(error, sa.exc.DBAPIError) else error
+    lines = str(cause).strip().splitlines()
+    return (lines[0] if lines else type(cause).__name__)[:200]
+
+
+async def schema_trouble(engine: AsyncEngine, *, need_schema: bool = True) -> str | None:
+    """Why this database cannot serve Hubline now (unreachable, or its schema is missing
+    or behind the code), or None when it can."""
+    shown = redacted_url(engine.url)
+    try:
+        revision = await asyncio.wait_for(schema_revision(engine), timeout=10)
+    except DATABASE_ERRORS as error:
+        return f"cannot reach the database at {shown}: {error_reason(error)}"
+    if need_schema and schema_is_behind(revision):
+        have = f"schema {revision}" if revision else "no Hubline schema"
+        return (
+            f"the database at {shown} has {have}, this code needs {head_revision()}: "
+            "run `hubline migrate`"
+        )
+    return None
+
+
+async def database_trouble(database_url: str, *, need_schema: bool = True) -> str | None:
+    """`schema_trouble` of the database at `database_url`, or a SQLite file's missing folder."""
+    path = sqlite_path(database_url)
+    if path is not None and not path.parent.is_dir():
+        shown = redacted_url(database_url)
+        return f"there is no folder {path.parent} for the database at {shown}: check DATABASE_URL"
+    engine = create_engine(database_url)
+    try:
+        return await schema_trouble(engine, need_schema=need_schema)
+    finally:
+        await engine.dispose()
 
 
 def rowcount(result: sa.Result[Any]) -> int:

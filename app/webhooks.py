@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
@@ -26,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from app.crypto import TokenCipher
-from app.db import transaction
+from app.db import DATABASE_ERRORS, transaction
 from app.errors import EventRejected
 from app.inbox import NewEvent, enqueue
 from app.main import Services, services
@@ -41,15 +40,6 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1024 * 1024
 MAX_HUBSPOT_EVENTS = 100
 
-# What "the database cannot store it" looks like: SQLAlchemy wraps driver errors, but a
-# refused connection or a pool timeout can surface as the driver's or the OS's own.
-DATABASE_ERRORS: tuple[type[BaseException], ...] = (
-    sa.exc.SQLAlchemyError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    OSError,
-    TimeoutError,
-)
 
 Clock = Callable[[], float]
 Endpoint = Callable[[Request], Awaitable[Response]]

@@ -21,7 +21,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from app import identity
-from app.db import transaction
+from app.db import error_reason, schema_trouble, transaction
 from app.errors import CryptoError
 from app.inbox import (
     Done,
@@ -95,12 +95,42 @@ _MARK_DONE = (
 PeriodicJob = Callable[["Services"], Awaitable[None]]
 
 
+class _FailureLog:
+    """A loop's failures, logged without a flood: an error that repeats turn after turn
+    (the database down for a minute) is logged once, with its traceback, and so is its end."""
+
+    def __init__(self, doing: str) -> None:
+        self.doing = doing
+        self.failures = 0
+        self._last: str | None = None
+
+    def failed(self, error: BaseException) -> None:
+        """Record a failure; call it in the `except` block, whose traceback the log takes."""
+        self.failures += 1
+        seen = f"{type(error).__name__}: {error_reason(error)}"
+        if seen == self._last:
+            log.debug("%s failed again (%d in a row)", self.doing, self.failures)
+            return
+        self._last = seen
+        log.exception("%s failed; retrying", self.doing)
+
+    def succeeded(self) -> None:
+        if self._last is not None:
+            log.info("%s works again after %d failures", self.doing, self.failures)
+        self.failures = 0
+        self._last = None
+
+
 @dataclass
 class _Periodic:
     name: str
     every_seconds: float
     job: PeriodicJob
     next_run: float = 0.0
+    failures: _FailureLog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.failures = _FailureLog(f"periodic job {self.name}")
 
 
 @dataclass
@@ -160,6 +190,7 @@ class Worker:
         lease_seconds: float = 30.0,
         poll_seconds: float = 0.5,
         grace_seconds: float = 20.0,
+        database_wait_seconds: float = 5.0,
         retry_policy: RetryPolicy = DEFAULT_POLICY,
         registry: Registry | None = None,
         worker_id: str | None = None,
@@ -169,6 +200,7 @@ class Worker:
         self.lease = timedelta(seconds=lease_seconds)
         self.poll_seconds = poll_seconds
         self.grace_seconds = grace_seconds
+        self.database_wait_seconds = database_wait_seconds
         self.retry_policy = retry_policy
         self.registry = registry if registry is not None else load_handlers()
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -194,14 +226,18 @@ class Worker:
     async def run(self) -> None:
         """Serve portals until `stop()`; then finish or release in-flight work."""
         log.info("worker started", extra={"worker_id": self.worker_id})
+        await self._wait_for_database()
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat")
         periodic = asyncio.create_task(self._periodic_loop(), name="worker-periodic")
+        claiming = _FailureLog("claiming portals")
         try:
             while not self._stopping.is_set():
                 try:
                     await self._fill_slots()
-                except Exception:
-                    log.exception("claiming portals failed; retrying")
+                except Exception as error:
+                    claiming.failed(error)
+                else:
+                    claiming.succeeded()
                 await self._wait_for_work()
         finally:
             periodic.cancel()
@@ -211,6 +247,26 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             log.info("worker stopped", extra={"worker_id": self.worker_id})
+
+    async def _wait_for_database(self) -> None:
+        """Return once the database answers with a schema this code can use (or on `stop()`).
+
+        A rolling deploy may start workers before `hubline migrate` has run, and a worker
+        may start while the database is down: until then it says once why it waits,
+        instead of failing every turn of its loops.
+        """
+        told: str | None = None
+        while not self._stopping.is_set():
+            trouble = await schema_trouble(self.services.engine)
+            if trouble is None:
+                if told is not None:
+                    log.info("the database is ready; worker serving")
+                return
+            if trouble != told:
+                log.warning("worker waiting: %s", trouble)
+                told = trouble
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.database_wait_seconds)
 
     async def run_until_signalled(self) -> None:
         """`run()`, stopping gracefully on SIGTERM or SIGINT."""
@@ -755,12 +811,15 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         interval = self.lease.total_seconds() / 3
+        renewing = _FailureLog("renewing leases")
         while True:
             await asyncio.sleep(interval)
             try:
                 await self._renew_leases()
-            except Exception:
-                log.exception("renewing leases failed")
+            except Exception as error:
+                renewing.failed(error)
+            else:
+                renewing.succeeded()
 
     async def _renew_leases(self) -> None:
         # Taken before the awaits below: meanwhile a task may end and leave `_active`, or
@@ -806,8 +865,10 @@ class Worker:
                     try:
                         if await self._acquire_singleton(job.name, job.every_seconds):
                             await job.job(self.services)
-                    except Exception:
-                        log.exception("periodic job %s failed", job.name)
+                    except Exception as error:
+                        job.failures.failed(error)
+                    else:
+                        job.failures.succeeded()
             await asyncio.sleep(min(1.0, self.poll_seconds * 2))
 
     async def _acquire_singleton(self, name: str, hold_seconds: float) -> bool:

@@ -142,3 +142,54 @@ def test_migrate_creates_the_schema_then_reports_it_is_current(tmp_path: Path) -
     assert first.stdout.startswith("migrated schema from empty to")
     again = hubline("migrate", env=env, cwd=tmp_path)
     assert again.stdout.startswith("schema already at")
+
+
+def _database_env(database_url: str) -> dict[str, str]:
+    return clean_env(
+        HUBSPOT_CLIENT_ID=TEST_CLIENT_ID,
+        HUBSPOT_CLIENT_SECRET=TEST_CLIENT_SECRET,
+        TOKEN_ENCRYPTION_KEYS=TEST_KEY,
+        DATABASE_URL=database_url,
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    return result.stderr.strip()
+
+
+def test_commands_say_in_one_line_that_the_database_cannot_be_reached(tmp_path: Path) -> None:
+    url = f"postgresql+asyncpg://hubline:do-not-show-me@127.0.0.1:{free_port()}/hubline"
+    env = _database_env(url)
+    for command in (["portals", "list"], ["events", "list"], ["keys", "rotate"], ["migrate"]):
+        result = hubline(*command, env=env, cwd=tmp_path)
+        line = _one_line_error(result)
+        assert line.startswith("hubline: cannot reach the database at "), command
+        assert "postgresql+asyncpg://hubline:***@127.0.0.1:" in line
+        assert "do-not-show-me" not in result.stdout + result.stderr
+
+
+def test_commands_on_a_database_without_the_schema_say_to_migrate(tmp_path: Path) -> None:
+    env = _database_env(f"sqlite+aiosqlite:///{tmp_path / 'hubline.db'}")
+    for command in (["portals", "list"], ["events", "retry", "--failed"]):
+        line = _one_line_error(hubline(*command, env=env, cwd=tmp_path))
+        assert "has no Hubline schema" in line, command
+        assert line.endswith("run `hubline migrate`")
+    assert hubline("migrate", env=env, cwd=tmp_path).returncode == 0
+    listed = hubline("portals", "list", env=env, cwd=tmp_path)
+    assert listed.returncode == 0
+    assert listed.stdout.strip() == "no portals installed yet"
+
+
+def test_a_sqlite_database_in_a_missing_folder_is_named_and_migrate_makes_it(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "data"
+    env = _database_env(f"sqlite+aiosqlite:///{folder / 'hubline.db'}")
+    line = _one_line_error(hubline("events", "list", env=env, cwd=tmp_path))
+    assert f"there is no folder {folder} " in line
+    migrated = hubline("migrate", env=env, cwd=tmp_path)
+    assert migrated.returncode == 0, migrated.stderr
+    assert (folder / "hubline.db").exists()

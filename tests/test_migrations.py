@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import SQLModel
@@ -32,3 +34,21 @@ def test_schema_behind_and_ahead_are_told_apart() -> None:
     assert not db.schema_is_behind(db.head_revision())
     # A revision this code does not know was written by a newer deploy: still ready.
     assert not db.schema_is_behind("ffffffffffff")
+
+
+async def test_schema_trouble_says_what_the_database_lacks(engine: AsyncEngine) -> None:
+    assert await db.schema_trouble(engine) is None
+    head = db.head_revision()
+    first = list(ScriptDirectory.from_config(db.alembic_config()).walk_revisions())[-1].revision
+    async with engine.begin() as connection:
+        await connection.execute(
+            sa.text("UPDATE alembic_version SET version_num = :first"), {"first": first}
+        )
+    trouble = await db.schema_trouble(engine)
+    assert trouble is not None
+    assert trouble.endswith(f"has schema {first}, this code needs {head}: run `hubline migrate`")
+    # `hubline migrate` itself only needs to reach the database.
+    assert await db.schema_trouble(engine, need_schema=False) is None
+    async with engine.begin() as connection:
+        await connection.execute(sa.text("DELETE FROM alembic_version"))
+    assert "has no Hubline schema" in (await db.schema_trouble(engine) or "")

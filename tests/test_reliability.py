@@ -130,15 +130,17 @@ async def test_a_replay_one_second_outside_the_window_is_refused(
 ) -> None:
     secret = await add_portal(services.sessions, services.cipher, 1001)
     body = dumps(call_event(id="evt_late"))
-    inside = standard_headers(secret, body, timestamp=time.time() + offset * 299 / 301)
-    # The header carries whole seconds and time passes before the server checks it, both of
-    # which pull a future timestamp back toward the window: give that side its margin.
+    # The header carries whole seconds (cut down, up to a second earlier) and time passes
+    # before the server checks it: both move a timestamp toward the past, out of the
+    # window on the past side and back into it on the future side. Give each its margin.
     margin = 1.5 if offset > 0 else 0.0
     outside = standard_headers(secret, body, timestamp=time.time() + offset + margin)
     assert (
         await client.post(receptionist_path(1001), content=body, headers=outside)
     ).status_code == 401
     assert await _stored_events(services) == []
+    margin = 1.0 if offset < 0 else 0.0
+    inside = standard_headers(secret, body, timestamp=time.time() + offset * 299 / 301 + margin)
     assert (
         await client.post(receptionist_path(1001), content=body, headers=inside)
     ).status_code == 202

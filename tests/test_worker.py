@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import random
 import signal
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from app import db
 from app.db import transaction
 from app.errors import PermanentError, PortalUnavailable
 from app.inbox import (
@@ -37,6 +39,7 @@ from app.retry import RetryPolicy
 from app.settings import Settings
 from app.worker import Worker
 from tests.conftest import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TEST_KEY
+from tests.outage import database_outage
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST_RETRIES = RetryPolicy(base_seconds=0.01, cap_seconds=0.05, max_attempts=3)
@@ -506,6 +509,110 @@ async def test_a_batch_cancelled_while_its_outcomes_are_recorded_still_records_t
 
 
 # --- real worker processes ---------------------------------------------------------------
+
+
+async def _set_schema_revision(core: Services, revision: str | None) -> None:
+    async with transaction(core.sessions) as session:
+        await session.execute(sa.text("DELETE FROM alembic_version"))
+        if revision is not None:
+            await session.execute(
+                sa.text("INSERT INTO alembic_version (version_num) VALUES (:revision)"),
+                {"revision": revision},
+            )
+
+
+def _messages(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "app.worker" and text in r.getMessage()]
+
+
+async def test_a_worker_waits_for_the_schema_and_says_why_once(
+    core: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Started before `hubline migrate` (a rolling deploy), it claims nothing until the
+    schema is there, and says so once rather than failing every turn."""
+    caplog.set_level(logging.INFO, logger="app.worker")
+    handled: list[int] = []
+    registry = Registry()
+
+    @registry.handler("test.work")
+    async def work(_context: HandlerContext, events: list[EventView]) -> None:
+        handled.extend(event.id for event in events)
+
+    [event_id] = await add_events(core, 1, 1)
+    head = db.head_revision()
+    await _set_schema_revision(core, None)
+    worker = Worker(core, registry=registry, poll_seconds=0.01, database_wait_seconds=0.05)
+    running = asyncio.create_task(worker.run())
+    try:
+        await asyncio.sleep(0.5)  # ten checks of the schema
+        assert handled == []
+        waiting = _messages(caplog, "worker waiting")
+        assert len(waiting) == 1
+        assert waiting[0].levelno == logging.WARNING
+        assert "no Hubline schema" in waiting[0].getMessage()
+        assert "run `hubline migrate`" in waiting[0].getMessage()
+        await _set_schema_revision(core, head)
+        async with asyncio.timeout(10):
+            while handled != [event_id]:
+                await asyncio.sleep(0.01)
+        assert len(_messages(caplog, "the database is ready")) == 1
+    finally:
+        worker.stop()
+        await running
+
+
+async def test_a_worker_waiting_for_the_schema_stops_at_once(core: Services) -> None:
+    await _set_schema_revision(core, None)
+    worker = Worker(core, registry=Registry(), database_wait_seconds=60)
+    running = asyncio.create_task(worker.run())
+    await asyncio.sleep(0.2)
+    worker.stop()
+    async with asyncio.timeout(5):
+        await running
+
+
+# SQLite's outage moves the file aside and disposes of the engine, which cannot close the
+# connections the worker's loops hold at that moment (they would be collected later,
+# unclosed); PostgreSQL's outage takes the database away under the same engine.
+@pytest.mark.postgres_only
+async def test_a_database_outage_is_logged_once_and_its_end_too(
+    core: Services, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each turn of the claim loop fails while the database is away: one error with its
+    traceback, not one per turn, then a line when claiming works again."""
+    caplog.set_level(logging.DEBUG, logger="app.worker")
+    handled: list[int] = []
+    registry = Registry()
+
+    @registry.handler("test.work")
+    async def work(_context: HandlerContext, events: list[EventView]) -> None:
+        handled.extend(event.id for event in events)
+
+    worker = Worker(core, registry=registry, poll_seconds=0.01)
+    running = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(10):
+            while not _messages(caplog, "worker started"):
+                await asyncio.sleep(0.01)
+        async with database_outage(core.engine, database_url):
+            async with asyncio.timeout(10):
+                while len(_messages(caplog, "claiming portals failed")) < 50:
+                    await asyncio.sleep(0.01)
+        failures = _messages(caplog, "claiming portals failed")
+        reported = [r for r in failures if r.levelno >= logging.WARNING]
+        # The first turn may meet the connection being cut, the next the database gone.
+        assert 1 <= len(reported) <= 2
+        assert all(r.exc_info for r in reported), "the first report carries its traceback"
+        assert all(r.levelno == logging.DEBUG for r in failures if r not in reported)
+        ids = await add_events(core, 1, 2)
+        async with asyncio.timeout(10):
+            while sorted(handled) != sorted(ids):
+                await asyncio.sleep(0.01)
+        [back] = _messages(caplog, "claiming portals works again")
+        assert back.levelno == logging.INFO
+    finally:
+        worker.stop()
+        await running
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
