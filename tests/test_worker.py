@@ -525,12 +525,8 @@ def _messages(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRe
     return [r for r in caplog.records if r.name == "app.worker" and text in r.getMessage()]
 
 
-async def test_a_worker_waits_for_the_schema_and_says_why_once(
-    core: Services, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Started before `hubline migrate` (a rolling deploy), it claims nothing until the
-    schema is there, and says so once rather than failing every turn."""
-    caplog.set_level(logging.INFO, logger="app.worker")
+def _recording_registry() -> tuple[Registry, list[int]]:
+    """A registry whose `test.work` handler records the ids of the events it handled."""
     handled: list[int] = []
     registry = Registry()
 
@@ -538,6 +534,16 @@ async def test_a_worker_waits_for_the_schema_and_says_why_once(
     async def work(_context: HandlerContext, events: list[EventView]) -> None:
         handled.extend(event.id for event in events)
 
+    return registry, handled
+
+
+async def test_a_worker_waits_for_the_schema_and_says_why_once(
+    core: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Started before `hubline migrate` (a rolling deploy), it claims nothing until the
+    schema is there, and says so once rather than failing every turn."""
+    caplog.set_level(logging.INFO, logger="app.worker")
+    registry, handled = _recording_registry()
     [event_id] = await add_events(core, 1, 1)
     head = db.head_revision()
     await _set_schema_revision(core, None)
@@ -581,13 +587,7 @@ async def test_a_database_outage_is_logged_once_and_its_end_too(
     """Each turn of the claim loop fails while the database is away: one error with its
     traceback, not one per turn, then a line when claiming works again."""
     caplog.set_level(logging.DEBUG, logger="app.worker")
-    handled: list[int] = []
-    registry = Registry()
-
-    @registry.handler("test.work")
-    async def work(_context: HandlerContext, events: list[EventView]) -> None:
-        handled.extend(event.id for event in events)
-
+    registry, handled = _recording_registry()
     worker = Worker(core, registry=registry, poll_seconds=0.01)
     running = asyncio.create_task(worker.run())
     try:
