@@ -178,8 +178,8 @@ async def migrate_fresh_sqlite(engine: AsyncEngine, database_url: str) -> bool:
 
 
 def redacted_url(database_url: str | URL) -> str:
-    """The URL to show a person: its password masked."""
-    return make_url(database_url).render_as_string(hide_password=True)
+    """The URL to show a person: its password masked, and no query (which can carry one)."""
+    return make_url(database_url).set(query={}).render_as_string(hide_password=True)
 
 
 def error_reason(error: BaseException) -> str:

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from app import identity
-from app.db import error_reason, schema_trouble, transaction
+from app.db import schema_trouble, transaction
 from app.errors import CryptoError
 from app.inbox import (
     Done,
@@ -107,7 +107,7 @@ class _FailureLog:
     def failed(self, error: BaseException) -> None:
         """Record a failure; call it in the `except` block, whose traceback the log takes."""
         self.failures += 1
-        seen = f"{type(error).__name__}: {error_reason(error)}"
+        seen = describe_error(error)
         if seen == self._last:
             log.debug("%s failed again (%d in a row)", self.doing, self.failures)
             return

@@ -148,16 +148,17 @@ async def run_load(
 
 
 def _answered_requests(target: Target) -> Path:
-    """The requests the first measured round got 2xx answers to: stored events, every one.
+    """As many requests as the first measured round got 2xx answers, from its first line.
 
-    Lines a round skipped (the margin left for requests in flight when it stopped) were
-    never sent, so re-sending from the first line would store a few events for the first
-    time and blur the repeat round's "stored again", which must be 0.
+    Both load tools hand lines out in order, so every one of these was sent (the repeat
+    round's check, none stored again, confirms each had been stored). Lines a round
+    skipped (the margin left for requests in flight when it stopped) were never sent, so
+    re-sending from the first line would store a few events for the first time.
     """
     first = target.rounds[0]
+    path = target.requests_file.with_name(target.requests_file.stem + "-answered.tsv")
     with target.requests_file.open() as source:
         lines = itertools.islice(source, first["offset"], first["offset"] + first["ok"])
-        path = target.requests_file.with_name(target.requests_file.stem + "-answered.tsv")
         path.write_text("".join(lines))
     return path
 

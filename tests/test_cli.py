@@ -169,6 +169,13 @@ def test_commands_say_in_one_line_that_the_database_cannot_be_reached(tmp_path: 
         assert line.startswith("hubline: cannot reach the database at "), command
         assert "postgresql+asyncpg://hubline:***@127.0.0.1:" in line
         assert "do-not-show-me" not in result.stdout + result.stderr
+    # A password can ride in the query too (the driver takes its arguments from it).
+    env = _database_env(f"postgresql+asyncpg://hubline@127.0.0.1:{free_port()}/h?password=pw-in-q")
+    result = hubline("portals", "list", env=env, cwd=tmp_path)
+    assert "cannot reach the database at postgresql+asyncpg://hubline@127.0.0.1:" in (
+        _one_line_error(result)
+    )
+    assert "pw-in-q" not in result.stdout + result.stderr
 
 
 def test_commands_on_a_database_without_the_schema_say_to_migrate(tmp_path: Path) -> None:
