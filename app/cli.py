@@ -7,6 +7,7 @@ import asyncio
 import gc
 import json
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TextIO, TypeVar
 
@@ -190,11 +191,30 @@ def run_async(work: Coroutine[Any, Any, _T]) -> _T:
     uvloop's event loop and transports cost a fraction of asyncio's per request, and
     every command is a long-lived server or worker whose I/O is its work.
     """
+
+    async def settled() -> _T:
+        try:
+            return await work
+        finally:
+            await _sqlite_threads_ended()
+
     try:
         import uvloop
     except ImportError:  # pragma: no cover - a minimal install without uvicorn's extras
-        return asyncio.run(work)
-    return uvloop.run(work)
+        return asyncio.run(settled())
+    return uvloop.run(settled())
+
+
+async def _sqlite_threads_ended() -> None:
+    """Let aiosqlite's connection threads end before the loop closes (a second at most each).
+
+    aiosqlite stops a connection that failed to open without awaiting the stop: its
+    thread answers on this loop afterwards, and finding the loop closed it prints a
+    traceback under the command's own one-line error.
+    """
+    for thread in threading.enumerate():
+        if thread.name.endswith("(_connection_worker_thread)"):
+            await asyncio.to_thread(thread.join, 1.0)
 
 
 # Capabilities add their subcommands here (events, portals, dev, sandbox).
