@@ -567,14 +567,21 @@ async def test_a_worker_waits_for_the_schema_and_says_why_once(
         await running
 
 
-async def test_a_worker_waiting_for_the_schema_stops_at_once(core: Services) -> None:
+async def test_a_worker_waiting_for_the_schema_stops_at_once(
+    core: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="app.worker")
     await _set_schema_revision(core, None)
     worker = Worker(core, registry=Registry(), database_wait_seconds=60)
     running = asyncio.create_task(worker.run())
-    await asyncio.sleep(0.2)
+    async with asyncio.timeout(5):
+        while not _messages(caplog, "worker waiting"):
+            await asyncio.sleep(0.01)
     worker.stop()
+    # Well inside the 60 s between checks: the stop ends the wait itself.
     async with asyncio.timeout(5):
         await running
+    assert not _messages(caplog, "claiming portals failed")
 
 
 # SQLite's outage moves the file aside and disposes of the engine, which cannot close the
