@@ -70,6 +70,16 @@ class PortalUnavailable(HandlerError):
         self.reason = reason
 
 
+class UnrecordedWrite(HandlerError):
+    """HubSpot made records this attempt could not write down (their ids are lost to it).
+
+    Its retry must find them by searching, which shows new records only after a few
+    seconds: it waits as long as after a write whose answer was lost.
+    """
+
+    ambiguous = True
+
+
 class HubSpotError(HublineError):
     """HubSpot answered with an error."""
 

@@ -16,6 +16,7 @@ from app.errors import (
     PermanentError,
     PortalUnavailable,
     RefreshRejected,
+    UnrecordedWrite,
 )
 
 
@@ -62,7 +63,7 @@ class RetryPolicy:
         if attempt >= self.max_attempts:
             return Decision(Action.fail)
         delay = (rng or random).uniform(0, self.ceiling(attempt))
-        if isinstance(error, HubSpotError) and error.ambiguous:
+        if isinstance(error, HubSpotError | UnrecordedWrite) and error.ambiguous:
             # The retry looks for what the lost write may have created; give HubSpot's
             # search index time to show it.
             delay = max(delay, self.ambiguous_write_min_delay)

@@ -68,6 +68,7 @@ from app.errors import (
     HubSpotError,
     HubSpotValidationError,
     PermanentError,
+    UnrecordedWrite,
 )
 from app.hubspot import HubSpotClient, hubspot_client
 from app.inbox import (
@@ -477,6 +478,13 @@ def _behind(name: str, owners: dict[str, list[Item]], items: list[Item]) -> list
     return items
 
 
+def _sent_identity(plan: NewContact) -> tuple[set[str], set[str]]:
+    """The phones and emails a created contact holds: those its create carried."""
+    phones = {plan.phone} if plan.phone and "phone" in plan.properties else set()
+    emails = {plan.email} if plan.email and "email" in plan.properties else set()
+    return phones, emails
+
+
 async def _together(*steps: Awaitable[_T]) -> list[_T]:
     """Run independent steps at once; every one finishes before the first error is raised."""
     answers = await asyncio.gather(*steps, return_exceptions=True)
@@ -548,6 +556,7 @@ class BatchSync:
         self.errors_written: set[str] = set()
         self.adopted: set[str] = set()  # existing contacts new callers' creates ran into
         self._repaired: set[str] = set()  # dropdowns whose options this batch repaired
+        self._indexed_created: set[str] = set()  # created contacts indexed already
         # Creates and updates go out together: adapting to the portal's properties after a
         # refusal (a deleted property, a stale option list) happens one at a time.
         self._fixing = asyncio.Lock()
@@ -808,6 +817,7 @@ class BatchSync:
             # Match what was sent: a plan whose email HubSpot refused went out without it.
             by_email = {p.email: p for p in pending if p.email and "email" in p.properties}
             by_phone = {p.phone: p for p in pending if p.phone and "email" not in p.properties}
+            created: list[NewContact] = []
             for record in sent.results:
                 contact = Contact.of(record)
                 plan = by_email.get(identity.normalize_email(contact.get("email") or None) or "")
@@ -815,6 +825,8 @@ class BatchSync:
                     plan = by_phone.get(contact.get("phone"))
                 if plan is not None:
                     self._adopt(plan, contact.id, created=True)
+                    created.append(plan)
+            await self._index_created(created)
             retry: list[NewContact] = []
             for write, error in sent.rejected:
                 plan = write.ref
@@ -890,19 +902,35 @@ class BatchSync:
                 if item.contact_id in wanted and item.contact_id not in read and item.ok:
                     item.retry = ContactGone("the contact HubSpot named could not be read")
 
+    async def _index_created(self, plans: list[NewContact]) -> None:
+        """Index the contacts a create just made, before anything else can fail the batch.
+
+        A step running alongside (known contacts' updates) may fail the attempt, and its
+        quick retry would look for these callers where HubSpot's search does not show new
+        contacts for seconds yet: it would create them again. The index shows them at once.
+        """
+        identities = {plan.contact_id: _sent_identity(plan) for plan in plans if plan.contact_id}
+        if not identities:
+            return
+        try:
+            await self._write_index(identities, as_of=utcnow())
+        except Exception as error:
+            raise UnrecordedWrite(
+                f"{len(identities)} new contacts were created but could not be indexed"
+            ) from error
+        self._indexed_created.update(identities)
+
     async def _remember_identities(self) -> None:
         """Point the index at every contact resolved or created, committed at once."""
         as_of = utcnow()
         per_contact: dict[str, tuple[set[str], set[str]]] = {}
         for plan in self.new_contacts:
-            if plan.contact_id and plan.contact_id not in self.contacts:
-                phones: set[str] = set()
-                emails: set[str] = set()
-                if plan.phone and "phone" in plan.properties:
-                    phones.add(plan.phone)
-                if plan.email and "email" in plan.properties:
-                    emails.add(plan.email)
-                per_contact[plan.contact_id] = (phones, emails)
+            if (
+                plan.contact_id
+                and plan.contact_id not in self.contacts
+                and plan.contact_id not in self._indexed_created
+            ):
+                per_contact[plan.contact_id] = _sent_identity(plan)
         for contact_id, contact in self.contacts.items():
             # A value two contacts share (duplicates a person made) stays with the contact
             # the batch matched it to, so the next call goes to the same one.
@@ -914,8 +942,12 @@ class BatchSync:
                 {v for k, v in keys if k == identity.PHONE},
                 {v for k, v in keys if k == identity.EMAIL},
             )
-        if not per_contact:
-            return
+        if per_contact:
+            await self._write_index(per_contact, as_of=as_of)
+
+    async def _write_index(
+        self, per_contact: dict[str, tuple[set[str], set[str]]], *, as_of: datetime
+    ) -> None:
         async with transaction(self.services.sessions) as session:
             await identity.set_many(
                 self.portal_id,

@@ -57,15 +57,17 @@ async def post_events(client: Any, portal: Any, events: list[dict[str, Any]]) ->
         await asyncio.gather(*(post_event(client, portal, e) for e in events[start : start + 50]))
 
 
-async def drain(services: Any, timeout: float = 20.0) -> None:
-    await Worker(services, poll_seconds=0.01).drain(timeout=timeout)
+async def drain(services: Any, timeout: float = 20.0, **worker_options: Any) -> None:
+    await Worker(services, poll_seconds=0.01, **worker_options).drain(timeout=timeout)
 
 
-async def drain_through(settings: Any, transport: httpx.AsyncBaseTransport) -> None:
+async def drain_through(
+    settings: Any, transport: httpx.AsyncBaseTransport, **worker_options: Any
+) -> None:
     """Drain with a worker of its own whose HubSpot requests go through `transport`."""
     resources = await open_services(settings, transport=transport)
     try:
-        await drain(resources)
+        await drain(resources, **worker_options)
     finally:
         await close_services(resources)
 

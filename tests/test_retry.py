@@ -15,6 +15,7 @@ from app.errors import (
     PermanentError,
     PortalUnavailable,
     RefreshRejected,
+    UnrecordedWrite,
 )
 from app.retry import Action, RetryPolicy
 
@@ -66,8 +67,14 @@ def test_rate_limit_waits_at_least_as_long_as_hubspot_asked() -> None:
         assert POLICY.decide(error, 1, rng=random.Random(seed)).delay >= 9.0
 
 
-def test_an_ambiguous_write_waits_for_hubspots_search_to_catch_up() -> None:
-    error = HubSpotUnavailable("503 on batch create", status_code=503, ambiguous=True)
+@pytest.mark.parametrize(
+    "error",
+    [
+        HubSpotUnavailable("503 on batch create", status_code=503, ambiguous=True),
+        UnrecordedWrite("2 new contacts were created but could not be indexed"),
+    ],
+)
+def test_an_ambiguous_write_waits_for_hubspots_search_to_catch_up(error: Exception) -> None:
     for seed in range(20):
         decision = POLICY.decide(error, 1, rng=random.Random(seed))
         assert decision.action is Action.retry

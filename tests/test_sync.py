@@ -19,8 +19,10 @@ import sqlalchemy as sa
 from sqlmodel import col
 
 from app.db import transaction
+from app.hubspot.runtime import Backoff
 from app.inbox import retry_events
 from app.models import EngagementRecord, EventStatus, InboxEvent, PortalProblem, utcnow
+from app.retry import RetryPolicy
 from app.sandbox.limits import Fault
 from app.sandbox.objects import archive_object, update_object
 from app.sandbox.properties import options
@@ -317,6 +319,68 @@ async def test_a_worker_killed_right_after_hubspot_created_a_call_leaves_one_cal
     assert await events_by_status(services) == {EventStatus.done: 3}
     search = [e for (p, e, _), n in sandbox.request_counts.items() if "calls/search" in e]
     assert bool(search) == (crash_age == "old")
+
+
+async def test_a_new_caller_whose_batch_failed_elsewhere_is_not_created_again(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    """The known caller's update fails after the new caller's create succeeded: the quick
+    retry must not look for the new contact where HubSpot's search does not show it yet."""
+    services.hubspot.backoff = Backoff(base_seconds=0.01, cap_seconds=0.02)
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    await post_event(client, portal, call(caller={"name": "Ada", "phone": "+14155550100"}))
+    await drain(services)
+    sandbox.config.search_lag_seconds = 5.0
+    # As many 503s as the client tries: the update, and so the attempt, fails.
+    sandbox.faults.append(
+        Fault(
+            count=services.hubspot.backoff.api_attempts,
+            status=503,
+            portal_id=1001,
+            path_prefix="/crm/v3/objects/contacts/batch/update",
+        )
+    )
+    await post_event(client, portal, call(caller={"name": "Ada", "phone": "+14155550100"}))
+    await post_event(client, portal, call(caller={"name": "Bob", "phone": "+14155550199"}))
+    await drain(services, timeout=30)
+    phones = sorted(c.properties.get("phone") for c in sandbox.contacts(1001))
+    assert phones == ["+14155550100", "+14155550199"]
+    assert await events_by_status(services) == {EventStatus.done: 4}
+    retried = [e for e in await inbox_events(services) if e.attempts > 1]
+    assert len(retried) == 2, "the batch's first attempt failed"
+
+
+class StopAfterContactCreated(httpx.AsyncBaseTransport):
+    """The sandbox, except that the worker is stopped (its grace period over) right after
+    HubSpot created a contact, before the batch could write its id down."""
+
+    def __init__(self, app: Any) -> None:
+        self.inner = httpx.ASGITransport(app=app)
+        self.stops = 1
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if self.stops and request.url.path == "/crm/v3/objects/contacts/batch/create":
+            self.stops -= 1
+            raise asyncio.CancelledError
+        return response
+
+
+async def test_a_batch_stopped_right_after_hubspot_created_its_contact_leaves_one_contact(
+    client: Any, install_portal: Any, services: Any, sandbox: Any, sandbox_app: Any, settings: Any
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    sandbox.config.search_lag_seconds = 1.0
+    await post_event(client, portal, call(caller={"name": "Bob", "phone": "+14155550199"}))
+    # Released, the batch waits out the search lag before its next attempt looks.
+    policy = RetryPolicy(ambiguous_write_min_delay=1.5)
+    await drain_through(settings, StopAfterContactCreated(sandbox_app), retry_policy=policy)
+    [contact] = sandbox.contacts(1001)
+    assert contact.properties["phone"] == "+14155550199"
+    assert len(sandbox.calls(1001)) == 1
+    assert await events_by_status(services) == {EventStatus.done: 2}
 
 
 class LostAnswerTransport(httpx.AsyncBaseTransport):

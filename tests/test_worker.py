@@ -752,14 +752,25 @@ async def test_sigterm_releases_a_long_batch_which_is_later_handled_once(
     core: Services, settings: Settings, handled_table: Callable[[], Any]
 ) -> None:
     ids = await add_events(core, 1001, 3)
-    env = worker_env(settings, HANDLER_SECONDS="60", GRACE_SECONDS="0.3", WORKER_ID="stopping")
+    env = worker_env(
+        settings,
+        HANDLER_SECONDS="60",
+        GRACE_SECONDS="0.3",
+        WORKER_ID="stopping",
+        AMBIGUOUS_WRITE_DELAY="3",
+    )
     with WorkerProcess(env) as stopping:
         await stopping.wait_for("handling")
         stopping.kill(signal.SIGTERM)
         assert await stopping.wait(timeout=15) == 0
+    released_by = utcnow()
     events = await statuses(core)
     assert [events[i].status for i in ids] == [EventStatus.pending] * 3
     assert [events[i].attempts for i in ids] == [0] * 3, "a released attempt does not count"
+    # The stopped handler may have made contacts HubSpot's search does not show yet.
+    for event_id in ids:
+        wait = events[event_id].run_after - released_by
+        assert timedelta(seconds=2) < wait <= timedelta(seconds=3)
     with WorkerProcess(worker_env(settings, WORKER_ID="next")) as following:
         await wait_until_all_done(core)
         following.kill(signal.SIGTERM)

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.inbox import Done, EventView, HandlerContext, Outcome, Registry
 from app.logs import configure_logging
 from app.main import close_services, open_services
+from app.retry import RetryPolicy
 from app.settings import load_settings
 from app.worker import Worker
 
@@ -68,6 +69,9 @@ async def main() -> None:
         poll_seconds=0.05,
         grace_seconds=float(os.environ.get("GRACE_SECONDS", "0.2")),
         worker_id=os.environ.get("WORKER_ID"),
+        retry_policy=RetryPolicy(
+            ambiguous_write_min_delay=float(os.environ.get("AMBIGUOUS_WRITE_DELAY", "15"))
+        ),
     )
     print("ready", flush=True)
     try:
