@@ -55,7 +55,9 @@ from app.models import (
     InboxEvent,
     Lease,
     OAuthState,
+    Portal,
     PortalLease,
+    PortalStatus,
     utcnow,
 )
 from app.retry import DEFAULT_POLICY, Action, RetryPolicy
@@ -700,6 +702,7 @@ class Worker:
         counted: list[tuple[str, float | None]] = []
         done: list[dict[str, Any]] = []
         others: list[tuple[int, dict[str, Any]]] = []
+        parked: list[tuple[int, int]] = []  # (event id, attempts)
         # A handler may give many events one write (a batch's records in one statement):
         # each distinct write runs once.
         writes: dict[Write, None] = {}
@@ -733,6 +736,7 @@ class Worker:
                 # The portal cannot be served now: waiting is not an attempt.
                 values |= {"status": EventStatus.parked, "attempts": row.attempts - 1}
                 keep_serving = False
+                parked.append((row.id, row.attempts))
             log.warning(
                 "event %s %s: %s",
                 row.id,
@@ -749,6 +753,18 @@ class Worker:
         async with transaction(self.services.sessions) as session:
             if not await self._hold_portal(batch.portal_id, session=session):
                 raise LeaseLost(f"portal {batch.portal_id}")
+            if parked and await _portal_is_active(batch.portal_id, session=session):
+                # Reinstalled while this batch ran: the install un-parked what was parked
+                # then, which these events were not yet (locked before them, as the install
+                # locks it before un-parking). They are retried instead.
+                keep_serving = True
+                attempts_of = dict(parked)
+                others = [
+                    (event_id, values | self._retry_values(attempts_of[event_id], now))
+                    if event_id in attempts_of
+                    else (event_id, values)
+                    for event_id, values in others
+                ]
             # Still ours? The rows stay locked (PostgreSQL) or the database does (SQLite's
             # BEGIN IMMEDIATE) until commit, so the updates below cannot race a takeover.
             held = await session.execute(
@@ -785,9 +801,25 @@ class Worker:
                 RECEIPT_TO_SYNCED.observe(latency)
         return keep_serving
 
+    def _retry_values(self, attempts: int, now: datetime) -> dict[str, Any]:
+        # Counted as an attempt and backed off: should the portal still be unusable
+        # while it reads as active, its events must not cycle without pause.
+        delay = self.retry_policy.ceiling(attempts)
+        return {
+            "status": EventStatus.pending,
+            "attempts": attempts,
+            "run_after": now + timedelta(seconds=delay),
+        }
+
     async def _release_batch(self, batch: _Batch) -> None:
-        """Give back a batch we stopped in the middle of; its attempt does not count."""
+        """Give back a batch we stopped in the middle of; its attempt does not count.
+
+        The handler may have been stopped after HubSpot made a contact and before its id
+        was written down: the events wait as long as after a write whose answer was lost,
+        so that HubSpot's search shows such a contact to the next attempt.
+        """
         ids = [row.id for row in batch.events]
+        run_after = utcnow() + timedelta(seconds=self.retry_policy.ambiguous_write_min_delay)
         with contextlib.suppress(Exception):
             async with transaction(self.services.sessions) as session:
                 await session.execute(
@@ -799,6 +831,7 @@ class Worker:
                     )
                     .values(
                         status=EventStatus.pending,
+                        run_after=run_after,
                         lease_owner=None,
                         lease_expires_at=None,
                         attempts=InboxEvent.attempts - 1,
@@ -912,6 +945,15 @@ def build_worker(services: Services, **options: Any) -> Worker:
     lifecycle.add_periodic_jobs(worker, services.settings)
     properties.register_periodic(worker)
     return worker
+
+
+async def _portal_is_active(portal_id: int, *, session: AsyncSession) -> bool:
+    # Locked (PostgreSQL; SQLite's BEGIN IMMEDIATE holds the database) until commit, so
+    # a reinstall either committed before this read or un-parks after this commit.
+    status = await session.scalar(
+        sa.select(col(Portal.status)).where(col(Portal.portal_id) == portal_id).with_for_update()
+    )
+    return status == PortalStatus.active
 
 
 def describe_error(error: BaseException) -> str:

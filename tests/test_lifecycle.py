@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -160,6 +160,39 @@ async def test_a_refresh_answered_invalid_grant_uninstalls(
         )
     assert [s.source for s in signals] == [EventSource.lifecycle]
     await assert_no_more_calls(services, sandbox, 1001)
+
+
+class ReinstalledWhileRecording(Worker):
+    """A worker whose batch meets the uninstall (HubSpot rejects its refresh), after which
+    the customer reinstalls before the worker has recorded the batch as parked."""
+
+    def __init__(self, services: Any, reinstall: Callable[[], Awaitable[Any]]) -> None:
+        super().__init__(services, poll_seconds=0.02)
+        self.reinstall: Callable[[], Awaitable[Any]] | None = reinstall
+
+    async def _record(self, batch: Any, outcomes: dict[int, Any]) -> bool:
+        rejected = any(isinstance(outcome, RefreshRejected) for outcome in outcomes.values())
+        if rejected and self.reinstall is not None:
+            reinstall, self.reinstall = self.reinstall, None
+            await reinstall()
+        return await super()._record(batch, outcomes)
+
+
+async def test_a_reinstall_while_a_batch_is_being_parked_leaves_nothing_parked(
+    install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    await install_portal(1001)
+    fast_backoff(services)
+    sandbox.revoke_portal_tokens(1001)
+    event_id = await enqueue_probe(services, 1001, "work-1")
+    worker = ReinstalledWhileRecording(services, lambda: install_portal(1001))
+    await worker.drain(timeout=20)
+    assert worker.reinstall is None, "the batch met the uninstall and the reinstall ran"
+    assert await portal_state(services, 1001) == ("active", True)
+    # The install un-parked what was parked when it committed, which this batch was not
+    # yet: the batch is retried (after its backoff, which the drain waits for).
+    assert delivered == [(1001, event_id)]
+    assert await event_status(services, event_id) == EventStatus.done
 
 
 async def test_a_refresh_rejected_outside_the_worker_raises_and_uninstalls(
