@@ -93,9 +93,13 @@ class HubSpotError(HublineError):
         correlation_id: str | None = None,
         retry_after: float | None = None,
         ambiguous: bool = False,
+        detail: str = "",
     ) -> None:
         super().__init__(message)
         self.message = message
+        # HubSpot's own words, which may repeat what we sent (a caller's name, a summary):
+        # read to learn which properties it refused, never logged or stored.
+        self.detail = detail
         self.portal_id = portal_id
         self.status_code = status_code
         self.category = category

@@ -362,7 +362,8 @@ async def purge_expired(
     payloads = await session.execute(
         sa.update(InboxEvent)
         .where(
-            col(InboxEvent.status).in_([EventStatus.done, EventStatus.skipped]),
+            # Failed is final too: an operator had the retention period to retry it.
+            col(InboxEvent.status).in_([EventStatus.done, EventStatus.skipped, EventStatus.failed]),
             col(InboxEvent.payload_ct).is_not(None),
             col(InboxEvent.finished_at) < now - event_retention,
         )

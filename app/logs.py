@@ -55,7 +55,8 @@ _PATTERNS = [
     # Emails and phone-like digit runs: callers' details have no business in a log line.
     # Each match may only start where a run of such characters starts, so a long text is
     # scanned once (without the lookbehind, a 70 kB summary took seconds).
-    (re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "[email]"),
+    # \w, not [A-Za-z0-9]: addresses may hold any letter (josé@example.com).
+    (re.compile(r"(?<![\w.%+-])[\w.%+-]+@[\w.-]+\.[^\W\d_]{2,}"), "[email]"),
     # Not inside a longer token, so ids such as UUIDs and correlation ids stay readable;
     # bounded, since no phone number is written with more than about 20 characters.
     (re.compile(r"(?<![\w-])\+?\d[\d\s().-]{8,22}\d(?![\w-])"), "[phone]"),

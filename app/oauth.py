@@ -139,15 +139,34 @@ async def callback(request: Request) -> Response:
     return await settings_page(request, resources, installed)
 
 
+# RFC 6749 §4.1.2.1's error codes, in words a person installing the app can act on.
+_OAUTH_ERRORS = {
+    "access_denied": "The install was not approved. Start the install again to approve it.",
+    "invalid_request": "HubSpot refused the install request. Please start the install again.",
+    "unauthorized_client": "HubSpot does not allow this app to be installed this way.",
+    "unsupported_response_type": "HubSpot refused the install request.",
+    "invalid_scope": "HubSpot refused the permissions this app asks for.",
+    "server_error": "HubSpot could not complete the install. Please try again.",
+    "temporarily_unavailable": "HubSpot is briefly unavailable. Please try again in a minute.",
+}
+
+
 async def complete_install(request: Request, resources: Services) -> Installed:
     """The callback's guard clauses, in order; each failure is a `CallbackFailure`."""
     params = request.query_params
     if "error" in params:
+        # Anyone can send a link carrying any description: the page, on Hubline's own
+        # origin, says only what the standard error code means; the description is logged.
+        log.info(
+            "HubSpot's install error: %s",
+            params.get("error_description", "")[:500],
+            extra={"oauth_error": params["error"][:64]},
+        )
         raise CallbackFailure(
             "hubspot_error",
             400,
             "HubSpot did not complete the install",
-            params.get("error_description") or params["error"],
+            _OAUTH_ERRORS.get(params["error"], _OAUTH_ERRORS["server_error"]),
         )
     verifier: str | None = None
     state_checked = "state" in params

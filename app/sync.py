@@ -241,7 +241,7 @@ _FIELD = {
 def property_errors(error: HubSpotError) -> list[PropertyError]:
     """The per-property problems in a 400 ("Property values were not valid: [...]")."""
     found: list[PropertyError] = []
-    for match in _OBJECT.finditer(error.message):
+    for match in _OBJECT.finditer(error.detail):
         values = {k: pattern.search(match.group(0)) for k, pattern in _FIELD.items()}
         name, code = values["name"], values["code"]
         if name is None or code is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -25,6 +26,7 @@ from app.hubspot.client import error_from_response
 from app.hubspot.ratelimit import RateBudget
 from app.models import OAuthToken, utcnow
 from app.sandbox.limits import Fault
+from app.sync import property_errors
 from app.tokens import load_tokens
 from tests.support_hubline import fast_backoff
 
@@ -394,3 +396,45 @@ def test_a_conflicts_existing_id_survives_redaction() -> None:
     error = error_from_response(response, portal_id=1)
     assert isinstance(error, HubSpotConflict)
     assert error.existing_id == "123456789012"
+
+
+def test_a_refusal_repeating_what_was_sent_is_told_without_it() -> None:
+    """HubSpot's 400 repeats the values it refused, which no pattern can find (a name in an
+    option label, a summary): the error's text, which is logged and stored as an event's
+    last error, holds none of it; the properties it names are still read."""
+    refused = [
+        {
+            "isValid": False,
+            "name": "call_outcome",
+            "error": "INVALID_OPTION",
+            "message": "Call back Ada Lovelace was not one of the allowed options",
+        },
+        {
+            "isValid": False,
+            "name": "email",
+            "error": "INVALID_EMAIL",
+            "message": "Email address josé@exämple.com is invalid",
+        },
+    ]
+    response = httpx.Response(
+        400,
+        json={
+            "status": "error",
+            "category": "VALIDATION_ERROR",
+            "correlationId": "c0ffee00-0000-4000-8000-000000000000",
+            "message": f"Property values were not valid: {json.dumps(refused)}",
+        },
+        request=httpx.Request("POST", "http://hubspot.test/crm/v3/objects/contacts/batch/create"),
+    )
+    error = error_from_response(response, portal_id=1, what="POST /crm/v3/objects/contacts")
+    told = str(error)
+    assert "Ada" not in told
+    assert "exämple" not in told
+    assert "status=400" in told
+    assert "category=VALIDATION_ERROR" in told
+    assert "c0ffee00-0000-4000-8000-000000000000" in told
+    assert [(p.name, p.code) for p in property_errors(error)] == [
+        ("call_outcome", "INVALID_OPTION"),
+        ("email", "INVALID_EMAIL"),
+    ]
+    assert "exämple" not in error.detail, "an email is masked even in the detail"

@@ -125,7 +125,7 @@ async def test_retention_deletes_old_payloads_and_old_parked_events(
     async with transaction(sessions) as session:
         ids = [
             (await enqueue(call_event(key), session=session, cipher=cipher)).event_id
-            for key in ("old-done", "new-done", "old-parked", "pending")
+            for key in ("old-done", "new-done", "old-parked", "pending", "old-failed", "new-failed")
         ]
     long_ago = utcnow() - timedelta(days=40)
     async with transaction(sessions) as session:
@@ -133,6 +133,8 @@ async def test_retention_deletes_old_payloads_and_old_parked_events(
             (ids[0], EventStatus.done, long_ago),
             (ids[1], EventStatus.done, utcnow()),
             (ids[2], EventStatus.parked, long_ago),
+            (ids[4], EventStatus.failed, long_ago),
+            (ids[5], EventStatus.failed, utcnow()),
         ]:
             await session.execute(
                 sa.update(InboxEvent)
@@ -142,13 +144,16 @@ async def test_retention_deletes_old_payloads_and_old_parked_events(
         payloads, parked = await purge_expired(
             session=session, event_retention=timedelta(days=30), parked_retention=timedelta(days=30)
         )
-    assert (payloads, parked) == (1, 1)
+    assert (payloads, parked) == (2, 1)
     async with sessions() as session:
         rows = {row.id: row for row in (await session.execute(sa.select(InboxEvent))).scalars()}
     assert rows[ids[0]].payload_ct is None
     assert rows[ids[1]].payload_ct is not None
     assert ids[2] not in rows
     assert rows[ids[3]].payload_ct is not None
+    # A failed event is handled too: an operator has the retention period to retry it.
+    assert rows[ids[4]].payload_ct is None
+    assert rows[ids[5]].payload_ct is not None
 
 
 # --- group commit -------------------------------------------------------------------------

@@ -182,15 +182,23 @@ async def assert_nothing_installed(services: Any, sandbox: Any, *, exchanges: in
     assert sum(sandbox.exchange_count.values()) == exchanges
 
 
-async def test_callback_shows_hubspots_error_description(
+async def test_callback_says_what_hubspots_error_means_not_what_the_link_says(
     client: httpx.AsyncClient, services: Any, sandbox: Any
 ) -> None:
+    """The description rides in the link, which anyone can write: shown on Hubline's own
+    page it could tell the visitor anything (call this number, visit that site)."""
     page = await client.get(
-        "/oauth/callback?error=access_denied&error_description=The+user+denied+the+request"
+        "/oauth/callback?error=access_denied&error_description=Your+account+is+suspended."
+        "+Call+%2B1+900+555+0199"
     )
     assert page.status_code == 400
-    assert "The user denied the request" in page.text
+    assert "was not approved" in settings_page_value(page.text, "error-message")
+    assert "suspended" not in page.text
     assert settings_page_value(page.text, "error-reason") == "hubspot_error"
+    unknown = await client.get("/oauth/callback?error=made_up&error_description=Visit+evil")
+    assert unknown.status_code == 400
+    assert "evil" not in unknown.text
+    assert "made_up" not in unknown.text
     await assert_nothing_installed(services, sandbox)
 
 

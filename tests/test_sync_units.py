@@ -50,12 +50,13 @@ def test_bodies_are_escaped_and_fit_hubspot() -> None:
 
 def test_the_reason_names_the_property_not_the_value() -> None:
     error = HubSpotValidationError(
-        'POST /crm/v3/objects/contacts/batch/create: Property values were not valid: [{"isValid"'
+        "POST /crm/v3/objects/contacts/batch/create: HubSpot refused the request",
+        status_code=400,
+        category="VALIDATION_ERROR",
+        detail='Property values were not valid: [{"isValid"'
         ':false,"message":"Secret summary was not one of the allowed options: [a, b]","error":'
         '"INVALID_OPTION","name":"call_outcome","localizedErrorMessage":"..."},{"isValid":false,'
         '"message":"x","error":"WEIRD","name":"ai_lead_score"}]',
-        status_code=400,
-        category="VALIDATION_ERROR",
     )
     assert [(p.name, p.code) for p in property_errors(error)] == [
         ("call_outcome", "INVALID_OPTION"),
@@ -67,5 +68,7 @@ def test_the_reason_names_the_property_not_the_value() -> None:
         "ai_lead_score was refused (WEIRD)"
     )
     assert "Secret" not in reason
-    other = HubSpotValidationError("POST x: Secret", status_code=400, category="VALIDATION_ERROR")
+    other = HubSpotValidationError(
+        "POST x: refused", status_code=400, category="VALIDATION_ERROR", detail="Secret"
+    )
     assert reason_of(other) == "HubSpot rejected the record: VALIDATION_ERROR 400"

@@ -210,6 +210,13 @@ def hubspot_client(services: Services, portal_id: int) -> HubSpotClient:
     return HubSpotClient(services, portal_id)
 
 
+_REFUSED = {
+    400: "HubSpot refused the request",
+    409: "HubSpot reports a conflict with an existing record",
+    422: "HubSpot refused the request",
+}
+
+
 def error_from_response(
     response: httpx.Response, *, portal_id: int | None, what: str = "HubSpot call"
 ) -> HubSpotError:
@@ -218,8 +225,10 @@ def error_from_response(
     status = response.status_code
     category = body.get("category") or body.get("errorType") or body.get("policyName")
     raw_message = str(body.get("message") or response.reason_phrase or "error")
-    # HubSpot's messages can echo the values we sent (an email, a phone): redact them.
-    message = redact_text(raw_message)
+    detail = redact_text(raw_message)
+    # A refusal's message repeats the values we sent, which no pattern can find (a name,
+    # a summary, a caller's words as an option label): it is kept as the detail only.
+    message = _REFUSED.get(status, detail)
     kind: type[HubSpotError]
     if status == 429:
         kind = HubSpotRateLimited
@@ -246,6 +255,7 @@ def error_from_response(
         category=str(category) if category else None,
         correlation_id=body.get("correlationId"),
         retry_after=retry_after,
+        detail=detail,
     )
     if isinstance(error, HubSpotConflict):
         # Read before redaction: a long contact id looks like a phone number to the redactor.
