@@ -134,14 +134,19 @@ async def test_the_journal_poller_resumes_from_its_offset(
     assert offset.value
 
 
+async def work_for_a_revoked_portal(install_portal: Any, services: Any, sandbox: Any) -> int:
+    """Portal 1001 installed, its access then revoked on HubSpot's side with no journal
+    entry to read, and an event that needs its token; answers the event's id."""
+    await install_portal(1001)
+    fast_backoff(services)
+    sandbox.revoke_portal_tokens(1001)
+    return await enqueue_probe(services, 1001, "work-1")
+
+
 async def test_a_refresh_answered_invalid_grant_uninstalls(
     install_portal: Any, services: Any, sandbox: Any
 ) -> None:
-    await install_portal(1001)
-    fast_backoff(services)
-    # Access revoked on HubSpot's side, with no journal entry to read.
-    sandbox.revoke_portal_tokens(1001)
-    event_id = await enqueue_probe(services, 1001, "work-1")
+    event_id = await work_for_a_revoked_portal(install_portal, services, sandbox)
 
     await drain(services)
 
@@ -181,10 +186,7 @@ class ReinstalledWhileRecording(Worker):
 async def test_a_reinstall_while_a_batch_is_being_parked_leaves_nothing_parked(
     install_portal: Any, services: Any, sandbox: Any
 ) -> None:
-    await install_portal(1001)
-    fast_backoff(services)
-    sandbox.revoke_portal_tokens(1001)
-    event_id = await enqueue_probe(services, 1001, "work-1")
+    event_id = await work_for_a_revoked_portal(install_portal, services, sandbox)
     worker = ReinstalledWhileRecording(services, lambda: install_portal(1001))
     await worker.drain(timeout=20)
     assert worker.reinstall is None, "the batch met the uninstall and the reinstall ran"
