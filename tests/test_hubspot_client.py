@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlmodel import col
 
 from app.crypto import Secret
+from app.db import transaction
 from app.errors import (
     HubSpotAuthError,
     HubSpotConflict,
@@ -24,7 +25,9 @@ from app.errors import (
 from app.hubspot import HubSpotClient, TokenResponse, hubspot_client
 from app.hubspot.client import error_from_response
 from app.hubspot.ratelimit import RateBudget
-from app.models import OAuthToken, utcnow
+from app.inbox import NewEvent, enqueue
+from app.main import close_services, open_services
+from app.models import EventSource, OAuthToken, utcnow
 from app.sandbox.limits import Fault
 from app.sync import property_errors
 from app.tokens import load_tokens
@@ -176,6 +179,73 @@ async def test_a_failing_token_endpoint_is_retried_then_cools_down(
     now[0] += services.hubspot.backoff.refresh_cooldown_seconds + 0.05
     assert await client.get_json(CONTACTS) == {"results": []}
     assert sandbox.refresh_count[portal] == 1
+
+
+async def test_a_slow_token_endpoint_holds_up_no_other_database_write(
+    portal: int, services: Any, sandbox: Any
+) -> None:
+    """On SQLite a transaction held across the refresh would hold the whole database:
+    intake, lease renewals and every worker would wait for HubSpot's token endpoint."""
+    await expire_stored_tokens(services, portal)
+    sandbox.faults.append(
+        Fault(count=1, status=503, hang_seconds=3.0, path_prefix="/oauth/v3/token")
+    )
+    refreshing = asyncio.create_task(hubspot_client(services, portal).get_json(CONTACTS))
+    while sandbox.faults:
+        await asyncio.sleep(0.01)
+    # The refresh's first try has met the fault: it hangs for 3 s now.
+
+    async def receive_an_event() -> None:
+        async with transaction(services.sessions) as session:
+            await enqueue(
+                NewEvent(
+                    portal_id=portal,
+                    source=EventSource.receptionist,
+                    type="call.completed",
+                    idempotency_key="during-the-refresh",
+                    occurred_at=utcnow(),
+                ),
+                session=session,
+                cipher=services.cipher,
+            )
+
+    storing = asyncio.create_task(receive_an_event())
+    done, _ = await asyncio.wait({refreshing, storing}, return_when=asyncio.FIRST_COMPLETED)
+    assert done == {storing}, "the event waited for HubSpot's token endpoint"
+    await storing
+    assert await refreshing == {"results": []}
+    assert sandbox.refresh_count[portal] == 1
+
+
+async def test_a_refresh_that_another_process_beat_uses_the_stored_tokens(
+    portal: int,
+    services: Any,
+    sandbox: Any,
+    sandbox_app: Any,
+    settings: Any,
+    database_url: str,
+) -> None:
+    """Two processes refresh at once: the tokens stored first stay, and the slower refresh
+    uses them rather than overwrite them. PostgreSQL's row lock holds the second process
+    back until the first has stored its tokens, which it then uses without a refresh;
+    SQLite holds no lock while HubSpot answers, so the second refreshes too."""
+    await expire_stored_tokens(services, portal)
+    sandbox.faults.append(
+        Fault(count=1, status=503, hang_seconds=1.0, path_prefix="/oauth/v3/token")
+    )
+    slow = asyncio.create_task(hubspot_client(services, portal).get_json(CONTACTS))
+    while sandbox.faults:
+        await asyncio.sleep(0.01)
+    other = await open_services(settings, transport=httpx.ASGITransport(app=sandbox_app))
+    try:
+        assert await hubspot_client(other, portal).get_json(CONTACTS) == {"results": []}
+    finally:
+        await close_services(other)
+    stored_first = await stored_tokens(services, portal)
+    assert await slow == {"results": []}
+    assert sandbox.refresh_count[portal] == (2 if database_url.startswith("sqlite") else 1)
+    kept = await stored_tokens(services, portal)
+    assert (kept.access_token, kept.version) == (stored_first.access_token, stored_first.version)
 
 
 async def test_a_transient_refresh_failure_is_retried(

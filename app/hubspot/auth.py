@@ -2,10 +2,11 @@
 
 A token is refreshed when it expires within TOKEN_REFRESH_SKEW_SECONDS, once per
 portal however many requests wait: an `asyncio.Lock` per portal inside the process,
-and a row lock on the portal's token row across processes (`SELECT … FOR UPDATE` on
-PostgreSQL; on SQLite a no-op write takes the database's single write lock). After
-the lock the row is read again, so a refresh another process has just made is used
-instead of repeated. A 401 forces one refresh and one retry, never a loop.
+and on PostgreSQL a lock on the portal's token row across processes (`SELECT … FOR
+UPDATE`). After the lock the row is read again, so a refresh another process has just
+made is used instead of repeated. SQLite locks only the whole database, which is not
+held while HubSpot answers: there a version compare-and-swap settles two processes
+refreshing at once. A 401 forces one refresh and one retry, never a loop.
 
 Refresh failures are classified at once: `invalid_grant` means the app was
 uninstalled (an uninstall signal goes into the inbox and `RefreshRejected` is
@@ -20,16 +21,14 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from typing import TYPE_CHECKING
 
 import httpx
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
 
 from app.crypto import Secret
 from app.errors import HubSpotError, HubSpotUnavailable, PortalUnavailable, RefreshRejected
 from app.hubspot.oauth2 import HubSpotOAuth, TokenResponse
 from app.logs import hubspot_error_fields
 from app.metrics import TOKEN_REFRESHES, count_hubspot_request
-from app.models import OAuthToken, Portal, PortalStatus, utcnow
+from app.models import Portal, PortalStatus, utcnow
 from app.tokens import TokenSet, load_tokens, store_tokens
 
 if TYPE_CHECKING:
@@ -95,9 +94,10 @@ class TokenRefresher:
             raise HubSpotUnavailable(
                 "token refresh is cooling down after failed attempts", portal_id=portal_id
             )
+        if self._services.engine.dialect.name == "sqlite":
+            return await self._refresh_outside_transaction(portal_id, rejected)
         rejection: RefreshRejected | None = None
         async with self._services.sessions() as session, session.begin():
-            await _lock_token_row(portal_id, session=session)
             tokens = await load_tokens(
                 portal_id, session=session, cipher=self._services.cipher, for_update=True
             )
@@ -129,6 +129,55 @@ class TokenRefresher:
                 return answer.access_token
         assert rejection is not None
         raise rejection
+
+    async def _refresh_outside_transaction(self, portal_id: int, rejected: Secret | None) -> Secret:
+        """SQLite's refresh, which holds no transaction while HubSpot's token endpoint answers.
+
+        SQLite's only lock is the whole database's, which intake, lease renewals and every
+        worker need within seconds; a token endpoint that hangs would hold it through
+        every retry (three tries of up to 10 s). Within the process the refresh lock keeps
+        this to one refresh; a process refreshing at the same moment costs one refresh
+        more, and the compare-and-swap on the row's version keeps the tokens stored first.
+        """
+        cipher = self._services.cipher
+        async with self._services.sessions() as session:
+            tokens = await load_tokens(portal_id, session=session, cipher=cipher)
+        if tokens is None:
+            raise PortalUnavailable(portal_id, "no tokens stored")
+        if self._fresh(tokens, rejected):
+            return tokens.access_token
+        try:
+            answer = await self._refresh_with_retries(tokens)
+        except RefreshRejected:
+            async with self._services.sessions() as session, session.begin():
+                current = await load_tokens(portal_id, session=session, cipher=cipher)
+                unchanged = current is not None and current.version == tokens.version
+                if unchanged:
+                    await self._record_rejection(tokens, session=session)
+            if not unchanged and current is not None and self._fresh(current, rejected):
+                return current.access_token  # refreshed or reinstalled meanwhile: not revoked
+            raise
+        async with self._services.sessions() as session, session.begin():
+            version = await store_tokens(
+                portal_id,
+                access_token=answer.access_token.reveal(),
+                refresh_token=(answer.refresh_token or tokens.refresh_token).reveal(),
+                expires_in=answer.expires_in,
+                install_generation=tokens.install_generation,
+                session=session,
+                cipher=cipher,
+                expected_version=tokens.version,
+            )
+        if version is None:
+            # Stored meanwhile by another process (a refresh, a reinstall) or removed by
+            # an uninstall: what is stored now is what to use.
+            async with self._services.sessions() as session:
+                current = await load_tokens(portal_id, session=session, cipher=cipher)
+            if current is None:
+                raise PortalUnavailable(portal_id, "no tokens stored")
+            return current.access_token
+        log.info("refreshed the access token", extra=_ctx(portal_id))
+        return answer.access_token
 
     async def _refresh_with_retries(self, tokens: TokenSet) -> TokenResponse:
         runtime = self._runtime
@@ -200,19 +249,6 @@ class TokenRefresher:
             install_generation=tokens.install_generation,
             occurred_at=None,
             session=session,
-        )
-
-
-async def _lock_token_row(portal_id: int, *, session: AsyncSession) -> None:
-    if session.get_bind().dialect.name == "sqlite":
-        # SQLite has no row locks: a write holds its single write lock (as BEGIN
-        # IMMEDIATE already does), so a refresh in another process waits here and
-        # then reads the refreshed row. PostgreSQL locks the row in load_tokens.
-        await session.execute(
-            sa.update(OAuthToken)
-            .where(col(OAuthToken.portal_id) == portal_id)
-            .values(version=col(OAuthToken.version))
-            .execution_options(synchronize_session=False)
         )
 
 
