@@ -14,12 +14,11 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
 
 from app.console import (
     TOO_MANY_ATTEMPTS,
-    client_address,
-    failed_sign_ins,
+    check_bearer,
     portal_rows,
     recent_events,
     retry_failed,
@@ -38,15 +37,9 @@ async def admin_denial(request: Request) -> Response | None:
 
     Wrong tokens are slowed down exactly as on the console's sign-in form.
     """
-    expected = services(request).settings.admin_token.get_secret_value()
-    if not expected:
+    if not services(request).settings.admin_token.get_secret_value():
         return JSONResponse({"error": "not_found", "detail": None}, status_code=404)
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    token = given.strip() if scheme.lower() == "bearer" else ""
-    # Only a presented token is a guess (and waits its turn); none is refused at once.
-    right = bool(token) and await failed_sign_ins(request).check(
-        client_address(request), token, expected
-    )
+    right = await check_bearer(request)
     if right is None:
         return JSONResponse(
             {"error": "too_many_attempts", "detail": TOO_MANY_ATTEMPTS}, status_code=429
@@ -221,8 +214,31 @@ async def api_portal_action(request: Request) -> Response:
 
 ACTIONS = frozenset({"retry", "rotate-secret", "provision", "disconnect"})
 
+
+async def api_unknown(request: Request) -> Response:
+    """What no route above takes: 401 without the token, as the contract says of every
+    API path; with it, 405 for a known path's wrong method, else 404."""
+    denial = await admin_denial(request)
+    if denial is not None:
+        return denial
+    for route in routes[:-1]:
+        if isinstance(route, Route) and route.matches(request.scope)[0] is Match.PARTIAL:
+            return JSONResponse(
+                {"error": "method_not_allowed", "detail": None},
+                status_code=405,
+                headers={"Allow": ", ".join(sorted(route.methods or ()))},
+            )
+    return JSONResponse({"error": "not_found", "detail": None}, status_code=404)
+
+
 routes: list[BaseRoute] = [
     Route("/admin/api/portals", api_portals, methods=["GET"]),
     Route("/admin/api/portals/{portal_id:int}", api_portal, methods=["GET"]),
     Route("/admin/api/portals/{portal_id:int}/{action:str}", api_portal_action, methods=["POST"]),
+    # Last: it takes what the routes above do not, a wrong method on them included.
+    Route(
+        "/admin/api/{rest:path}",
+        api_unknown,
+        methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+    ),
 ]

@@ -58,10 +58,13 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.logs import configure_logging
-    from app.main import create_app
+    from app.main import close_services, create_app, open_services
 
     settings = settings_from_environment()
     configure_logging(args.log_level)
+    # The app's lifespan refuses keys that cannot read what is stored, but uvicorn tells
+    # a refusal there as a traceback: checked here first, it is the command's one line.
+    await close_services(await open_services(settings))
     app = create_app(settings, run_worker=not args.no_worker)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_config=None, access_log=False, lifespan="on"

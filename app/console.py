@@ -163,6 +163,18 @@ def read_session(request: Request) -> AdminSession | None:
     return AdminSession(nonce=nonce, csrf_token=_sign(key, f"csrf.{nonce}"))
 
 
+async def check_bearer(request: Request) -> bool | None:
+    """Whether `Authorization: Bearer` carries ADMIN_TOKEN; None while this address's
+    wrong guesses are slowed down. Only a presented token is a guess: none is False at once.
+    """
+    expected = services(request).settings.admin_token.get_secret_value()
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    token = given.strip() if scheme.lower() == "bearer" else ""
+    if not token:
+        return False
+    return await failed_sign_ins(request).check(client_address(request), token, expected)
+
+
 def console_enabled(request: Request) -> bool:
     return bool(services(request).settings.admin_token.get_secret_value())
 
@@ -229,6 +241,14 @@ async def _guard(request: Request, *, form: bool = False) -> AdminSession | Resp
     if not console_enabled(request):
         return not_found()
     session = read_session(request)
+    if session is None and not form and request.headers.get("authorization"):
+        # A script may read the pages with the API's bearer token. Forms still need the
+        # signed-in cookie and its CSRF token: a page read this way cannot post them.
+        right = await check_bearer(request)
+        if right is None:
+            return sign_in_page(request, status_code=429, message=TOO_MANY_ATTEMPTS)
+        if right:
+            return AdminSession(nonce=secrets.token_urlsafe(16), csrf_token="")
     if session is None:
         return sign_in_page(request, status_code=401)
     if form:

@@ -61,6 +61,14 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty")
         return value
 
+    @field_validator("hubspot_client_id")
+    @classmethod
+    def _client_id_given(cls, value: str) -> str:
+        # Blank, it would pass here and fail every install at HubSpot's authorize page.
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
     @field_validator("admin_token")
     @classmethod
     def _long_enough(cls, value: SecretStr) -> SecretStr:

@@ -56,6 +56,29 @@ async def test_the_admin_api_needs_the_bearer_token(
     assert answer.headers["www-authenticate"].startswith("Bearer")
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/admin/api/nothing"),
+        ("GET", "/admin/api/portals/abc"),
+        ("DELETE", "/admin/api/portals"),
+    ],
+)
+async def test_every_admin_api_path_needs_the_token_before_it_is_looked_up(
+    client: httpx.AsyncClient, method: str, path: str
+) -> None:
+    refused = await client.request(method, path)
+    assert refused.status_code == 401
+    assert refused.json()["error"] == "unauthorized"
+    answered = await client.request(method, path, headers=bearer(ADMIN_TOKEN))
+    if method == "DELETE":
+        assert answered.status_code == 405
+        assert answered.headers["allow"] == "GET, HEAD"
+    else:
+        assert answered.status_code == 404
+        assert answered.json()["error"] == "not_found"
+
+
 async def test_the_admin_api_lists_portals_with_their_status(
     client: httpx.AsyncClient, install_portal: Any
 ) -> None:

@@ -14,8 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.crypto import parse_keys
+from app.crypto import generate_key, parse_keys
+from app.main import close_services, open_services
+from app.settings import load_settings
 from tests.conftest import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TEST_KEY
+from tests.webhook_support import add_portal
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,6 +94,28 @@ def test_serve_never_prints_a_secret_in_its_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "TOKEN_ENCRYPTION_KEYS" in result.stderr
     assert "hunter2" not in result.stderr + result.stdout
+
+
+async def test_serve_with_keys_that_cannot_read_what_is_stored_refuses_with_one_line(
+    tmp_path: Path,
+) -> None:
+    env = clean_env(
+        HUBSPOT_CLIENT_ID=TEST_CLIENT_ID,
+        HUBSPOT_CLIENT_SECRET=TEST_CLIENT_SECRET,
+        TOKEN_ENCRYPTION_KEYS=TEST_KEY,
+        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'hubline.db'}",
+    )
+    resources = await open_services(load_settings(env, env_file=None))
+    try:
+        await add_portal(resources.sessions, resources.cipher, 1001)
+    finally:
+        await close_services(resources)
+    env["TOKEN_ENCRYPTION_KEYS"] = generate_key()  # the old key left out
+    result = hubline("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "cannot read stored secrets" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 @pytest.mark.slow

@@ -108,6 +108,24 @@ async def test_signed_out_is_a_401_that_reveals_nothing(
     assert (await http.get("/admin/portals/1001")).status_code == 401
 
 
+async def test_a_script_reads_the_pages_with_the_bearer_token_but_cannot_post_forms(
+    console: tuple[httpx.AsyncClient, Services],
+) -> None:
+    http, resources = console
+    await seed(resources)
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    page = await http.get("/admin", headers=headers)
+    assert page.status_code == 200
+    assert "acme-dental" in page.text
+    assert (await http.get("/admin/portals/1001", headers=headers)).status_code == 200
+    wrong = await http.get("/admin", headers={"Authorization": "Bearer not-the-token"})
+    assert wrong.status_code == 401
+    assert "acme-dental" not in wrong.text
+    # A form needs the signed-in cookie and its CSRF token, which no script is given.
+    posted = await http.post("/admin/logout", headers=headers, data={"csrf": ""})
+    assert posted.status_code == 401
+
+
 class RecordedWaits:
     """The throttle's sleeps, recorded instead of slept; `gate` holds them until opened."""
 

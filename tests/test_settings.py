@@ -54,6 +54,8 @@ def test_missing_required_setting_is_one_line_naming_it(missing: str) -> None:
         ("TOKEN_ENCRYPTION_KEYS", "hunter2"),
         ("HUBSPOT_PKCE", "perhaps"),
         ("ADMIN_TOKEN", "hunter2"),
+        ("HUBSPOT_CLIENT_ID", "  "),
+        ("HUBSPOT_CLIENT_SECRET", " "),
     ],
 )
 def test_malformed_setting_is_one_line_naming_it(variable: str, value: str) -> None:
