@@ -181,19 +181,27 @@ async def test_a_failing_token_endpoint_is_retried_then_cools_down(
     assert sandbox.refresh_count[portal] == 1
 
 
+async def call_during_a_hanging_refresh(
+    services: Any, portal: int, sandbox: Any, seconds: float
+) -> asyncio.Task[Any]:
+    """A call whose token expired, started and left refreshing: the token endpoint's first
+    answer hangs `seconds` (then 503s), and it has begun hanging when this returns."""
+    await expire_stored_tokens(services, portal)
+    sandbox.faults.append(
+        Fault(count=1, status=503, hang_seconds=seconds, path_prefix="/oauth/v3/token")
+    )
+    call = asyncio.create_task(hubspot_client(services, portal).get_json(CONTACTS))
+    while sandbox.faults:  # taken by the refresh's first request
+        await asyncio.sleep(0.01)
+    return call
+
+
 async def test_a_slow_token_endpoint_holds_up_no_other_database_write(
     portal: int, services: Any, sandbox: Any
 ) -> None:
     """On SQLite a transaction held across the refresh would hold the whole database:
     intake, lease renewals and every worker would wait for HubSpot's token endpoint."""
-    await expire_stored_tokens(services, portal)
-    sandbox.faults.append(
-        Fault(count=1, status=503, hang_seconds=3.0, path_prefix="/oauth/v3/token")
-    )
-    refreshing = asyncio.create_task(hubspot_client(services, portal).get_json(CONTACTS))
-    while sandbox.faults:
-        await asyncio.sleep(0.01)
-    # The refresh's first try has met the fault: it hangs for 3 s now.
+    refreshing = await call_during_a_hanging_refresh(services, portal, sandbox, 3.0)
 
     async def receive_an_event() -> None:
         async with transaction(services.sessions) as session:
@@ -229,13 +237,7 @@ async def test_a_refresh_that_another_process_beat_uses_the_stored_tokens(
     uses them rather than overwrite them. PostgreSQL's row lock holds the second process
     back until the first has stored its tokens, which it then uses without a refresh;
     SQLite holds no lock while HubSpot answers, so the second refreshes too."""
-    await expire_stored_tokens(services, portal)
-    sandbox.faults.append(
-        Fault(count=1, status=503, hang_seconds=1.0, path_prefix="/oauth/v3/token")
-    )
-    slow = asyncio.create_task(hubspot_client(services, portal).get_json(CONTACTS))
-    while sandbox.faults:
-        await asyncio.sleep(0.01)
+    slow = await call_during_a_hanging_refresh(services, portal, sandbox, 1.0)
     other = await open_services(settings, transport=httpx.ASGITransport(app=sandbox_app))
     try:
         assert await hubspot_client(other, portal).get_json(CONTACTS) == {"results": []}

@@ -111,18 +111,7 @@ class TokenRefresher:
                 rejection = error
                 await self._record_rejection(tokens, session=session)
             else:
-                # HubSpot does not say whether a refresh rotates the refresh token: keep
-                # whatever the answer carries, else the one that was just used.
-                version = await store_tokens(
-                    portal_id,
-                    access_token=answer.access_token.reveal(),
-                    refresh_token=(answer.refresh_token or tokens.refresh_token).reveal(),
-                    expires_in=answer.expires_in,
-                    install_generation=tokens.install_generation,
-                    session=session,
-                    cipher=self._services.cipher,
-                    expected_version=tokens.version,
-                )
+                version = await self._store_refreshed(tokens, answer, session=session)
                 if version is None:  # cannot happen under the row lock; say so if it does
                     log.warning("refreshed tokens lost a compare-and-swap", extra=_ctx(portal_id))
                 log.info("refreshed the access token", extra=_ctx(portal_id))
@@ -158,16 +147,7 @@ class TokenRefresher:
                 return current.access_token  # refreshed or reinstalled meanwhile: not revoked
             raise
         async with self._services.sessions() as session, session.begin():
-            version = await store_tokens(
-                portal_id,
-                access_token=answer.access_token.reveal(),
-                refresh_token=(answer.refresh_token or tokens.refresh_token).reveal(),
-                expires_in=answer.expires_in,
-                install_generation=tokens.install_generation,
-                session=session,
-                cipher=cipher,
-                expected_version=tokens.version,
-            )
+            version = await self._store_refreshed(tokens, answer, session=session)
         if version is None:
             # Stored meanwhile by another process (a refresh, a reinstall) or removed by
             # an uninstall: what is stored now is what to use.
@@ -178,6 +158,23 @@ class TokenRefresher:
             return current.access_token
         log.info("refreshed the access token", extra=_ctx(portal_id))
         return answer.access_token
+
+    async def _store_refreshed(
+        self, tokens: TokenSet, answer: TokenResponse, *, session: AsyncSession
+    ) -> int | None:
+        """Store a refresh's answer unless the row changed since `tokens` was read."""
+        # HubSpot does not say whether a refresh rotates the refresh token: keep whatever
+        # the answer carries, else the one that was just used.
+        return await store_tokens(
+            tokens.portal_id,
+            access_token=answer.access_token.reveal(),
+            refresh_token=(answer.refresh_token or tokens.refresh_token).reveal(),
+            expires_in=answer.expires_in,
+            install_generation=tokens.install_generation,
+            session=session,
+            cipher=self._services.cipher,
+            expected_version=tokens.version,
+        )
 
     async def _refresh_with_retries(self, tokens: TokenSet) -> TokenResponse:
         runtime = self._runtime
