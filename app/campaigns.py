@@ -100,6 +100,9 @@ class Recording:
     recorded: int = 0
     later: list[Attendance] = field(default_factory=list)
     error: HubSpotError | None = None  # the failure behind `later`
+    # Answered in a 207 as not recorded (HubSpot cannot find the contact): retrying
+    # would meet the same answer.
+    refused: list[Attendance] = field(default_factory=list)
 
 
 async def record_attendance(
@@ -114,7 +117,8 @@ async def record_attendance(
 
     A refusal (missing scope, invalid data) is reported on the portal and not tried again;
     a marketing event deleted in HubSpot is made again. Any other failure (HubSpot down,
-    rate limited, timing out) leaves the attendances it concerns in `later`.
+    rate limited, timing out) leaves the attendances it concerns in `later`. Those a 207
+    leaves out (contacts HubSpot cannot find) are in `refused`.
     """
     portal_id = client.portal_id
     recording = Recording()
@@ -138,7 +142,7 @@ async def record_attendance(
         for start in range(0, len(group), BATCH_LIMIT):
             chunk = group[start : start + BATCH_LIMIT]
             try:
-                await _record_chunk(services, client, campaign_id, chunk)
+                refused = await _record_chunk(services, client, campaign_id, chunk)
             except RefreshRejected:
                 raise  # the portal is gone: the worker parks its events
             except HubSpotAuthError as error:
@@ -166,7 +170,16 @@ async def record_attendance(
             except HubSpotError as error:
                 _later(recording, chunk, error)
             else:
-                recording.recorded += len(chunk)
+                if refused:
+                    log.warning(
+                        "marketing events: HubSpot recorded no attendance for %d of %d "
+                        "contacts (it cannot find them)",
+                        len(refused),
+                        len(chunk),
+                        extra={"portal_id": portal_id},
+                    )
+                recording.refused.extend(refused)
+                recording.recorded += len(chunk) - len(refused)
     return recording
 
 
@@ -185,7 +198,8 @@ def _later(recording: Recording, chunk: list[Attendance], error: HubSpotError) -
 
 async def _record_chunk(
     services: Services, client: HubSpotClient, campaign_id: str, chunk: list[Attendance]
-) -> None:
+) -> list[Attendance]:
+    """Record a chunk's attendance; answers those HubSpot did not record though it answered 2xx."""
     path = (
         f"{ATTENDANCE_PATH}/{quote(campaign_id, safe='')}/attend/create"
         f"?externalAccountId={client.portal_id}"
@@ -196,7 +210,7 @@ async def _record_chunk(
     ]
     await _ensure_event(services, client, campaign_id)
     try:
-        await client.post_json(path, {"inputs": inputs})
+        answer = await client.post_json(path, {"inputs": inputs})
     except HubSpotError as error:
         if error.status_code != 404:
             raise
@@ -204,7 +218,22 @@ async def _record_chunk(
         log.info("marketing event gone; making it again", extra={"portal_id": client.portal_id})
         await _forget_event(services, client.portal_id, campaign_id)
         await _ensure_event(services, client, campaign_id)
-        await client.post_json(path, {"inputs": inputs})
+        answer = await client.post_json(path, {"inputs": inputs})
+    return _not_recorded(chunk, answer)
+
+
+def _not_recorded(chunk: list[Attendance], answer: Any) -> list[Attendance]:
+    """The attendances a 2xx answer leaves out: with errors in it, those absent from its results.
+
+    HubSpot answers a batch it took in part with 207, the contacts it recorded in
+    `results` and what went wrong in `errors`.
+    """
+    if not isinstance(answer, dict) or not (answer.get("errors") or answer.get("numErrors")):
+        return []
+    recorded = {
+        str(result.get("vid")) for result in answer.get("results") or [] if isinstance(result, dict)
+    }
+    return [attendance for attendance in chunk if attendance.contact_id not in recorded]
 
 
 async def _ensure_event(services: Services, client: HubSpotClient, campaign_id: str) -> None:
@@ -280,9 +309,14 @@ async def handle_attendance(ctx: HandlerContext, events: list[EventView]) -> dic
         attendances=list(pending.values()),
     )
     later = {id(a) for a in recording.later}
+    refused = {id(a) for a in recording.refused}
     for event_id, attendance in pending.items():
         if id(attendance) in later and recording.error is not None:
             outcomes[event_id] = recording.error
+        elif id(attendance) in refused:
+            outcomes[event_id] = PermanentError(
+                "HubSpot recorded no attendance: it cannot find the contact"
+            )
         else:
             outcomes[event_id] = Done(result={"campaign_id": attendance.campaign_id})
     return outcomes

@@ -446,9 +446,11 @@ async def _download_entry(services: Services, url: str) -> dict[str, Any]:
 async def _record_entry(
     services: Services, entry: dict[str, Any], offset: str, *, session: AsyncSession
 ) -> None:
-    portal_id = _first_int(entry, "portalId", "portal_id", "hubId", "installPortalId")
-    if portal_id is not None and _is_uninstall(entry):
-        occurred = _parse_when(entry.get("occurredAt") or entry.get("occurred_at"))
+    for position, event in enumerate(_journal_events(entry)):
+        portal_id = _first_int(event, "portalId", "portal_id", "hubId", "installPortalId")
+        if portal_id is None or not _is_uninstall(event):
+            continue
+        occurred = _parse_when(event.get("occurredAt") or event.get("occurred_at"))
         known = await session.get(Portal, portal_id)
         if known is not None and occurred is None:
             # Without a time it cannot be told from a signal predating a reinstall;
@@ -464,9 +466,26 @@ async def _record_entry(
                 occurred_at=occurred,
                 session=session,
                 cipher=services.cipher,
-                key=f"journal:{offset}",
+                key=f"journal:{offset}" + (f":{position}" if position else ""),
             )
     await _save_journal_offset(offset, session=session)
+
+
+# Lists a downloaded entry may hold its events in, instead of being one event itself.
+_EVENT_LISTS = ("journalEvents", "events", "results")
+
+
+def _journal_events(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events of a downloaded journal entry.
+
+    HubSpot does not document the entry's shape: it may be the event itself, or hold a
+    list of them (integrations have met `{"journalEvents": [...]}`). Both are read.
+    """
+    for name in _EVENT_LISTS:
+        listed = entry.get(name)
+        if isinstance(listed, list):
+            return [event for event in listed if isinstance(event, dict)]
+    return [entry]
 
 
 def _is_uninstall(entry: dict[str, Any]) -> bool:

@@ -105,14 +105,25 @@ async def assert_no_more_calls(services: Any, sandbox: Any, portal_id: int) -> N
     assert requests_for(sandbox, portal_id) == before
 
 
+@pytest.mark.parametrize("listed", [False, True], ids=["entry", "listed-in-entry"])
 async def test_an_uninstall_in_hubspot_is_noticed_within_one_poll(
-    install_portal: Any, services: Any, sandbox: Any, sandbox_app: Any
+    install_portal: Any, services: Any, sandbox: Any, sandbox_app: Any, listed: bool
 ) -> None:
+    # HubSpot does not document a downloaded entry's shape: both that are met are read.
+    sandbox.config.journal_entries_listed = listed
     await install_portal(1001)
     await install_portal(1002)
     await uninstall_in_sandbox(sandbox_app, 1001)
 
     assert await poll_journal(services) >= 3  # two installs and the uninstall
+    async with services.sessions() as session:
+        signals = await session.execute(
+            sa.select(col(InboxEvent.portal_id), col(InboxEvent.source)).where(
+                col(InboxEvent.type) == UNINSTALL_EVENT
+            )
+        )
+    # Read from the journal, before any refresh could meet the revoked token.
+    assert signals.all() == [(1001, EventSource.journal)]
     await drain(services)
 
     assert await portal_state(services, 1001) == ("uninstalled", False)

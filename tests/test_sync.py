@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import col
 
+from app import campaigns
 from app.db import transaction
 from app.hubspot.runtime import Backoff
 from app.inbox import retry_events
@@ -590,6 +591,38 @@ async def test_campaigns_become_marketing_event_attendance_where_the_scope_is_gr
         if e.endswith("marketing-events/events")
     )
     assert creates == 1  # remembered, not re-created per batch
+
+
+async def test_an_attendance_hubspot_answers_207_for_is_failed_not_counted_as_recorded(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    """HubSpot takes a batch of attendances in part (207): those it left out are said so."""
+    portal = await install_portal(1001)
+    await post_event(client, portal, call(campaign_id="google-ads-spring"))
+    await drain(services)
+    [contact] = sandbox.contacts(1001)
+    world = sandbox.portal(1001)
+    assert len(world.attendance) == 1
+    at = utcnow()
+    async with transaction(services.sessions) as session:
+        await campaigns.try_later(
+            1001,
+            [
+                campaigns.Attendance("google-ads-spring", contact.id, at, event_id=9001),
+                # A contact deleted since its call synced.
+                campaigns.Attendance("google-ads-spring", "987654321", at, event_id=9002),
+            ],
+            session=session,
+            cipher=services.cipher,
+        )
+    await drain(services)
+    assert [a.contact_id for a in world.attendance] == [contact.id, contact.id]
+    queued = [
+        e for e in await inbox_events(services, "internal") if e.type == campaigns.ATTENDANCE_EVENT
+    ]
+    assert sorted(e.status for e in queued) == [EventStatus.done, EventStatus.failed]
+    [failed] = [e for e in queued if e.status == EventStatus.failed]
+    assert failed.last_error == "HubSpot recorded no attendance: it cannot find the contact"
 
 
 async def test_without_the_marketing_scope_campaigns_are_skipped_and_reported_once(

@@ -99,6 +99,9 @@ class SandboxConfig:
     webhook_retry_max_delay: float = 60.0
     journal_url_lifetime: float = 300.0
     journal_retention_seconds: float = 3 * 24 * 3600.0
+    # HubSpot does not document a downloaded entry's shape: True serves it inside a
+    # `journalEvents` list, as some integrations have met it, instead of on its own.
+    journal_entries_listed: bool = False
     seed_demo_data: bool = False
     clock: Callable[[], float] = time.time
 

@@ -32,6 +32,7 @@ SETTINGS: dict[str, tuple[type, ...]] = {
     "code_lifetime": (int, float),
     "rotate_refresh_tokens": (bool,),
     "journal_url_lifetime": (int, float),
+    "journal_entries_listed": (bool,),
     "public_url": (str,),
 }
 

@@ -131,6 +131,8 @@ async def download(request: Request) -> Response:
     if expires_at <= state.now() or entry is None:
         denied = {"status": "error", "message": "Request has expired", "category": "ACCESS_DENIED"}
         return json_response(denied, 403)
+    if state.config.journal_entries_listed:
+        return json_response({"journalEvents": [entry.to_json()]})
     return json_response(entry.to_json())
 
 
