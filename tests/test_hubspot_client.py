@@ -23,6 +23,7 @@ from app.errors import (
     HubSpotValidationError,
 )
 from app.hubspot import HubSpotClient, TokenResponse, hubspot_client
+from app.hubspot.auth import FORCED_REFRESH_INTERVAL
 from app.hubspot.client import error_from_response
 from app.hubspot.ratelimit import RateBudget
 from app.inbox import NewEvent, enqueue
@@ -134,6 +135,27 @@ async def test_a_token_answered_401_forever_makes_two_calls_and_one_refresh(
     assert raised.value.portal_id == portal
     assert crm_requests(sandbox, portal) == 2
     assert sandbox.refresh_count[portal] == 1
+
+
+async def test_a_401_that_fresh_tokens_meet_too_forces_a_refresh_once_a_minute(
+    portal: int, services: Any, sandbox: Any
+) -> None:
+    """HubSpot: a 401 alone does not mean the token needs renewing. Calls that keep
+    meeting 401s do not each send a refresh to the token endpoint."""
+    now = [1000.0]
+    services.hubspot.clock = lambda: now[0]
+    sandbox.faults.append(Fault(count=1000, status=401, path_prefix="/crm/"))
+    client = hubspot_client(services, portal)
+    for _ in range(3):
+        with pytest.raises(HubSpotAuthError) as raised:
+            await client.get_json(CONTACTS)
+        assert raised.value.status_code == 401
+    assert sandbox.refresh_count[portal] == 1
+    assert crm_requests(sandbox, portal) == 2 + 1 + 1  # a retry after the one refresh
+    now[0] += FORCED_REFRESH_INTERVAL + 1
+    with pytest.raises(HubSpotAuthError):
+        await client.get_json(CONTACTS)
+    assert sandbox.refresh_count[portal] == 2
 
 
 async def test_every_refresh_stores_the_refresh_token_it_returns(

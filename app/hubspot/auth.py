@@ -24,7 +24,13 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.crypto import Secret
-from app.errors import HubSpotError, HubSpotUnavailable, PortalUnavailable, RefreshRejected
+from app.errors import (
+    HubSpotAuthError,
+    HubSpotError,
+    HubSpotUnavailable,
+    PortalUnavailable,
+    RefreshRejected,
+)
 from app.hubspot.oauth2 import HubSpotOAuth, TokenResponse
 from app.logs import hubspot_error_fields
 from app.metrics import TOKEN_REFRESHES, count_hubspot_request
@@ -35,6 +41,9 @@ if TYPE_CHECKING:
     from app.main import Services
 
 log = logging.getLogger(__name__)
+
+# How often a 401 may force a refresh of a token that is not about to expire.
+FORCED_REFRESH_INTERVAL = 60.0
 
 
 class TokenRefresher:
@@ -53,6 +62,27 @@ class TokenRefresher:
             return tokens.access_token
         async with self._runtime.refresh_lock(portal_id):
             return await self._refresh_locked(portal_id, rejected)
+
+    def _may_force_refresh(self, tokens: TokenSet, rejected: Secret | None) -> None:
+        """Let a 401 force a refresh of a token that is not expiring at most once a minute.
+
+        HubSpot: a 401 alone does not mean a new token is needed. One that a token just
+        refreshed meets too has another cause, and refreshing for every such call would
+        only load the token endpoint: the call fails with the 401 instead.
+        """
+        skew = self._services.settings.token_refresh_skew_seconds
+        if rejected is None or tokens.expires_within(skew):
+            return
+        runtime = self._runtime
+        now = runtime.clock()
+        last = runtime.forced_refresh_at.get(tokens.portal_id)
+        if last is not None and now - last < FORCED_REFRESH_INTERVAL:
+            raise HubSpotAuthError(
+                "HubSpot refused a token refreshed moments ago; not refreshing it again yet",
+                portal_id=tokens.portal_id,
+                status_code=401,
+            )
+        runtime.forced_refresh_at[tokens.portal_id] = now
 
     def _fresh(self, tokens: TokenSet, rejected: Secret | None) -> bool:
         skew = self._services.settings.token_refresh_skew_seconds
@@ -105,6 +135,7 @@ class TokenRefresher:
                 raise PortalUnavailable(portal_id, "no tokens stored")
             if self._fresh(tokens, rejected):
                 return tokens.access_token  # another request or process refreshed meanwhile
+            self._may_force_refresh(tokens, rejected)
             try:
                 answer = await self._refresh_with_retries(tokens)
             except RefreshRejected as error:
@@ -135,6 +166,7 @@ class TokenRefresher:
             raise PortalUnavailable(portal_id, "no tokens stored")
         if self._fresh(tokens, rejected):
             return tokens.access_token
+        self._may_force_refresh(tokens, rejected)
         try:
             answer = await self._refresh_with_retries(tokens)
         except RefreshRejected:

@@ -54,6 +54,7 @@ class HubSpotRuntime:
     clock: Callable[[], float] = time.monotonic
     refresh_locks: dict[int, asyncio.Lock] = field(default_factory=dict)
     refresh_cooldown_until: dict[int, float] = field(default_factory=dict)
+    forced_refresh_at: dict[int, float] = field(default_factory=dict)  # after a 401, by clock
     app_token: AppToken | None = None
     app_token_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
