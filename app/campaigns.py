@@ -95,9 +95,9 @@ def _state_key(portal_id: int, campaign_id: str) -> str:
 
 @dataclass
 class Recording:
-    """What `record_attendance` did: attendances to try again later, and why."""
+    """What `record_attendance` could not do: attendances to try again later (and why), and
+    those HubSpot refused."""
 
-    recorded: int = 0
     later: list[Attendance] = field(default_factory=list)
     error: HubSpotError | None = None  # the failure behind `later`
     # Answered in a 207 as not recorded (HubSpot cannot find the contact): retrying
@@ -179,7 +179,6 @@ async def record_attendance(
                         extra={"portal_id": portal_id},
                     )
                 recording.refused.extend(refused)
-                recording.recorded += len(chunk) - len(refused)
     return recording
 
 
