@@ -143,6 +143,16 @@ class _Batch:
 
 
 @dataclass
+class _Decided:
+    """An event of a batch that did not end done: what is recorded for it, and why."""
+
+    row: InboxEvent
+    error: BaseException
+    action: Action
+    values: dict[str, Any]
+
+
+@dataclass
 class _Running:
     """A batch being handled, and the context its handler signals through."""
 
@@ -699,10 +709,9 @@ class Worker:
         """Record the outcomes in one transaction; LeaseLost when the portal or events are lost."""
         now = utcnow()
         keep_serving = True
-        counted: list[tuple[str, float | None]] = []
+        latencies: list[float] = []  # receipt to synced, of the events done
         done: list[dict[str, Any]] = []
-        others: list[tuple[int, dict[str, Any]]] = []
-        parked: list[tuple[int, int]] = []  # (event id, attempts)
+        others: list[_Decided] = []
         # A handler may give many events one write (a batch's records in one statement):
         # each distinct write runs once.
         writes: dict[Write, None] = {}
@@ -719,12 +728,11 @@ class Worker:
                 )
                 if outcome.write is not None:
                     writes.setdefault(outcome.write)
-                counted.append(("done", (now - row.received_at).total_seconds()))
+                latencies.append((now - row.received_at).total_seconds())
                 continue
             values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
             decision = self.retry_policy.decide(outcome, row.attempts)
             values["last_error"] = describe_error(outcome)
-            counted.append((str(decision.action), None))
             if decision.action is Action.retry:
                 values |= {
                     "status": EventStatus.pending,
@@ -736,35 +744,20 @@ class Worker:
                 # The portal cannot be served now: waiting is not an attempt.
                 values |= {"status": EventStatus.parked, "attempts": row.attempts - 1}
                 keep_serving = False
-                parked.append((row.id, row.attempts))
-            log.warning(
-                "event %s %s: %s",
-                row.id,
-                decision.action,
-                values["last_error"],
-                extra={
-                    "event_type": row.type,
-                    "attempt": row.attempts,
-                    **hubspot_error_fields(outcome),
-                },
-            )
-            others.append((row.id, values))
+            others.append(_Decided(row, outcome, decision.action, values))
         ids = [row.id for row in batch.events]
         async with transaction(self.services.sessions) as session:
             if not await self._hold_portal(batch.portal_id, session=session):
                 raise LeaseLost(f"portal {batch.portal_id}")
-            if parked and await _portal_is_active(batch.portal_id, session=session):
+            if not keep_serving and await _portal_is_active(batch.portal_id, session=session):
                 # Reinstalled while this batch ran: the install un-parked what was parked
                 # then, which these events were not yet (locked before them, as the install
                 # locks it before un-parking). They are retried instead.
                 keep_serving = True
-                attempts_of = dict(parked)
-                others = [
-                    (event_id, values | self._retry_values(attempts_of[event_id], now))
-                    if event_id in attempts_of
-                    else (event_id, values)
-                    for event_id, values in others
-                ]
+                for decided in others:
+                    if decided.action is Action.park:
+                        decided.action = Action.retry
+                        decided.values |= self._retry_values(decided.row.attempts, now)
             # Still ours? The rows stay locked (PostgreSQL) or the database does (SQLite's
             # BEGIN IMMEDIATE) until commit, so the updates below cannot race a takeover.
             held = await session.execute(
@@ -784,21 +777,35 @@ class Worker:
                 # ORM bulk update by primary key.
                 connection = await session.connection()
                 await connection.execute(_MARK_DONE.values(finished_at=now), done)
-            for event_id, values in others:
+            for decided in others:
                 await session.execute(
                     sa.update(InboxEvent)
-                    .where(col(InboxEvent.id) == event_id)
-                    .values(**values)
+                    .where(col(InboxEvent.id) == decided.row.id)
+                    .values(**decided.values)
                     .execution_options(synchronize_session=False)
                 )
             for write in writes:
                 await write(session)
             if not keep_serving:
                 await park_portal_events(batch.portal_id, session=session)
-        for outcome_label, latency in counted:
-            EVENTS_HANDLED.labels(outcome=outcome_label).inc()
-            if latency is not None:
-                RECEIPT_TO_SYNCED.observe(latency)
+        # Logged and counted once recorded, with the action the record took (a park can
+        # turn into a retry above).
+        for decided in others:
+            log.warning(
+                "event %s %s: %s",
+                decided.row.id,
+                decided.action,
+                decided.values["last_error"],
+                extra={
+                    "event_type": decided.row.type,
+                    "attempt": decided.row.attempts,
+                    **hubspot_error_fields(decided.error),
+                },
+            )
+            EVENTS_HANDLED.labels(outcome=str(decided.action)).inc()
+        for latency in latencies:
+            EVENTS_HANDLED.labels(outcome="done").inc()
+            RECEIPT_TO_SYNCED.observe(latency)
         return keep_serving
 
     def _retry_values(self, attempts: int, now: datetime) -> dict[str, Any]:

@@ -195,11 +195,16 @@ class ReinstalledWhileRecording(Worker):
 
 
 async def test_a_reinstall_while_a_batch_is_being_parked_leaves_nothing_parked(
-    install_portal: Any, services: Any, sandbox: Any
+    install_portal: Any, services: Any, sandbox: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     event_id = await work_for_a_revoked_portal(install_portal, services, sandbox)
     worker = ReinstalledWhileRecording(services, lambda: install_portal(1001))
+    caplog.set_level(logging.WARNING, logger="app.worker")
     await worker.drain(timeout=20)
+    # The log tells what was recorded for the batch that met the uninstall: a retry, not
+    # the park it first decided on.
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event ")]
+    assert [message.split(":")[0].split()[-1] for message in logged] == ["retry"]
     assert worker.reinstall is None, "the batch met the uninstall and the reinstall ran"
     assert await portal_state(services, 1001) == ("active", True)
     # The install un-parked what was parked when it committed, which this batch was not
