@@ -2,10 +2,12 @@
 
 The `properties.provision` job (queued at install, re-run daily and on demand) creates the
 `ai_receptionist` group and the contact properties of DESIGN.md that are missing, leaves
-existing ones as they are and recreates deleted ones. A property Hubline cannot use — an
-existing one of the same name with an incompatible type, or one it may not create because
-the portal did not grant the schema scope — becomes a visible portal problem naming it,
-and is left out of every write; everything else still syncs.
+existing ones as they are and recreates deleted ones; a write that finds one of them
+deleted since (HubSpot says it does not exist) creates it again at once and is sent again,
+so its values are not lost. A property Hubline cannot use — an existing one of the same
+name with an incompatible type, or one it may not create because the portal did not
+grant the schema scope — becomes a visible portal problem naming it, and is left out of
+every write; everything else still syncs.
 
 What the last run found is kept per portal in `app_state` (`crm_properties:<portal id>`):
 how each property is written and the dropdown options known to exist, so the sync handler
@@ -388,6 +390,56 @@ async def _provision(
             findings.problems[problem_code("lead_source")] = reason
 
 
+async def recreate(
+    services: Services, client: HubSpotClient, state: PortalProperties, names: set[str]
+) -> set[str]:
+    """Create again Hubline's properties a write found missing (deleted since the last check).
+
+    Answers the names HubSpot created, now usable with their default options; for the
+    others (refused, or made by someone else meanwhile) the caller does as before.
+    """
+    specs = [SPEC_BY_NAME[name] for name in sorted(names)]
+    label = services.settings.lead_source_label
+    try:
+        await _ensure_group(client)
+        created = await client.post_json(
+            f"{PROPERTIES_PATH}/batch/create",
+            {"inputs": [spec.definition(label) for spec in specs]},
+        )
+    except (HubSpotValidationError, HubSpotConflict, HubSpotAuthError) as error:
+        if isinstance(error, HubSpotAuthError) and error.status_code != 403:
+            raise
+        log.warning(
+            "recreating deleted contact properties failed (%s)",
+            error.category or error.status_code,
+            extra={"portal_id": client.portal_id, "correlation_id": error.correlation_id},
+        )
+        return set()
+    made = names & {
+        str(item.get("name"))
+        for item in (created or {}).get("results") or []
+        if isinstance(item, dict)
+    }
+    if not made:
+        return made
+    for spec in specs:
+        if spec.name in made:
+            options = [value for value, _ in default_options(spec.name, label)]
+            state.usable[spec.name] = PropertyUse(spec.kind, options)
+            state.unusable.pop(spec.name, None)
+    async with transaction(services.sessions) as session:
+        await save_state(client.portal_id, state, session=session)
+        for name in made:
+            await clear_problem(client.portal_id, problem_code(name), session=session)
+    log.info(
+        "recreated %d deleted contact properties: %s",
+        len(made),
+        ", ".join(sorted(made)),
+        extra={"portal_id": client.portal_id},
+    )
+    return made
+
+
 async def _ensure_group(client: HubSpotClient) -> None:
     with contextlib.suppress(HubSpotConflict):  # it exists
         await client.post_json(
@@ -433,7 +485,11 @@ async def ensure_outcome_options(
     wanted = {snake_case(label): label for label in labels}
     if set(wanted) - set(use.options):
         try:
-            await add_options(client, "call_outcome", wanted, use)
+            found = await _add_outcome_options(services, client, state, wanted, use)
+            if found is None:
+                problems.add(problem_code("call_outcome"))
+                return set()
+            use = found
         except HubSpotAuthError as error:
             if error.status_code != 403:
                 raise
@@ -464,6 +520,36 @@ async def ensure_outcome_options(
         async with transaction(services.sessions) as session:
             await save_state(client.portal_id, state, session=session)
     return set(wanted) & set(use.options)
+
+
+async def _add_outcome_options(
+    services: Services,
+    client: HubSpotClient,
+    state: PortalProperties,
+    wanted: dict[str, str],
+    use: PropertyUse,
+) -> PropertyUse | None:
+    """`add_options` for `call_outcome`, recreating it first if it was deleted since the
+    last property check; None, with the property left out and said so, if it cannot be."""
+    try:
+        await add_options(client, "call_outcome", wanted, use)
+        return use
+    except HubSpotError as error:
+        if error.status_code != 404:
+            raise
+    if "call_outcome" not in await recreate(services, client, state, {"call_outcome"}):
+        await mark_unusable(
+            services,
+            client.portal_id,
+            state,
+            "call_outcome",
+            "HubSpot says the contact property 'call_outcome' does not exist and Hubline "
+            "could not create it again; it is left out until the next property check.",
+        )
+        return None
+    use = state.usable["call_outcome"]
+    await add_options(client, "call_outcome", wanted, use)
+    return use
 
 
 async def ensure_lead_source_option(

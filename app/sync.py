@@ -556,6 +556,8 @@ class BatchSync:
         self.errors_written: set[str] = set()
         self.adopted: set[str] = set()  # existing contacts new callers' creates ran into
         self._repaired: set[str] = set()  # dropdowns whose options this batch repaired
+        self._recreating: set[str] = set()  # deleted properties this batch tried to recreate
+        self._recreated: set[str] = set()  # ... and those HubSpot created
         self._indexed_created: set[str] = set()  # created contacts indexed already
         # Creates and updates go out together: adapting to the portal's properties after a
         # refusal (a deleted property, a stale option list) happens one at a time.
@@ -1110,11 +1112,11 @@ class BatchSync:
     ) -> frozenset[str] | None:
         """A refusal caused by the portal, not the record: adapt the chunk to send it again.
 
-        Answers None when there is nothing to adapt, else the dropdowns whose repair the
-        chunk is sent again for. Creates and updates run together, so both can be refused
-        for the same removed option: the one that comes second finds it repaired and is
-        sent again with the repaired options (once; a value refused after that is the
-        record's).
+        Answers None when there is nothing to adapt, else the dropdowns whose repair (and
+        the deleted properties whose recreation) the chunk is sent again for. Creates and
+        updates run together, so both can be refused for the same removed option: the one
+        that comes second finds it repaired and is sent again with the repaired options
+        (once; a value refused after that is the record's).
         """
         async with self._fixing:
             return await self._fix_portal_properties_alone(error, chunk, resent)
@@ -1128,6 +1130,21 @@ class BatchSync:
             for p in named
             if p.code == "PROPERTY_DOESNT_EXIST" and p.name in properties.PROPERTY_NAMES
         }
+        # Deleted since the last property check: created again at once (once per batch,
+        # where the portal lets Hubline), so this batch's values are not lost. A chunk
+        # is sent again once for a property recreated; refused again, it is left out.
+        if properties.SCHEMA_WRITE_SCOPE in self.scopes and gone - self._recreating:
+            fresh = gone - self._recreating
+            self._recreating |= fresh
+            made = await properties.recreate(self.services, self.client, self.state, fresh)
+            self._recreated |= made
+            self.problems -= {properties.problem_code(name) for name in made}
+            if "call_outcome" in made:
+                # Made with the default outcomes: add back this batch's own.
+                self._repaired.add("call_outcome")
+                await self._repair_options("call_outcome")
+        back = {name for name in gone & self._recreated if name not in resent}
+        gone -= back
         for name in gone:
             await properties.mark_unusable(
                 self.services,
@@ -1145,13 +1162,13 @@ class BatchSync:
         for name in sorted(stale - self._repaired):
             self._repaired.add(name)  # once per batch
             await self._repair_options(name)
-        if not gone and not stale:
+        if not gone and not stale and not back:
             return None
         for values in [w.body.get("properties") or {} for w in chunk] + [
             p.properties for p in self.new_contacts
         ]:
             self._drop_unwritable(values, gone)
-        return stale
+        return stale | back
 
     async def _repair_options(self, name: str) -> None:
         """Read a dropdown's options again and add back those Hubline writes."""

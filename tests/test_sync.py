@@ -531,20 +531,57 @@ async def test_a_summary_longer_than_hubspot_keeps_is_cut_not_lost(
     assert await events_by_status(services) == {EventStatus.done: 2}
 
 
-async def test_a_property_deleted_in_hubspot_is_left_out_until_provisioning_recreates_it(
+async def test_a_property_deleted_in_hubspot_is_recreated_by_the_write_that_finds_it_gone(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)
+    world = sandbox.portal(1001)
+    contact_properties = world.properties["contacts"]
+    del contact_properties["ai_lead_score"]
+    del contact_properties["call_outcome"]
+
+    # Found gone by the contact write (the outcome is one Hubline knows the portal has).
+    await post_event(client, portal, call(lead_score=71, outcome="Message taken"))
+    await drain(services)
+    [contact] = sandbox.contacts(1001)
+    # Nothing of the batch is lost: the properties came back before it was sent again.
+    assert contact.properties["ai_lead_score"] == "71"
+    assert contact.properties["call_outcome"] == "message_taken"
+
+    # Found gone while adding a new outcome as an option: made again with it.
+    del contact_properties["call_outcome"]
+    await post_event(client, portal, call(outcome="Left a voicemail"))
+    await drain(services)
+    assert contact.properties["call_outcome"] == "left_a_voicemail"
+    outcomes = contact_properties["call_outcome"].option_values()
+    assert {"message_taken", "left_a_voicemail"} <= set(outcomes)
+    assert await problem_codes(services, 1001) == set()
+    assert await events_by_status(services) == {EventStatus.done: 3}
+
+
+async def test_a_deleted_property_hubspot_will_not_recreate_is_left_out_until_provisioning(
     client: Any, install_portal: Any, services: Any, sandbox: Any
 ) -> None:
     portal = await install_portal(1001)
     await drain(services)
     del sandbox.portal(1001).properties["contacts"]["ai_lead_score"]
+    refused = Fault(count=1, status=403, path_prefix="/crm/v3/properties/contacts/batch/create")
+    sandbox.faults.append(refused)
 
     await post_event(client, portal, call())
     await drain(services)
+    assert refused.count == 0, "the write tried to recreate the property"
     [contact] = sandbox.contacts(1001)
     assert contact.properties["ai_call_summary"]  # everything else synced
     assert "ai_lead_score" not in contact.properties
     assert len(sandbox.calls(1001)) == 1
     assert "property:ai_lead_score" in await problem_codes(services, 1001)
+
+    # Left out from then on, without asking HubSpot again for each batch.
+    await post_event(client, portal, call(lead_score=12))
+    await drain(services)
+    assert "ai_lead_score" not in contact.properties
 
     from app.properties import request_provisioning
 
