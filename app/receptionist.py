@@ -11,17 +11,20 @@ whose JSON is the inbox payload the receptionist handlers read:
     follow_up_required, campaign_id, recording_url
 
 A caller needs a phone or an email that Hubline can read (a `test.ping` needs no
-caller). Unknown fields are ignored: platforms add fields, and refusing them would
-lose calls.
+caller). Ids and phone numbers sent as JSON numbers are read as text; a duration or lead
+score must be a finite number (or a string of one), never true or false. The flat form
+may carry `type` only as `call.completed`. Unknown fields are ignored: platforms add
+fields, and refusing them would lose calls.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 from app.errors import EventRejected
 from app.identity import normalize_email, normalize_phone
@@ -29,26 +32,44 @@ from app.identity import normalize_email, normalize_phone
 EventType = Literal["call.completed", "text.received", "chat.completed", "test.ping"]
 PING = "test.ping"
 FLAT_FIELDS = frozenset({"call_id", "caller_name", "caller_phone", "caller_email", "call_summary"})
+FLAT_IS_A_CALL = (
+    "the flat form (call_id, caller_phone, …) is always a call.completed: send other "
+    "events in the nested form (type, caller: {…})"
+)
 
 _Text = Field(default=None, max_length=256)
 
 
+def _not_a_bool(value: Any) -> Any:
+    # Python counts JSON's true and false as the integers 1 and 0; a sender does not.
+    if isinstance(value, bool):
+        raise PydanticCustomError("float_type", "Input should be a number, not true or false")
+    return value
+
+
+_Number = Annotated[float, BeforeValidator(_not_a_bool)]
+
+# Platforms send ids (and sometimes phone numbers) as JSON numbers: they are read as text.
+# NaN and Infinity (which Python's JSON reader accepts) are no score or duration.
+_INPUT_CONFIG = ConfigDict(extra="ignore", str_strip_whitespace=True, coerce_numbers_to_str=True)
+
+
 class _Input(BaseModel):
-    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+    model_config = _INPUT_CONFIG
 
     occurred_at: datetime | None = None
     transcript: str | None = None
-    duration_seconds: float | None = Field(default=None, ge=0)
+    duration_seconds: _Number | None = Field(default=None, ge=0, allow_inf_nan=False)
     outcome: str | None = Field(default=None, max_length=128)
     appointment_booked: bool | None = None
-    lead_score: float | None = None
+    lead_score: _Number | None = Field(default=None, allow_inf_nan=False)
     follow_up_required: bool | None = None
     campaign_id: str | None = _Text
     recording_url: str | None = Field(default=None, max_length=2048)
 
 
 class CallerInput(BaseModel):
-    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+    model_config = _INPUT_CONFIG
 
     name: str | None = _Text
     phone: str | None = Field(default=None, max_length=64)
@@ -104,7 +125,8 @@ class ReceptionistEvent(BaseModel):
 
 
 def is_flat(data: dict[str, Any]) -> bool:
-    return "type" not in data and "caller" not in data and not FLAT_FIELDS.isdisjoint(data)
+    # A platform may add `type` to the flat form: its caller fields still say which it is.
+    return "caller" not in data and not FLAT_FIELDS.isdisjoint(data)
 
 
 def parse_event(
@@ -121,6 +143,8 @@ def parse_event(
         given, problems = None, _problems(error)
     else:
         problems = []
+    if flat and data.get("type", "call.completed") != "call.completed":
+        problems.append({"field": "type", "message": FLAT_IS_A_CALL})
 
     # Who called and which event this is are checked even when other fields failed, so
     # one answer lists everything the sender must fix.
@@ -204,6 +228,8 @@ def _text(given: NestedInput | FlatInput | None, data: dict[str, Any], name: str
 
 
 def _raw_text(value: Any) -> str | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # as the models read numbers given for text
     return value.strip() or None if isinstance(value, str) else None
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from app.errors import EventRejected
-from app.receptionist import ReceptionistEvent, parse_event
+from app.receptionist import FLAT_IS_A_CALL, ReceptionistEvent, parse_event
 from tests.webhook_support import call_event
 
 RECEIVED = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
@@ -148,3 +148,34 @@ def test_occurred_at_without_zone_is_utc() -> None:
     assert (
         parse(call_event(occurred_at="2026-03-02T16:30:00+02:00")).occurred_at == event.occurred_at
     )
+
+
+def test_ids_and_phones_sent_as_json_numbers_are_read_as_text() -> None:
+    flat = parse({"call_id": 777, "caller_phone": 4155550100, "lead_score": 9})
+    assert (flat.id, flat.caller.phone_e164) == ("777", "+14155550100")
+    assert parse(call_event(id=12345)).id == "12345"
+    # Read the same way when another field fails, so the id is not reported missing.
+    assert [p["field"] for p in problems(call_event(id=12345, duration_seconds=-1))] == [
+        "duration_seconds"
+    ]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "NaN", "-Infinity", True, False])
+def test_a_score_or_duration_that_is_no_finite_number_is_refused(value: Any) -> None:
+    assert [p["field"] for p in problems(call_event(lead_score=value))] == ["lead_score"]
+    assert [p["field"] for p in problems(call_event(duration_seconds=value))] == [
+        "duration_seconds"
+    ]
+
+
+def test_a_score_given_as_a_numeric_string_is_read() -> None:
+    assert parse(call_event(lead_score="82.5")).lead_score == 82.5
+
+
+def test_the_flat_form_may_say_it_is_a_completed_call() -> None:
+    event = parse({"type": "call.completed", "call_id": "mix1", "caller_phone": "+13035550155"})
+    assert (event.form, event.id, event.caller.phone_e164) == ("flat", "mix1", "+13035550155")
+    # Any other type is refused with what to do, not with fields the flat form does not have.
+    assert problems(
+        {"type": "text.received", "call_id": "mix2", "caller_phone": "+13035550155"}
+    ) == [{"field": "type", "message": FLAT_IS_A_CALL}]
