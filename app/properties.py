@@ -21,9 +21,11 @@ is added back when a write is refused for it, or, if it cannot be, left out and 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING, Any
@@ -152,9 +154,20 @@ def default_options(name: str, lead_source_label: str) -> tuple[tuple[str, str],
 
 
 def snake_case(label: str) -> str:
-    """An option value from a label: "Left a Voicemail" → "left_a_voicemail"."""
-    value = re.sub(r"[^0-9a-z]+", "_", label.strip().lower()).strip("_")
-    return value[:100] or "other"
+    """An option value from a label: "Left a Voicemail" → "left_a_voicemail".
+
+    Accents are folded ("Réservé" → "reserve"). A label with no Latin letter or digit
+    ("留守番電話") gets a value made from a digest of it, so outcomes in other scripts stay
+    apart; its label still shows the words. An empty label is "other".
+    """
+    folded = unicodedata.normalize("NFKD", label.strip().casefold())
+    plain = "".join(char for char in folded if not unicodedata.combining(char))
+    value = re.sub(r"[^0-9a-z]+", "_", plain).strip("_")[:100].rstrip("_")
+    if value:
+        return value
+    if not label.strip():
+        return "other"
+    return "outcome_" + hashlib.sha256(label.strip().casefold().encode()).hexdigest()[:12]
 
 
 def problem_code(name: str) -> str:
@@ -482,7 +495,10 @@ async def ensure_outcome_options(
     use = state.use("call_outcome")
     if use is None or use.kind != OPTION:
         return set()
-    wanted = {snake_case(label): label for label in labels}
+    wanted: dict[str, str] = {}
+    for label in labels:
+        # Labels that differ only in case or accents are one option, labelled as first seen.
+        wanted.setdefault(snake_case(label), label)
     if set(wanted) - set(use.options):
         try:
             found = await _add_outcome_options(services, client, state, wanted, use)

@@ -190,3 +190,13 @@ def test_compatibility_rules() -> None:
     assert compatible_use(booked, {"type": "string", "fieldType": "text"}) is None
     assert snake_case("Left a Voicemail!") == "left_a_voicemail"
     assert snake_case("  ") == "other"
+
+
+def test_outcome_values_fold_accents_and_keep_other_scripts_apart() -> None:
+    assert snake_case("Réservé à l'avance") == "reserve_a_l_avance"
+    assert snake_case("Straße") == "strasse"
+    voicemail, callback = snake_case("留守番電話"), snake_case("折り返し電話")
+    assert voicemail.startswith("outcome_")
+    assert callback.startswith("outcome_")
+    assert voicemail != callback
+    assert snake_case(" 留守番電話 ") == voicemail  # stable

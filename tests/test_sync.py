@@ -180,6 +180,25 @@ async def test_a_person_set_firstname_is_kept_while_ai_properties_update(
     assert len(sandbox.calls(1001)) == 2
 
 
+async def test_outcomes_that_differ_in_case_or_accents_are_one_option_labelled_as_first_seen(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)
+    for n, outcome in enumerate(["Réservé à l'avance", "réservé à l'avance", "RESERVE A L'AVANCE"]):
+        caller = {"phone": f"+1 415 555 02{n:02d}"}
+        await post_event(client, portal, call(caller=caller, outcome=outcome))
+    await drain(services)
+
+    assert {c.properties["call_outcome"] for c in sandbox.contacts(1001)} == {"reserve_a_l_avance"}
+    [option] = [
+        o
+        for o in sandbox.portal(1001).properties["contacts"]["call_outcome"].options
+        if o["value"] == "reserve_a_l_avance"
+    ]
+    assert option["label"] == "Réservé à l'avance"
+
+
 PHONE_SPELLINGS = [
     "+1 415 555 0100",
     "(415) 555-0100",
