@@ -74,8 +74,14 @@ async def cmd_events_retry(args: argparse.Namespace) -> int:
         if args.event_id is not None:
             async with db.transaction(sessions) as session:
                 retried = await retry_events(session=session, event_ids=[args.event_id])
+                status = await session.scalar(
+                    sa.select(col(InboxEvent.status)).where(col(InboxEvent.id) == args.event_id)
+                )
+            if status is None:
+                print(f"there is no event {args.event_id}")
+                return 1
             if not retried:
-                print(f"event {args.event_id} is not failed; nothing to retry")
+                print(f"event {args.event_id} is {status}, not failed; nothing to retry")
                 return 1
             print(f"event {args.event_id} queued again")
             return 0

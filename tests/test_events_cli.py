@@ -98,9 +98,12 @@ async def test_events_retry_one_then_all_failed_of_a_portal(
     one = hubline(database_url, "retry", str(ids[0]))
     assert one.returncode == 0, one.stderr
     assert (await statuses(sessions))[ids[0]] == EventStatus.pending
-    assert hubline(database_url, "retry", str(ids[3])).returncode == 1, (
-        "a done event is not retried"
-    )
+    done = hubline(database_url, "retry", str(ids[3]))
+    assert done.returncode == 1, "a done event is not retried"
+    assert f"event {ids[3]} is done, not failed" in done.stdout
+    unknown = hubline(database_url, "retry", "99999")
+    assert unknown.returncode == 1
+    assert unknown.stdout.strip() == "there is no event 99999"
     portal = hubline(database_url, "retry", "--failed", "--portal", "1002")
     assert "queued 1 failed events again" in portal.stdout
     assert "queueing failed events again: 1/1" in portal.stderr
