@@ -401,6 +401,7 @@ async def poll_journal(services: Services) -> int:
             # The offset is older than HubSpot's retention: start again from the
             # earliest entry; idempotency keys make entries seen before no-ops.
             log.warning("the journal offset expired; reading from the earliest entry")
+            await _forget_journal_offset(services, offset)
             offset = None
             continue
         if response.status_code == 204:
@@ -529,6 +530,17 @@ async def _save_journal_offset(offset: str, *, session: AsyncSession) -> None:
         row.value = offset
         row.updated_at = utcnow()
     await session.flush()
+
+
+async def _forget_journal_offset(services: Services, expired: str) -> None:
+    """Forget an offset HubSpot no longer keeps: should the journal hold nothing newer (an
+    empty read records no entry), later polls would otherwise ask for it again each time."""
+    async with transaction(services.sessions) as session:
+        await session.execute(
+            sa.delete(AppState).where(
+                col(AppState.name) == JOURNAL_OFFSET_KEY, col(AppState.value) == expired
+            )
+        )
 
 
 def add_periodic_jobs(worker: Worker, settings: Settings) -> None:

@@ -145,6 +145,21 @@ async def test_the_journal_poller_resumes_from_its_offset(
     assert offset.value
 
 
+async def test_an_expired_journal_offset_is_asked_for_once(
+    install_portal: Any, services: Any, sandbox: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    await install_portal(1001)
+    assert await poll_journal(services) == 1
+    sandbox.config.journal_retention_seconds = 0  # HubSpot no longer keeps that entry
+    caplog.set_level(logging.WARNING, logger="app.lifecycle")
+    for _ in range(3):
+        assert await poll_journal(services) == 0
+    expired = [r for r in caplog.records if "journal offset expired" in r.getMessage()]
+    assert len(expired) == 1
+    async with services.sessions() as session:
+        assert await session.get(AppState, "journal_offset") is None
+
+
 async def work_for_a_revoked_portal(install_portal: Any, services: Any, sandbox: Any) -> int:
     """Portal 1001 installed, its access then revoked on HubSpot's side with no journal
     entry to read, and an event that needs its token; answers the event's id."""
