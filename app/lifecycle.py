@@ -387,8 +387,11 @@ async def poll_journal(services: Services) -> int:
 
     The offset is stored with each entry's event, so a poll that stops anywhere
     resumes after the last entry it recorded. Errors propagate to the periodic runner,
-    which logs them and tries again next time.
+    which logs them and tries again next time. With no portal installed there is nothing
+    an entry could change, and HubSpot is not asked.
     """
+    if not await _any_portal_installed(services):
+        return 0
     offset = await _journal_offset(services)
     read = 0
     for _ in range(JOURNAL_MAX_BATCHES):
@@ -514,6 +517,12 @@ def _parse_when(value: Any) -> datetime | None:
     except ValueError:
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+async def _any_portal_installed(services: Services) -> bool:
+    async with services.sessions() as session:
+        installed = sa.exists().where(col(Portal.status) != PortalStatus.uninstalled)
+        return bool(await session.scalar(sa.select(installed)))
 
 
 async def _journal_offset(services: Services) -> str | None:

@@ -33,7 +33,7 @@ from sqlmodel import col
 
 from app import identity
 from app.db import schema_trouble, transaction
-from app.errors import CryptoError
+from app.errors import CryptoError, HubSpotError
 from app.inbox import (
     Done,
     EventView,
@@ -99,7 +99,8 @@ PeriodicJob = Callable[["Services"], Awaitable[None]]
 
 class _FailureLog:
     """A loop's failures, logged without a flood: an error that repeats turn after turn
-    (the database down for a minute) is logged once, with its traceback, and so is its end."""
+    (the database down for a minute) is logged once, with its traceback (HubSpot's errors
+    in one line), and so is its end."""
 
     def __init__(self, doing: str) -> None:
         self.doing = doing
@@ -114,6 +115,11 @@ class _FailureLog:
             log.debug("%s failed again (%d in a row)", self.doing, self.failures)
             return
         self._last = seen
+        if isinstance(error, HubSpotError):
+            # HubSpot down or refusing (a periodic job's calls): what it answered says it
+            # all; a traceback is for Hubline's own faults.
+            log.warning("%s failed; retrying: %s", self.doing, seen)
+            return
         log.exception("%s failed; retrying", self.doing)
 
     def succeeded(self) -> None:

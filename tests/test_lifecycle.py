@@ -145,6 +145,21 @@ async def test_the_journal_poller_resumes_from_its_offset(
     assert offset.value
 
 
+async def test_the_journal_is_not_read_while_no_portal_is_installed(
+    install_portal: Any, services: Any, sandbox_app: Any
+) -> None:
+    assert await poll_journal(services) == 0
+    assert services.hubspot.app_token is None, "no app token was asked for"
+    await install_portal(1001)
+    await uninstall_in_sandbox(sandbox_app, 1001)
+    assert await poll_journal(services) == 2  # the install and the uninstall
+    await drain(services)
+    assert await portal_state(services, 1001) == ("uninstalled", False)
+    services.hubspot.app_token = None
+    assert await poll_journal(services) == 0
+    assert services.hubspot.app_token is None
+
+
 async def test_an_expired_journal_offset_is_asked_for_once(
     install_portal: Any, services: Any, sandbox: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

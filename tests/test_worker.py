@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from app import db
 from app.db import transaction
-from app.errors import PermanentError, PortalUnavailable
+from app.errors import HubSpotUnavailable, PermanentError, PortalUnavailable
 from app.inbox import (
     Done,
     EventView,
@@ -620,6 +620,42 @@ async def test_a_database_outage_is_logged_once_and_its_end_too(
     finally:
         worker.stop()
         await running
+
+
+async def test_a_periodic_job_meeting_hubspot_trouble_logs_one_line_a_bug_its_traceback(
+    core: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="app.worker")
+    runs = {"journal": 0, "buggy": 0}
+
+    async def journal(_services: Services) -> None:
+        runs["journal"] += 1
+        raise HubSpotUnavailable("journal read: HubSpot did not answer (ConnectError)")
+
+    async def buggy(_services: Services) -> None:
+        runs["buggy"] += 1
+        raise RuntimeError("a bug")
+
+    worker = Worker(core, registry=Registry(), poll_seconds=0.01)
+    worker.add_periodic("journal", 0.01, journal)
+    worker.add_periodic("buggy", 0.01, buggy)
+    running = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(10):
+            while min(runs.values()) < 3:
+                await asyncio.sleep(0.01)
+    finally:
+        worker.stop()
+        await running
+    [outage] = [
+        r for r in _messages(caplog, "periodic job journal failed") if r.levelno > logging.DEBUG
+    ]
+    assert outage.levelno == logging.WARNING
+    assert outage.exc_info is None
+    assert "HubSpot did not answer (ConnectError)" in outage.getMessage()
+    [bug] = [r for r in _messages(caplog, "periodic job buggy failed") if r.levelno > logging.DEBUG]
+    assert bug.levelno == logging.ERROR
+    assert bug.exc_info is not None
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
