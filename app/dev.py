@@ -2,7 +2,9 @@
 
 `hubline dev` is the only command that invents credentials and keys. It keeps them
 in a git-ignored file (`.hubline-dev.env`) so a restart keeps the installed portals
-readable.
+readable. Each start also writes there where the stack runs (its database and URLs), so
+other `hubline` commands reach it given the file's values:
+`set -a; . ./.hubline-dev.env; set +a; hubline portals list`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from app.portals import current_secret
 from app.settings import Settings
 
 DEV_FILE = ".hubline-dev.env"
+# Where a running dev stack is: rewritten at each start, never read back by `hubline dev`.
+STACK_SETTINGS = ("DATABASE_URL", "HUBSPOT_API_URL", "HUBSPOT_AUTH_URL", "PUBLIC_URL")
 DEV_DATABASE = "sqlite+aiosqlite:///./hubline-dev.db"
 DEMO_POLL_SECONDS = 2.0
 
@@ -54,14 +58,33 @@ def load_or_create_dev_values(path: Path) -> dict[str, str]:
     missing = {name: make() for name, make in wanted.items() if not values.get(name)}
     if missing:
         values.update(missing)
-        lines = [
-            "# Made by `hubline dev` for the local sandbox only. Never use these in production."
-        ]
-        lines += [f"{name}={value}" for name, value in values.items()]
-        path.touch(mode=0o600, exist_ok=True)
-        path.chmod(0o600)
-        path.write_text("\n".join(lines) + "\n")
-    return values
+        _write_dev_file(path, values)
+    return {name: value for name, value in values.items() if name not in STACK_SETTINGS}
+
+
+def remember_stack(path: Path, dev: dict[str, str], stack: dict[str, str]) -> None:
+    """Add where this dev stack runs to the dev file, for other `hubline` commands."""
+    _write_dev_file(path, {**dev, **{name: stack[name] for name in STACK_SETTINGS}})
+
+
+def _write_dev_file(path: Path, values: dict[str, str]) -> None:
+    lines = ["# Made by `hubline dev` for the local sandbox only. Never use these in production."]
+    lines += [f"{name}={value}" for name, value in values.items() if name not in STACK_SETTINGS]
+    stack = [f"{name}={values[name]}" for name in STACK_SETTINGS if name in values]
+    if stack:
+        lines.append("# Where the dev stack last started (for `set -a; . ./<this file>`).")
+        lines += stack
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _absolute_sqlite(database_url: str) -> str:
+    """A SQLite URL whose path does not depend on the folder a command runs in."""
+    url = sa.engine.make_url(database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return database_url
+    return url.set(database=str(Path(url.database).resolve())).render_as_string(hide_password=False)
 
 
 class _Server(uvicorn.Server):
@@ -140,6 +163,8 @@ async def cmd_dev(args: argparse.Namespace) -> int:
             print("hubline dev: could not start (is a port already in use?)", flush=True)
             return 1
         await asyncio.sleep(0.05)
+    stack = {**environ, "DATABASE_URL": _absolute_sqlite(environ["DATABASE_URL"])}
+    remember_stack(Path(args.dev_file), dev, stack)
     print_banner(hubline_url, sandbox_url, Path(args.dev_file), demo=args.demo)
     demo = asyncio.create_task(demo_loop(settings, hubline_url)) if args.demo else None
     await asyncio.gather(*running)
@@ -161,6 +186,8 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 def print_banner(hubline_url: str, sandbox_url: str, dev_file: Path, *, demo: bool) -> None:
+    # `.` looks a bare file name up on PATH: name it by its folder.
+    sourced = str(dev_file) if "/" in str(dev_file) else f"./{dev_file}"
     lines = [
         "",
         "Hubline is running with a local HubSpot sandbox.",
@@ -169,6 +196,7 @@ def print_banner(hubline_url: str, sandbox_url: str, dev_file: Path, *, demo: bo
         "  3. The settings page shows the receptionist webhook URL and secret.",
         f"  Sandbox HubSpot (contacts, timelines, API traffic): {sandbox_url}/",
         f"  Admin console: {hubline_url}/admin (ADMIN_TOKEN is in {dev_file})",
+        f"  Other hubline commands: set -a; . {sourced}; set +a; hubline portals list",
     ]
     if demo:
         lines.append("  Demo: realistic receptionist events go to every portal you install.")
