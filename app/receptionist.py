@@ -22,8 +22,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
 from pydantic_core import PydanticCustomError
 
 from app.errors import EventRejected
@@ -49,6 +57,16 @@ def _not_a_bool(value: Any) -> Any:
 
 _Number = Annotated[float, BeforeValidator(_not_a_bool)]
 
+
+def _web_address(value: str | None) -> str | None:
+    # HubSpot shows the recording as a link: only a web address may become one.
+    if value:
+        parts = urlsplit(value)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise PydanticCustomError("url_scheme", "Input should be an http or https URL")
+    return value
+
+
 # Platforms send ids (and sometimes phone numbers) as JSON numbers: they are read as text.
 # NaN and Infinity (which Python's JSON reader accepts) are no score or duration.
 _INPUT_CONFIG = ConfigDict(extra="ignore", str_strip_whitespace=True, coerce_numbers_to_str=True)
@@ -65,7 +83,9 @@ class _Input(BaseModel):
     lead_score: _Number | None = Field(default=None, allow_inf_nan=False)
     follow_up_required: bool | None = None
     campaign_id: str | None = _Text
-    recording_url: str | None = Field(default=None, max_length=2048)
+    recording_url: Annotated[str | None, AfterValidator(_web_address)] = Field(
+        default=None, max_length=2048
+    )
 
 
 class CallerInput(BaseModel):

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 
 from standardwebhooks.webhooks import Webhook
 
@@ -126,6 +127,33 @@ def verify_standard_webhook(
         except Exception:  # noqa: S112 - the library raises bare ValueErrors and friends on garbage
             continue
         return True
+    return False
+
+
+def signed_outside_window(
+    body: bytes, headers: Mapping[str, str], secrets: Sequence[Secret]
+) -> bool:
+    """True when a refused Standard Webhooks request is rightly signed but its timestamp is
+    outside the five minutes allowed: the sender's clock is off (or this is a replay).
+
+    Only the holder of the secret can sign rightly, so saying so tells no one else
+    anything; for everyone else the refusal stays the same.
+    """
+    lowered = {key.lower(): value for key, value in headers.items()}
+    if not all(lowered.get(name) for name in _STANDARD_HEADERS):
+        return False
+    signatures = [
+        part for part in lowered["webhook-signature"].split() if _V1_SIGNATURE_RE.fullmatch(part)
+    ]
+    try:
+        signed_at = datetime.fromtimestamp(float(lowered["webhook-timestamp"]), tz=UTC)
+        text = body.decode()
+    except (ValueError, OverflowError, OSError):  # not a time, or not UTF-8
+        return False
+    for secret in secrets:
+        expected = Webhook(secret.reveal()).sign(lowered["webhook-id"], signed_at, text)
+        if any(hmac.compare_digest(expected, signature) for signature in signatures):
+            return True
     return False
 
 

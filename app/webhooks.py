@@ -33,11 +33,20 @@ from app.metrics import counted
 from app.models import EventSource, EventStatus, Portal, PortalStatus, utcnow
 from app.portals import KnownPortal
 from app.receptionist import parse_event
-from app.signatures import authenticate_receptionist, hubspot_signed_url, verify_hubspot_v3
+from app.signatures import (
+    authenticate_receptionist,
+    hubspot_signed_url,
+    signed_outside_window,
+    verify_hubspot_v3,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
+STALE_TIMESTAMP = (
+    "the signature is right but webhook-timestamp is more than 5 minutes from Hubline's "
+    "clock: check the sender's clock (a replayed request is refused the same way)"
+)
 MAX_HUBSPOT_EVENTS = 100
 
 
@@ -308,11 +317,18 @@ async def receptionist_webhook(request: Request) -> Response:
     if checked is None:
         return error_response(404, "unknown_portal", None)
     if not checked.accepts:
+        if signed_outside_window(body, request.headers, checked.portal.secrets):
+            return error_response(401, "unauthorized", STALE_TIMESTAMP)
         return error_response(
             401, "unauthorized", "sign with Standard Webhooks or send Authorization: Bearer"
         )
     parsed, data = _parse_json(body)
     if not parsed:
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()[:40]
+        if encoding not in ("", "identity"):
+            # DESIGN.md's 400 for a body that is not JSON, saying why it is not.
+            detail = f"the body is not JSON: it is {encoding}-encoded; send it uncompressed"
+            return error_response(400, "malformed_json", detail)
         return error_response(400, "malformed_json", "the body is not JSON")
     received_at = utcnow()
     portal = checked.portal

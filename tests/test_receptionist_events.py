@@ -179,3 +179,18 @@ def test_the_flat_form_may_say_it_is_a_completed_call() -> None:
     assert problems(
         {"type": "text.received", "call_id": "mix2", "caller_phone": "+13035550155"}
     ) == [{"field": "type", "message": FLAT_IS_A_CALL}]
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["javascript:alert(1)", "ftp://files.example.com/1.mp3", "recordings/1.mp3", "https://"],
+)
+def test_a_recording_that_is_no_web_address_is_refused(address: str) -> None:
+    assert problems(call_event(recording_url=address)) == [
+        {"field": "recording_url", "message": "Input should be an http or https URL"}
+    ]
+
+
+def test_a_recording_web_address_is_kept_as_given() -> None:
+    address = "HTTPS://recordings.example.com/calls/1.mp3?sig=abc"
+    assert parse(call_event(recording_url=address)).recording_url == address

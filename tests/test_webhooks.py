@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -16,6 +17,7 @@ from app.db import transaction
 from app.inbox import read_payload
 from app.models import EventStatus, PortalStatus
 from app.portals import rotate_secret
+from app.webhooks import STALE_TIMESTAMP
 from tests.webhook_support import (
     add_portal,
     call_event,
@@ -135,6 +137,13 @@ def _bad_requests(
             {"Authorization": f"Bearer {secret.reveal()}"},
         ),
         ("missing phone and email", 422, PORTAL, no_caller, standard_headers(secret, no_caller)),
+        (
+            "a gzipped body",
+            400,
+            PORTAL,
+            gzip.compress(good),
+            {"Authorization": f"Bearer {secret.reveal()}", "Content-Encoding": "gzip"},
+        ),
         ("oversized body", 413, PORTAL, big, {}),
         ("oversized body to an unknown portal", 413, 9999, big, {}),
         ("unknown portal", 404, 9999, good, standard_headers(secret, good)),
@@ -153,6 +162,38 @@ async def test_every_bad_input_gets_its_answer_and_stores_nothing(
         error = response.json()
         assert set(error) == {"error", "detail"}, name
         assert await inbox_rows(services.sessions) == [], name
+
+
+async def test_a_compressed_body_is_told_to_come_uncompressed(
+    post: Post, secret: Secret, services: Any
+) -> None:
+    body = gzip.compress(dumps(call_event()))
+    headers = {"Authorization": f"Bearer {secret.reveal()}", "Content-Encoding": "gzip"}
+    response = await post(body, headers)
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "malformed_json",
+        "detail": "the body is not JSON: it is gzip-encoded; send it uncompressed",
+    }
+    assert await inbox_rows(services.sessions) == []
+
+
+async def test_a_right_signature_with_a_stale_timestamp_is_told_to_check_its_clock(
+    post: Post, secret: Secret, services: Any
+) -> None:
+    other = await add_portal(services.sessions, services.cipher, OTHER_PORTAL)
+    body = dumps(call_event())
+    for skew in (-600, 600):
+        stale = standard_headers(secret, body, timestamp=time.time() + skew)
+        response = await post(body, stale)
+        assert response.status_code == 401
+        assert response.json()["detail"] == STALE_TIMESTAMP
+    # Signed by someone else, or not at all, the refusal says nothing of the clock.
+    for headers in (standard_headers(other, body, timestamp=time.time() - 600), {}):
+        response = await post(body, headers)
+        assert response.status_code == 401
+        assert response.json()["detail"] != STALE_TIMESTAMP
+    assert await inbox_rows(services.sessions) == []
 
 
 async def test_a_422_lists_field_problems(post: Post, secret: Secret) -> None:
