@@ -289,6 +289,8 @@ async def apply_uninstall(
     portal.status = PortalStatus.uninstalled
     portal.uninstalled_at = now
     portal.updated_at = now
+    # What was wrong with the installation goes with it; a reinstall checks again.
+    await session.execute(sa.delete(PortalProblem).where(col(PortalProblem.portal_id) == portal_id))
     await session.flush()
     log.info("portal uninstalled; %d events parked", parked, extra={"portal_id": portal_id})
     return "uninstalled"

@@ -26,8 +26,17 @@ from app.lifecycle import (
     poll_journal,
 )
 from app.main import close_services, create_app, open_services
-from app.models import AppState, EventSource, EventStatus, InboxEvent, OAuthToken, Portal, utcnow
-from app.portals import list_problems
+from app.models import (
+    AppState,
+    EventSource,
+    EventStatus,
+    InboxEvent,
+    OAuthToken,
+    Portal,
+    PortalProblem,
+    utcnow,
+)
+from app.portals import list_problems, record_problem
 from app.tokens import load_tokens
 from app.worker import Worker
 from tests.conftest import HUBLINE_URL, SANDBOX_URL, approve_in_sandbox, settings_page_value
@@ -253,6 +262,23 @@ async def test_a_refresh_rejected_outside_the_worker_raises_and_uninstalls(
     assert raised.value.portal_id == 1001
     assert raised.value.category == "invalid_grant"
     assert await portal_state(services, 1001) == ("uninstalled", False)
+
+
+async def test_an_uninstall_clears_the_portal_problems(
+    install_portal: Any, services: Any, sandbox_app: Any
+) -> None:
+    await install_portal(1001)
+    await install_portal(1002)
+    for portal_id in (1001, 1002):
+        async with transaction(services.sessions) as session:
+            await record_problem(portal_id, "marketing_events_scope", "no scope", session=session)
+    await uninstall_in_sandbox(sandbox_app, 1001)
+    await poll_journal(services)
+    await drain(services)
+    assert await portal_state(services, 1001) == ("uninstalled", False)
+    async with services.sessions() as session:
+        left = (await session.execute(sa.select(PortalProblem.portal_id))).scalars().all()
+    assert left == [1002]
 
 
 async def test_a_reinstall_resumes_the_parked_events(
