@@ -20,7 +20,7 @@ fields, and refusing them would lose calls.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -40,6 +40,11 @@ from app.identity import normalize_email, normalize_phone
 EventType = Literal["call.completed", "text.received", "chat.completed", "test.ping"]
 PING = "test.ping"
 FLAT_FIELDS = frozenset({"call_id", "caller_name", "caller_phone", "caller_email", "call_summary"})
+MAX_AHEAD = timedelta(days=1)
+FAR_AHEAD = (
+    "is more than a day after Hubline received the event: check the sender's clock and "
+    "time zone (a time without an offset is read as UTC)"
+)
 FLAT_IS_A_CALL = (
     "the flat form (call_id, caller_phone, …) is always a call.completed: send other "
     "events in the nested form (type, caller: {…})"
@@ -185,13 +190,17 @@ def parse_event(
             problems.append({"field": shape.email, "message": "is not an email address"})
         if not caller.phone and not caller.email:
             problems.append({"field": shape.caller, "message": "needs a phone or an email"})
+    occurred_at = (given.occurred_at if given is not None else None) or received_at
+    if occurred_at.tzinfo is None:
+        occurred_at = occurred_at.replace(tzinfo=UTC)
+    if occurred_at - received_at > MAX_AHEAD:
+        # A contact's AI properties follow its newest event: one dated ahead (a typo, a
+        # wrong clock) would keep every real event after it from updating them.
+        problems.append({"field": "occurred_at", "message": FAR_AHEAD})
     if problems or given is None:
         raise EventRejected(_unique(problems))
     assert event_id is not None
 
-    occurred_at = given.occurred_at or received_at
-    if occurred_at.tzinfo is None:
-        occurred_at = occurred_at.replace(tzinfo=UTC)
     return ReceptionistEvent(
         id=event_id,
         type="call.completed" if isinstance(given, FlatInput) else given.type,

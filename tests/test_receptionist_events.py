@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from app.errors import EventRejected
-from app.receptionist import FLAT_IS_A_CALL, ReceptionistEvent, parse_event
+from app.receptionist import FAR_AHEAD, FLAT_IS_A_CALL, ReceptionistEvent, parse_event
 from tests.webhook_support import call_event
 
 RECEIVED = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
@@ -194,3 +194,12 @@ def test_a_recording_that_is_no_web_address_is_refused(address: str) -> None:
 def test_a_recording_web_address_is_kept_as_given() -> None:
     address = "HTTPS://recordings.example.com/calls/1.mp3?sig=abc"
     assert parse(call_event(recording_url=address)).recording_url == address
+
+
+def test_an_event_dated_more_than_a_day_ahead_is_refused() -> None:
+    assert problems(call_event(occurred_at="2099-01-01T00:00:00Z")) == [
+        {"field": "occurred_at", "message": FAR_AHEAD}
+    ]
+    # Its sender's clock or time zone a few hours off, it is taken as given.
+    ahead = parse(call_event(occurred_at="2026-03-02T23:00:00+00:00"))
+    assert ahead.occurred_at.isoformat() == "2026-03-02T23:00:00+00:00"
