@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import unicodedata
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING, Any
@@ -154,20 +155,30 @@ def default_options(name: str, lead_source_label: str) -> tuple[tuple[str, str],
 
 
 def snake_case(label: str) -> str:
-    """An option value from a label: "Left a Voicemail" → "left_a_voicemail".
-
-    Accents are folded ("Réservé" → "reserve"). A label with no Latin letter or digit
-    ("留守番電話") gets a value made from a digest of it, so outcomes in other scripts stay
-    apart; its label still shows the words. An empty label is "other".
-    """
-    folded = unicodedata.normalize("NFKD", label.strip().casefold())
-    plain = "".join(char for char in folded if not unicodedata.combining(char))
-    value = re.sub(r"[^0-9a-z]+", "_", plain).strip("_")[:100].rstrip("_")
-    if value:
-        return value
-    if not label.strip():
+    """An option value from a label: "Left a Voicemail" → "left_a_voicemail"."""
+    text = unicodedata.normalize("NFKC", label.strip()).casefold()
+    if not text:
         return "other"
-    return "outcome_" + hashlib.sha256(label.strip().casefold().encode()).hexdigest()[:12]
+    # Accents folded: "Réservé" → "reserve".
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    value = re.sub(r"[^0-9a-z]+", "_", plain).strip("_")[:100].rstrip("_")
+    if any(char.isalnum() and not char.isascii() for char in plain):
+        # Letters of other alphabets ("留守番電話", "Перезвонить 2") cannot be in a value: a
+        # digest of the label keeps such outcomes apart, and the option's label shows them.
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        value = f"{value[:80].rstrip('_')}_{digest}" if value else f"outcome_{digest}"
+    return value
+
+
+def outcome_value(label: str, existing: Collection[str]) -> str:
+    """The option value of an outcome, or the one earlier versions made where the portal has it."""
+    value = snake_case(label)
+    # Before accents were folded, "Réservé" became "r_serv": a portal that has that option
+    # keeps getting it rather than a second option with the same label.
+    earlier = re.sub(r"[^0-9a-z]+", "_", label.strip().lower()).strip("_")[:100]
+    if value not in existing and earlier not in ("", "other") and earlier in existing:
+        return earlier
+    return value
 
 
 def problem_code(name: str) -> str:
@@ -498,7 +509,7 @@ async def ensure_outcome_options(
     wanted: dict[str, str] = {}
     for label in labels:
         # Labels that differ only in case or accents are one option, labelled as first seen.
-        wanted.setdefault(snake_case(label), label)
+        wanted.setdefault(outcome_value(label, use.options), label)
     if set(wanted) - set(use.options):
         try:
             found = await _add_outcome_options(services, client, state, wanted, use)
@@ -535,7 +546,9 @@ async def ensure_outcome_options(
             )
         async with transaction(services.sessions) as session:
             await save_state(client.portal_id, state, session=session)
-    return set(wanted) & set(use.options)
+    # From the state, not `use`: a recreated property replaced it there before a refusal.
+    current = state.use("call_outcome")
+    return set(wanted) & set(current.options) if current is not None else set()
 
 
 async def _add_outcome_options(
@@ -545,8 +558,7 @@ async def _add_outcome_options(
     wanted: dict[str, str],
     use: PropertyUse,
 ) -> PropertyUse | None:
-    """`add_options` for `call_outcome`, recreating it first if it was deleted since the
-    last property check; None, with the property left out and said so, if it cannot be."""
+    """`add_options` for `call_outcome`, recreating it if deleted; None if it cannot be."""
     try:
         await add_options(client, "call_outcome", wanted, use)
         return use

@@ -367,7 +367,7 @@ class Item:
                     continue
                 values[name] = number_text(float(raw))
             elif use.kind == OPTION:
-                value = properties.snake_case(str(raw))
+                value = properties.outcome_value(str(raw), outcomes)
                 if value in outcomes:
                     values[name] = value
             else:

@@ -199,6 +199,28 @@ async def test_outcomes_that_differ_in_case_or_accents_are_one_option_labelled_a
     assert option["label"] == "Réservé à l'avance"
 
 
+async def test_an_outcome_keeps_the_option_value_an_earlier_version_made_for_it(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    """Before accents were folded, "Réservé à l'avance" became `r_serv_l_avance`."""
+    portal = await install_portal(1001)
+    await drain(services)
+    outcome = sandbox.portal(1001).properties["contacts"]["call_outcome"]
+    outcome.options.append(
+        {"label": "Réservé à l'avance", "value": "r_serv_l_avance", "displayOrder": 9}
+    )
+    from app.properties import request_provisioning
+
+    await request_provisioning(services, 1001, key="manual:test")
+    await drain(services)
+
+    await post_event(client, portal, call(outcome="Réservé à l'avance"))
+    await drain(services)
+    [contact] = sandbox.contacts(1001)
+    assert contact.properties["call_outcome"] == "r_serv_l_avance"
+    assert "reserve_a_l_avance" not in outcome.option_values(), "no second option"
+
+
 PHONE_SPELLINGS = [
     "+1 415 555 0100",
     "(415) 555-0100",
