@@ -13,8 +13,9 @@ whose JSON is the inbox payload the receptionist handlers read:
 A caller needs a phone or an email that Hubline can read (a `test.ping` needs no
 caller). Ids and phone numbers sent as JSON numbers are read as text; a duration or lead
 score must be a finite number (or a string of one), never true or false. The flat form
-may carry `type` only as `call.completed`. Unknown fields are ignored: platforms add
-fields, and refusing them would lose calls.
+may carry `type` only as `call.completed`. A `recording_url` that is not an http(s)
+address is left out, not refused (the answer lists it under `ignored`). Unknown fields
+are ignored: platforms add fields, and refusing them would lose calls.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -41,6 +41,7 @@ EventType = Literal["call.completed", "text.received", "chat.completed", "test.p
 PING = "test.ping"
 FLAT_FIELDS = frozenset({"call_id", "caller_name", "caller_phone", "caller_email", "call_summary"})
 MAX_AHEAD = timedelta(days=1)
+NOT_A_WEB_ADDRESS = "is not an http or https URL: the call is stored without it"
 FAR_AHEAD = (
     "is more than a day after Hubline received the event: check the sender's clock and "
     "time zone (a time without an offset is read as UTC)"
@@ -63,13 +64,9 @@ def _not_a_bool(value: Any) -> Any:
 _Number = Annotated[float, BeforeValidator(_not_a_bool)]
 
 
-def _web_address(value: str | None) -> str | None:
-    # HubSpot shows the recording as a link: only a web address may become one.
-    if value:
-        parts = urlsplit(value)
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise PydanticCustomError("url_scheme", "Input should be an http or https URL")
-    return value
+def _is_web_address(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
 
 
 # Platforms send ids (and sometimes phone numbers) as JSON numbers: they are read as text.
@@ -88,9 +85,7 @@ class _Input(BaseModel):
     lead_score: _Number | None = Field(default=None, allow_inf_nan=False)
     follow_up_required: bool | None = None
     campaign_id: str | None = _Text
-    recording_url: Annotated[str | None, AfterValidator(_web_address)] = Field(
-        default=None, max_length=2048
-    )
+    recording_url: str | None = Field(default=None, max_length=2048)
 
 
 class CallerInput(BaseModel):
@@ -144,14 +139,29 @@ class ReceptionistEvent(BaseModel):
     follow_up_required: bool | None = None
     campaign_id: str | None = None
     recording_url: str | None = None
+    # Fields left out rather than refuse the call, told to the sender; not in the payload.
+    ignored: list[dict[str, str]] = Field(default_factory=list, exclude=True)
 
     def payload(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
 def is_flat(data: dict[str, Any]) -> bool:
-    # A platform may add `type` to the flat form: its caller fields still say which it is.
-    return "caller" not in data and not FLAT_FIELDS.isdisjoint(data)
+    # A platform may add `type: call.completed` to the flat form.
+    return (
+        "caller" not in data
+        and not FLAT_FIELDS.isdisjoint(data)
+        and data.get("type", "call.completed") == "call.completed"
+    )
+
+
+def _mixes_forms(data: dict[str, Any]) -> bool:
+    """Another type than a call with the flat form's caller fields and no `caller`."""
+    return (
+        "caller" not in data
+        and not FLAT_FIELDS.isdisjoint(data)
+        and data.get("type", "call.completed") not in ("call.completed", PING)
+    )
 
 
 def parse_event(
@@ -160,6 +170,9 @@ def parse_event(
     """Validate a parsed JSON body; raises EventRejected listing every field problem."""
     if not isinstance(data, dict):
         raise EventRejected([{"field": "", "message": "the event must be a JSON object"}])
+    if _mixes_forms(data):
+        # Read as the nested form, it would be refused for fields it does have.
+        raise EventRejected([{"field": "type", "message": FLAT_IS_A_CALL}])
     flat = is_flat(data)
     model: type[NestedInput] | type[FlatInput] = FlatInput if flat else NestedInput
     try:
@@ -168,8 +181,6 @@ def parse_event(
         given, problems = None, _problems(error)
     else:
         problems = []
-    if flat and data.get("type", "call.completed") != "call.completed":
-        problems.append({"field": "type", "message": FLAT_IS_A_CALL})
 
     # Who called and which event this is are checked even when other fields failed, so
     # one answer lists everything the sender must fix.
@@ -193,6 +204,11 @@ def parse_event(
     occurred_at = (given.occurred_at if given is not None else None) or received_at
     if occurred_at.tzinfo is None:
         occurred_at = occurred_at.replace(tzinfo=UTC)
+    try:
+        occurred_at = occurred_at.astimezone(UTC)
+    except OverflowError:  # year 1 an hour east of UTC, year 9999 west of it
+        problems.append({"field": "occurred_at", "message": "is not a time Hubline can read"})
+        occurred_at = received_at
     if occurred_at - received_at > MAX_AHEAD:
         # A contact's AI properties follow its newest event: one dated ahead (a typo, a
         # wrong clock) would keep every real event after it from updating them.
@@ -201,10 +217,17 @@ def parse_event(
         raise EventRejected(_unique(problems))
     assert event_id is not None
 
+    ignored: list[dict[str, str]] = []
+    recording_url = given.recording_url
+    if recording_url and not _is_web_address(recording_url):
+        # HubSpot shows the recording as a link: only a web address may become one. The
+        # call matters more than its link, so it is stored without it.
+        ignored.append({"field": "recording_url", "message": NOT_A_WEB_ADDRESS})
+        recording_url = None
     return ReceptionistEvent(
         id=event_id,
         type="call.completed" if isinstance(given, FlatInput) else given.type,
-        occurred_at=occurred_at.astimezone(UTC),
+        occurred_at=occurred_at,
         form="flat" if flat else "nested",
         caller=Caller(name=caller.name, phone=caller.phone, phone_e164=phone_e164, email=email),
         summary=given.call_summary if isinstance(given, FlatInput) else given.summary,
@@ -215,7 +238,8 @@ def parse_event(
         lead_score=given.lead_score,
         follow_up_required=given.follow_up_required,
         campaign_id=given.campaign_id,
-        recording_url=given.recording_url,
+        recording_url=recording_url,
+        ignored=ignored,
     )
 
 

@@ -365,10 +365,13 @@ async def receptionist_webhook(request: Request) -> Response:
         )
     except DATABASE_ERRORS as error:
         return database_unavailable(error)
-    return JSONResponse(
-        {"status": "accepted" if enqueued.created else "duplicate", "event_id": enqueued.event_id},
-        status_code=202 if enqueued.created else 200,
-    )
+    answer: dict[str, Any] = {
+        "status": "accepted" if enqueued.created else "duplicate",
+        "event_id": enqueued.event_id,
+    }
+    if event.ignored:
+        answer["ignored"] = event.ignored
+    return JSONResponse(answer, status_code=202 if enqueued.created else 200)
 
 
 def webhook_routes(*, clock: Clock = time.time) -> list[BaseRoute]:

@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 
 from app.errors import EventRejected
-from app.receptionist import FAR_AHEAD, FLAT_IS_A_CALL, ReceptionistEvent, parse_event
+from app.receptionist import (
+    FAR_AHEAD,
+    FLAT_IS_A_CALL,
+    NOT_A_WEB_ADDRESS,
+    ReceptionistEvent,
+    parse_event,
+)
 from tests.webhook_support import call_event
 
 RECEIVED = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
@@ -179,21 +185,32 @@ def test_the_flat_form_may_say_it_is_a_completed_call() -> None:
     assert problems(
         {"type": "text.received", "call_id": "mix2", "caller_phone": "+13035550155"}
     ) == [{"field": "type", "message": FLAT_IS_A_CALL}]
+    # A platform's test button may post its flat form as a ping.
+    ping = parse({"type": "test.ping", "call_id": "t1"}, webhook_id="msg_1")
+    assert (ping.type, ping.id) == ("test.ping", "msg_1")
 
 
 @pytest.mark.parametrize(
     "address",
     ["javascript:alert(1)", "ftp://files.example.com/1.mp3", "recordings/1.mp3", "https://"],
 )
-def test_a_recording_that_is_no_web_address_is_refused(address: str) -> None:
-    assert problems(call_event(recording_url=address)) == [
-        {"field": "recording_url", "message": "Input should be an http or https URL"}
-    ]
+def test_a_recording_that_is_no_web_address_is_left_out_and_said_so(address: str) -> None:
+    event = parse(call_event(recording_url=address))
+    assert event.recording_url is None
+    assert event.ignored == [{"field": "recording_url", "message": NOT_A_WEB_ADDRESS}]
+    assert "ignored" not in event.payload()
 
 
 def test_a_recording_web_address_is_kept_as_given() -> None:
     address = "HTTPS://recordings.example.com/calls/1.mp3?sig=abc"
     assert parse(call_event(recording_url=address)).recording_url == address
+
+
+@pytest.mark.parametrize("when", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:30:00-01:00"])
+def test_a_time_past_what_a_datetime_holds_in_utc_is_refused(when: str) -> None:
+    assert problems(call_event(occurred_at=when)) == [
+        {"field": "occurred_at", "message": "is not a time Hubline can read"}
+    ]
 
 
 def test_an_event_dated_more_than_a_day_ahead_is_refused() -> None:
