@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shlex
 import signal
 import socket
 from collections.abc import Callable, Iterator
@@ -47,7 +48,7 @@ def load_or_create_dev_values(path: Path) -> dict[str, str]:
         for line in path.read_text().splitlines():
             name, sep, value = line.partition("=")
             if sep and not name.startswith("#"):
-                values[name.strip()] = value.strip()
+                values[name.strip()] = _unquoted(value.strip())
     wanted: dict[str, Callable[[], str]] = {
         "HUBSPOT_CLIENT_ID": lambda: f"hubline-dev-{secrets.token_hex(6)}",
         "HUBSPOT_CLIENT_SECRET": lambda: secrets.token_urlsafe(32),
@@ -69,14 +70,27 @@ def remember_stack(path: Path, dev: dict[str, str], stack: dict[str, str]) -> No
 
 def _write_dev_file(path: Path, values: dict[str, str]) -> None:
     lines = ["# Made by `hubline dev` for the local sandbox only. Never use these in production."]
-    lines += [f"{name}={value}" for name, value in values.items() if name not in STACK_SETTINGS]
-    stack = [f"{name}={values[name]}" for name in STACK_SETTINGS if name in values]
+    # Quoted for the shell that sources the file (a folder with a space, a URL with a &).
+    lines += [
+        f"{name}={shlex.quote(value)}"
+        for name, value in values.items()
+        if name not in STACK_SETTINGS
+    ]
+    stack = [f"{name}={shlex.quote(values[name])}" for name in STACK_SETTINGS if name in values]
     if stack:
         lines.append("# Where the dev stack last started (for `set -a; . ./<this file>`).")
         lines += stack
     path.touch(mode=0o600, exist_ok=True)
     path.chmod(0o600)
     path.write_text("\n".join(lines) + "\n")
+
+
+def _unquoted(value: str) -> str:
+    try:
+        words = shlex.split(value)
+    except ValueError:  # an unbalanced quote: not written by us, taken as it is
+        return value
+    return words[0] if len(words) == 1 else value
 
 
 def _absolute_sqlite(database_url: str) -> str:

@@ -530,7 +530,9 @@ async def _any_portal_installed(services: Services) -> bool:
 async def _journal_offset(services: Services) -> str | None:
     async with services.sessions() as session:
         row = await session.get(AppState, JOURNAL_OFFSET_KEY)
-        return row.value if row is not None else None
+    if row is None:
+        return None
+    return row.value or None  # "" once found expired
 
 
 async def _save_journal_offset(offset: str, *, session: AsyncSession) -> None:
@@ -544,13 +546,14 @@ async def _save_journal_offset(offset: str, *, session: AsyncSession) -> None:
 
 
 async def _forget_journal_offset(services: Services, expired: str) -> None:
-    """Forget an offset HubSpot no longer keeps: should the journal hold nothing newer (an
-    empty read records no entry), later polls would otherwise ask for it again each time."""
+    """Blank an offset HubSpot no longer keeps, so later polls start from the earliest entry."""
+    # Otherwise, with nothing newer to record (an empty read records no entry), every poll
+    # would ask for it again. Blanked, not deleted: the row stays for the next save.
     async with transaction(services.sessions) as session:
         await session.execute(
-            sa.delete(AppState).where(
-                col(AppState.name) == JOURNAL_OFFSET_KEY, col(AppState.value) == expired
-            )
+            sa.update(AppState)
+            .where(col(AppState.name) == JOURNAL_OFFSET_KEY, col(AppState.value) == expired)
+            .values(value="", updated_at=utcnow())
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def hubline_dev(
         for line in (workdir / ".hubline-dev.env").read_text().splitlines():
             name, sep, value = line.partition("=")
             if sep and not name.startswith("#"):
-                server.dev_values[name] = value
+                server.dev_values[name] = " ".join(shlex.split(value))  # written shell-quoted
         yield server
     finally:
         process.terminate()
