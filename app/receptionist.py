@@ -25,13 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
 from app.errors import EventRejected
@@ -65,12 +59,14 @@ _Number = Annotated[float, BeforeValidator(_not_a_bool)]
 
 
 def _is_web_address(value: str) -> bool:
-    parts = urlsplit(value)
-    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    try:
+        parts = urlsplit(value)
+        return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # "http://[abc": an IPv6 address left open
+        return False
 
 
 # Platforms send ids (and sometimes phone numbers) as JSON numbers: they are read as text.
-# NaN and Infinity (which Python's JSON reader accepts) are no score or duration.
 _INPUT_CONFIG = ConfigDict(extra="ignore", str_strip_whitespace=True, coerce_numbers_to_str=True)
 
 
@@ -79,6 +75,7 @@ class _Input(BaseModel):
 
     occurred_at: datetime | None = None
     transcript: str | None = None
+    # NaN and Infinity (which Python's JSON reader takes) are no duration or score.
     duration_seconds: _Number | None = Field(default=None, ge=0, allow_inf_nan=False)
     outcome: str | None = Field(default=None, max_length=128)
     appointment_booked: bool | None = None

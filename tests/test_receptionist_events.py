@@ -192,7 +192,13 @@ def test_the_flat_form_may_say_it_is_a_completed_call() -> None:
 
 @pytest.mark.parametrize(
     "address",
-    ["javascript:alert(1)", "ftp://files.example.com/1.mp3", "recordings/1.mp3", "https://"],
+    [
+        "javascript:alert(1)",
+        "ftp://files.example.com/1.mp3",
+        "recordings/1.mp3",
+        "https://",
+        "http://[abc",
+    ],
 )
 def test_a_recording_that_is_no_web_address_is_left_out_and_said_so(address: str) -> None:
     event = parse(call_event(recording_url=address))
