@@ -512,11 +512,9 @@ async def ensure_outcome_options(
         wanted.setdefault(outcome_value(label, use.options), label)
     if set(wanted) - set(use.options):
         try:
-            found = await _add_outcome_options(services, client, state, wanted, use)
-            if found is None:
+            if not await _add_outcome_options(services, client, state, wanted, use):
                 problems.add(problem_code("call_outcome"))
                 return set()
-            use = found
         except HubSpotAuthError as error:
             if error.status_code != 403:
                 raise
@@ -557,11 +555,11 @@ async def _add_outcome_options(
     state: PortalProperties,
     wanted: dict[str, str],
     use: PropertyUse,
-) -> PropertyUse | None:
-    """`add_options` for `call_outcome`, recreating it if deleted; None if it cannot be."""
+) -> bool:
+    """`add_options` for `call_outcome`, recreating it if deleted; False if it cannot be."""
     try:
         await add_options(client, "call_outcome", wanted, use)
-        return use
+        return True
     except HubSpotError as error:
         if error.status_code != 404:
             raise
@@ -574,10 +572,9 @@ async def _add_outcome_options(
             "HubSpot says the contact property 'call_outcome' does not exist and Hubline "
             "could not create it again; it is left out until the next property check.",
         )
-        return None
-    use = state.usable["call_outcome"]
-    await add_options(client, "call_outcome", wanted, use)
-    return use
+        return False
+    await add_options(client, "call_outcome", wanted, state.usable["call_outcome"])
+    return True
 
 
 async def ensure_lead_source_option(
