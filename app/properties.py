@@ -497,6 +497,7 @@ async def ensure_outcome_options(
     labels: list[str],
     *,
     problems: set[str],
+    scopes: frozenset[str],
 ) -> set[str]:
     """Make every outcome (by label) an option of `call_outcome`; answers the usable values.
 
@@ -512,7 +513,8 @@ async def ensure_outcome_options(
         wanted.setdefault(outcome_value(label, use.options), label)
     if set(wanted) - set(use.options):
         try:
-            if not await _add_outcome_options(services, client, state, wanted, use):
+            may_create = SCHEMA_WRITE_SCOPE in scopes
+            if not await _add_outcome_options(services, client, state, wanted, use, may_create):
                 problems.add(problem_code("call_outcome"))
                 return set()
         except HubSpotAuthError as error:
@@ -555,6 +557,7 @@ async def _add_outcome_options(
     state: PortalProperties,
     wanted: dict[str, str],
     use: PropertyUse,
+    may_create: bool,
 ) -> bool:
     """`add_options` for `call_outcome`, recreating it if deleted; False if it cannot be."""
     try:
@@ -563,14 +566,21 @@ async def _add_outcome_options(
     except HubSpotError as error:
         if error.status_code != 404:
             raise
-    if "call_outcome" not in await recreate(services, client, state, {"call_outcome"}):
+    if not may_create or "call_outcome" not in await recreate(
+        services, client, state, {"call_outcome"}
+    ):
+        why = (
+            "could not create it again"
+            if may_create
+            else f"may not create it again without the {SCHEMA_WRITE_SCOPE} scope"
+        )
         await mark_unusable(
             services,
             client.portal_id,
             state,
             "call_outcome",
-            "HubSpot says the contact property 'call_outcome' does not exist and Hubline "
-            "could not create it again; it is left out until the next property check.",
+            f"HubSpot says the contact property 'call_outcome' does not exist and Hubline "
+            f"{why}; it is left out until the next property check.",
         )
         return False
     await add_options(client, "call_outcome", wanted, state.usable["call_outcome"])

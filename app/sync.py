@@ -624,7 +624,12 @@ class BatchSync:
         labels = [i.event.outcome for i in self.items if i.event.outcome]
         if labels:
             self.outcomes = await properties.ensure_outcome_options(
-                self.services, self.client, self.state, labels, problems=self.problems
+                self.services,
+                self.client,
+                self.state,
+                labels,
+                problems=self.problems,
+                scopes=self.scopes,
             )
 
     # --- 1. who are the callers -------------------------------------------------------
@@ -1178,7 +1183,12 @@ class BatchSync:
                 use.options = []  # forget the cache: read the property again
             labels = [i.event.outcome for i in self.items if i.event.outcome]
             self.outcomes = await properties.ensure_outcome_options(
-                self.services, self.client, self.state, labels, problems=self.problems
+                self.services,
+                self.client,
+                self.state,
+                labels,
+                problems=self.problems,
+                scopes=self.scopes,
             )
         elif name == "lead_source":
             await properties.ensure_lead_source_option(
