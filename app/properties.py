@@ -213,12 +213,7 @@ class PortalProperties:
     def assumed(cls) -> PortalProperties:
         """Hubline's own definitions, for a portal whose properties cannot be read."""
         return cls(
-            usable={
-                spec.name: PropertyUse(
-                    spec.kind, [value for value, _ in default_options(spec.name, "")]
-                )
-                for spec in SPECS
-            },
+            usable={spec.name: _default_use(spec, "") for spec in SPECS},
             inspected=False,
         )
 
@@ -380,14 +375,10 @@ async def _provision(
             state.unusable[spec.name] = reason
             findings.problems[problem_code(spec.name)] = reason
     elif missing:
-        await _ensure_group(client)
-        body = {"inputs": [spec.definition(label) for spec in missing]}
-        created = await client.post_json(f"{PROPERTIES_PATH}/batch/create", body)
-        made = {str(item.get("name")) for item in (created or {}).get("results") or []}
+        made = await _create(client, missing, label)
         for spec in missing:
             if spec.name in made:
-                options = [value for value, _ in default_options(spec.name, label)]
-                state.usable[spec.name] = PropertyUse(spec.kind, options)
+                state.usable[spec.name] = _default_use(spec, label)
                 findings.fine.add(problem_code(spec.name))
             else:
                 # Created by someone else meanwhile (or refused): the next run looks again.
@@ -425,11 +416,7 @@ async def recreate(
     specs = [SPEC_BY_NAME[name] for name in sorted(names)]
     label = services.settings.lead_source_label
     try:
-        await _ensure_group(client)
-        created = await client.post_json(
-            f"{PROPERTIES_PATH}/batch/create",
-            {"inputs": [spec.definition(label) for spec in specs]},
-        )
+        made = names & await _create(client, specs, label)
     except (HubSpotValidationError, HubSpotConflict, HubSpotAuthError) as error:
         if isinstance(error, HubSpotAuthError) and error.status_code != 403:
             raise
@@ -439,17 +426,11 @@ async def recreate(
             extra={"portal_id": client.portal_id, "correlation_id": error.correlation_id},
         )
         return set()
-    made = names & {
-        str(item.get("name"))
-        for item in (created or {}).get("results") or []
-        if isinstance(item, dict)
-    }
     if not made:
         return made
     for spec in specs:
         if spec.name in made:
-            options = [value for value, _ in default_options(spec.name, label)]
-            state.usable[spec.name] = PropertyUse(spec.kind, options)
+            state.usable[spec.name] = _default_use(spec, label)
             state.unusable.pop(spec.name, None)
     async with transaction(services.sessions) as session:
         await save_state(client.portal_id, state, session=session)
@@ -462,6 +443,23 @@ async def recreate(
         extra={"portal_id": client.portal_id},
     )
     return made
+
+
+async def _create(client: HubSpotClient, specs: list[PropertySpec], label: str) -> set[str]:
+    """Create the properties (and their group); answers the names HubSpot created."""
+    await _ensure_group(client)
+    created = await client.post_json(
+        f"{PROPERTIES_PATH}/batch/create", {"inputs": [spec.definition(label) for spec in specs]}
+    )
+    results = (created or {}).get("results") or []
+    return {str(item.get("name")) for item in results if isinstance(item, dict)}
+
+
+def _default_use(spec: PropertySpec, lead_source_label: str) -> PropertyUse:
+    """How Hubline writes a property as it creates it."""
+    return PropertyUse(
+        spec.kind, [value for value, _ in default_options(spec.name, lead_source_label)]
+    )
 
 
 async def _ensure_group(client: HubSpotClient) -> None:

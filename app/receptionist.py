@@ -143,22 +143,15 @@ class ReceptionistEvent(BaseModel):
         return self.model_dump(mode="json")
 
 
-def is_flat(data: dict[str, Any]) -> bool:
+def _form(data: dict[str, Any]) -> Literal["nested", "flat", "mixed"]:
+    """Which form an event is in ("mixed": the flat form's caller fields with another type)."""
+    if "caller" in data or FLAT_FIELDS.isdisjoint(data):
+        return "nested"
     # A platform may add `type: call.completed` to the flat form.
-    return (
-        "caller" not in data
-        and not FLAT_FIELDS.isdisjoint(data)
-        and data.get("type", "call.completed") == "call.completed"
-    )
-
-
-def _mixes_forms(data: dict[str, Any]) -> bool:
-    """Another type than a call with the flat form's caller fields and no `caller`."""
-    return (
-        "caller" not in data
-        and not FLAT_FIELDS.isdisjoint(data)
-        and data.get("type", "call.completed") not in ("call.completed", PING)
-    )
+    event_type = data.get("type", "call.completed")
+    if event_type == "call.completed":
+        return "flat"
+    return "nested" if event_type == PING else "mixed"
 
 
 def parse_event(
@@ -167,10 +160,11 @@ def parse_event(
     """Validate a parsed JSON body; raises EventRejected listing every field problem."""
     if not isinstance(data, dict):
         raise EventRejected([{"field": "", "message": "the event must be a JSON object"}])
-    if _mixes_forms(data):
+    form = _form(data)
+    if form == "mixed":
         # Read as the nested form, it would be refused for fields it does have.
         raise EventRejected([{"field": "type", "message": FLAT_IS_A_CALL}])
-    flat = is_flat(data)
+    flat = form == "flat"
     model: type[NestedInput] | type[FlatInput] = FlatInput if flat else NestedInput
     try:
         given: NestedInput | FlatInput | None = model.model_validate(data)

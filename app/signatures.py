@@ -98,6 +98,23 @@ def verify_bearer(authorization: str | None, secrets: Sequence[Secret]) -> bool:
     return matched
 
 
+def _standard_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
+    """The Standard Webhooks headers, keeping well-formed v1 signatures; None if incomplete."""
+    lowered = {key.lower(): value for key, value in headers.items()}
+    if not all(lowered.get(name) for name in _STANDARD_HEADERS):
+        return None
+    signatures = [
+        part for part in lowered["webhook-signature"].split() if _V1_SIGNATURE_RE.fullmatch(part)
+    ]
+    if not signatures:
+        return None
+    return {
+        "webhook-id": lowered["webhook-id"],
+        "webhook-timestamp": lowered["webhook-timestamp"],
+        "webhook-signature": " ".join(signatures),
+    }
+
+
 def verify_standard_webhook(
     body: bytes, headers: Mapping[str, str], secrets: Sequence[Secret]
 ) -> bool:
@@ -106,19 +123,9 @@ def verify_standard_webhook(
     The signature header may list several signatures separated by spaces (a sender
     rotating its secret signs with both); malformed entries in it are ignored.
     """
-    lowered = {key.lower(): value for key, value in headers.items()}
-    if not all(lowered.get(name) for name in _STANDARD_HEADERS):
+    checked = _standard_headers(headers)
+    if checked is None:
         return False
-    signatures = [
-        part for part in lowered["webhook-signature"].split() if _V1_SIGNATURE_RE.fullmatch(part)
-    ]
-    if not signatures:
-        return False
-    checked = {
-        "webhook-id": lowered["webhook-id"],
-        "webhook-timestamp": lowered["webhook-timestamp"],
-        "webhook-signature": " ".join(signatures),
-    }
     for secret in secrets:
         try:
             # json_parse=False: verify the raw bytes here and parse them at the route, so a
@@ -139,20 +146,18 @@ def signed_outside_window(
     Only the holder of the secret can sign rightly, so saying so tells no one else
     anything; for everyone else the refusal stays the same.
     """
-    lowered = {key.lower(): value for key, value in headers.items()}
-    if not all(lowered.get(name) for name in _STANDARD_HEADERS):
+    standard = _standard_headers(headers)
+    if standard is None:
         return False
-    signatures = [
-        part for part in lowered["webhook-signature"].split() if _V1_SIGNATURE_RE.fullmatch(part)
-    ]
+    signatures = standard["webhook-signature"].split()
     try:
-        signed_at = datetime.fromtimestamp(float(lowered["webhook-timestamp"]), tz=UTC)
+        signed_at = datetime.fromtimestamp(float(standard["webhook-timestamp"]), tz=UTC)
         text = body.decode()
     except (ValueError, OverflowError, OSError):  # not a time, or not UTF-8
         return False
     for secret in secrets:
         try:
-            expected = Webhook(secret.reveal()).sign(lowered["webhook-id"], signed_at, text)
+            expected = Webhook(secret.reveal()).sign(standard["webhook-id"], signed_at, text)
         except Exception:  # noqa: S112 - as in verify_standard_webhook: an answer, never a 500
             continue
         if any(hmac.compare_digest(expected, signature) for signature in signatures):

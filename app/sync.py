@@ -1181,15 +1181,7 @@ class BatchSync:
             use = self.state.use("call_outcome")
             if use is not None:
                 use.options = []  # forget the cache: read the property again
-            labels = [i.event.outcome for i in self.items if i.event.outcome]
-            self.outcomes = await properties.ensure_outcome_options(
-                self.services,
-                self.client,
-                self.state,
-                labels,
-                problems=self.problems,
-                scopes=self.scopes,
-            )
+            await self._prepare_outcomes()
         elif name == "lead_source":
             await properties.ensure_lead_source_option(
                 self.services, self.client, self.state, self.problems
