@@ -314,6 +314,27 @@ async def start_bare(stack: Stack) -> Proc:
     )
 
 
+async def start_bound(stack: Stack, *, database_url: str, secret: str) -> Proc:
+    """benchmarks/intake_bound.py on the SQLite file of `database_url` (migrated)."""
+    port = free_port()
+    return await stack.start(
+        "bound",
+        [
+            PYTHON,
+            "-m",
+            "benchmarks.servers",
+            "bound",
+            "--port",
+            str(port),
+            "--database-path",
+            make_url(database_url).database or "",
+        ],
+        env={"BOUND_SECRET": secret, "TOKEN_ENCRYPTION_KEYS": BENCH_KEY},
+        url=f"http://{HOST}:{port}",
+        ready_path="/healthz",
+    )
+
+
 # --- databases ------------------------------------------------------------------------
 
 

@@ -5,12 +5,15 @@ that reads the body and answers 200 without storing, Hubline on SQLite and Hubli
 PostgreSQL. Hubline runs with `--no-worker`: this measures the webhook path (verify the
 Standard Webhooks signature, validate, encrypt, store durably, answer); the worker's
 cost is what the drain measures, and deployments that care about intake run workers as
-separate processes (`hubline worker`).
+separate processes (`hubline worker`). A fourth server gives context, not a verdict: the
+bound (benchmarks/intake_bound.py), Hubline's own validation, hashing and encryption and
+a group-committed SQLite insert with no web framework or ORM around them, shows how far
+the 0.3x target is from what this stack allows in one process.
 
 Every request is a new event (unique id, signed beforehand), sent by 50 concurrent
 connections from wrk (C, one thread) when installed, else by the aiohttp generator in
 its own process. Rounds alternate between the servers so drift on this shared machine
-hits all three alike; the table shows the median round. Throughput counts answers in
+hits them all alike; the table shows the median round. Throughput counts answers in
 2xx, and for Hubline the rows the inbox gained are checked against them.
 """
 
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.crypto import new_webhook_secret
 from benchmarks import harness
 from benchmarks.context import Bench
 from benchmarks.report import Row, fmt, verdict
@@ -217,6 +221,23 @@ async def hubline_target(bench: Bench, kind: str) -> Target:
     )
 
 
+async def bound_target(bench: Bench) -> Target:
+    """benchmarks/intake_bound.py: Hubline's unskippable work without framework or ORM."""
+    database_url = await bench.databases.fresh("sqlite", "intake_bound")
+    secret = new_webhook_secret()
+    proc = await harness.start_bound(bench.stack, database_url=database_url, secret=secret)
+    events = realistic_mix(REQUESTS_PER_SERVER, seed=21, prefix="ib").events
+    requests_file = write_signed_requests(events, secret, bench.work_dir / "intake-bound.tsv")
+    return Target(
+        "bound, sqlite",
+        proc,
+        f"{proc.url}/webhooks/portals/{INTAKE_PORTAL}/receptionist",
+        requests_file,
+        database_url,
+        lines=len(events),
+    )
+
+
 async def measure(bench: Bench) -> None:
     options = bench.options
     tool = load_tool(bench)
@@ -235,18 +256,21 @@ async def measure(bench: Bench) -> None:
     targets = [bare, await hubline_target(bench, "sqlite")]
     if bench.databases.has_postgres:
         targets.append(await hubline_target(bench, "postgres"))
+    bound = await bound_target(bench)
+    targets.append(bound)
     for target in targets:
         await run_load(bench, target, WARMUP_SECONDS, tool=tool)
     for _ in range(options.intake_rounds):
         for target in targets:
             target.rounds.append(await run_load(bench, target, options.intake_seconds, tool=tool))
-    for target in targets[1:]:
+    for target in targets[1:-1]:
         target.repeats = await run_load(
             bench, target, options.intake_seconds, tool=tool, repeat=True
         )
     for target in targets:
         await bench.stack.stop(target.proc)
-    _add_rows(bench, tool, bare, targets[1:])
+    _add_rows(bench, tool, bare, targets[1:-1])
+    _add_bound_row(bench, bare, bound, targets[1:-1])
 
 
 def _add_rows(bench: Bench, tool: str, bare: Target, hublines: list[Target]) -> None:
@@ -322,4 +346,34 @@ def _add_rows(bench: Bench, tool: str, bare: Target, hublines: list[Target]) -> 
             t.name: {"rounds": t.rounds, "median_rps": t.median("rps"), "repeats": t.repeats}
             for t in [bare, *hublines]
         },
+    }
+
+
+def _add_bound_row(bench: Bench, bare: Target, bound: Target, hublines: list[Target]) -> None:
+    """The bound's figure: context for the 0.3x target, not a measurement of Hubline."""
+    bare_rps, bound_rps = bare.median("rps"), bound.median("rps")
+    stored = sum(r["stored"] or 0 for r in bound.rounds)
+    ok = sum(r["ok"] for r in bound.rounds)
+    hubline_shares = ", ".join(
+        f"{t.name.removeprefix('Hubline, ')} {t.median('rps') / bound_rps:.0%}" for t in hublines
+    )
+    bench.report.add(
+        Row(
+            "3. intake bound: the same work, no framework or ORM (SQLite), events/s",
+            fmt(bound_rps, 0),
+            f"{fmt(bare_rps, 0)} (bare)",
+            f"{bound_rps / bare_rps:.2f}x" if bare_rps else "-",
+            "context, not Hubline",
+            "-",
+            f"benchmarks/intake_bound.py: verify, validate with parse_event, hash, encrypt, "
+            f"group-commit by sqlite3, answer; median of {len(bound.rounds)} rounds (rounds: "
+            f"{', '.join(fmt(r['rps'], 0) for r in bound.rounds)}); {stored:,} events stored "
+            f"for {ok:,} 2xx answers; p50 / p99 {bound.median('p50_ms'):.1f} / "
+            f"{bound.median('p99_ms'):.1f} ms; server CPU "
+            f"{bound.median('server_cpu_share'):.0%}; Hubline reaches {hubline_shares} of it",
+        )
+    )
+    bench.report.results["intake"]["servers"][bound.name] = {
+        "rounds": bound.rounds,
+        "median_rps": bound_rps,
     }
