@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     key_commands.add_parser(
         "rotate", help="re-encrypt every stored secret under the first key"
-    ).set_defaults(run=cmd_keys_rotate)
+    ).set_defaults(run=cmd_keys_rotate, existing_database=True)
 
     for register in EXTENSIONS:
         register(commands)
@@ -229,6 +229,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        # Commands that work on what is stored declare `existing_database`: connecting to
+        # a SQLite file that is not there would create an empty one (a typo in
+        # DATABASE_URL then leaves a stray file and advice to migrate it).
+        if getattr(args, "existing_database", False):
+            missing = _missing_database()
+            if missing is not None:
+                print(f"hubline: {missing}", file=sys.stderr)
+                return 1
         return int(run_async(args.run(args)))
     except ConfigurationError as error:
         print(f"hubline: {error}", file=sys.stderr)
@@ -244,6 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"hubline: {trouble}", file=sys.stderr)
         return 1
+
+
+def _missing_database() -> str | None:
+    from app import db
+
+    return db.missing_sqlite_file(settings_from_environment().database_url)
 
 
 def _database_trouble(args: argparse.Namespace, error: Exception) -> str | None:

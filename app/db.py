@@ -207,12 +207,30 @@ async def schema_trouble(engine: AsyncEngine, *, need_schema: bool = True) -> st
     return None
 
 
+def missing_sqlite_file(database_url: str) -> str | None:
+    """Why a command that works on an existing database cannot use `database_url`: its
+    SQLite file does not exist (connecting would leave an empty one behind)."""
+    path = sqlite_path(database_url)
+    if path is None or path.exists():
+        return None
+    if not path.parent.is_dir():
+        return _no_folder(path, database_url)
+    return (
+        f"there is no database at {redacted_url(database_url)}: check DATABASE_URL, or run "
+        "`hubline migrate` to create one"
+    )
+
+
+def _no_folder(path: Path, database_url: str) -> str:
+    shown = redacted_url(database_url)
+    return f"there is no folder {path.parent} for the database at {shown}: check DATABASE_URL"
+
+
 async def database_trouble(database_url: str, *, need_schema: bool = True) -> str | None:
     """`schema_trouble` of the database at `database_url`, or a SQLite file's missing folder."""
     path = sqlite_path(database_url)
     if path is not None and not path.parent.is_dir():
-        shown = redacted_url(database_url)
-        return f"there is no folder {path.parent} for the database at {shown}: check DATABASE_URL"
+        return _no_folder(path, database_url)
     engine = create_engine(database_url)
     try:
         return await schema_trouble(engine, need_schema=need_schema)

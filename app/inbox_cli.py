@@ -118,12 +118,12 @@ def register(commands: Any) -> None:
     listing.add_argument("--status", choices=[s.value for s in EventStatus])
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
-    listing.set_defaults(run=cmd_events_list)
+    listing.set_defaults(run=cmd_events_list, existing_database=True)
     retry = actions.add_parser("retry", help="queue a failed event (or all failed events) again")
     retry.add_argument("event_id", nargs="?", type=int)
     retry.add_argument("--failed", action="store_true", help="every failed event")
     retry.add_argument("--portal", type=int, help="with --failed: only this portal's")
-    retry.set_defaults(run=cmd_events_retry)
+    retry.set_defaults(run=cmd_events_retry, existing_database=True)
 
 
 cli.EXTENSIONS.append(register)

@@ -125,23 +125,23 @@ def register(commands: Any) -> None:
     actions = portals.add_subparsers(dest="portals_command", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="every portal with its status")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
-    listing.set_defaults(run=cmd_portals_list)
+    listing.set_defaults(run=cmd_portals_list, existing_database=True)
     show = actions.add_parser("show", help="one portal: status, scopes, webhook URL, problems")
     show.add_argument("portal_id", type=int)
     show.add_argument("--json", action="store_true", help="machine-readable output")
-    show.set_defaults(run=cmd_portals_show)
+    show.set_defaults(run=cmd_portals_show, existing_database=True)
     drop = actions.add_parser(
         "disconnect", help="uninstall the app from the portal on HubSpot and delete its tokens"
     )
     drop.add_argument("portal_id", type=int)
-    drop.set_defaults(run=cmd_portals_disconnect)
+    drop.set_defaults(run=cmd_portals_disconnect, existing_database=True)
     rotate = actions.add_parser(
         "rotate-secret",
         help="new receptionist signing secret (the old one works for a grace period)",
     )
     rotate.add_argument("portal_id", type=int)
     rotate.add_argument("--json", action="store_true", help="machine-readable output")
-    rotate.set_defaults(run=cmd_portals_rotate_secret)
+    rotate.set_defaults(run=cmd_portals_rotate_secret, existing_database=True)
 
 
 cli.EXTENSIONS.append(register)

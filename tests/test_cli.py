@@ -204,6 +204,7 @@ def test_commands_say_in_one_line_that_the_database_cannot_be_reached(tmp_path: 
 
 
 def test_commands_on_a_database_without_the_schema_say_to_migrate(tmp_path: Path) -> None:
+    (tmp_path / "hubline.db").touch()  # an empty file is an empty SQLite database
     env = _database_env(f"sqlite+aiosqlite:///{tmp_path / 'hubline.db'}")
     for command in (["portals", "list"], ["events", "retry", "--failed"]):
         line = _one_line_error(hubline(*command, env=env, cwd=tmp_path))
@@ -225,3 +226,33 @@ def test_a_sqlite_database_in_a_missing_folder_is_named_and_migrate_makes_it(
     migrated = hubline("migrate", env=env, cwd=tmp_path)
     assert migrated.returncode == 0, migrated.stderr
     assert (folder / "hubline.db").exists()
+
+
+def test_commands_on_a_sqlite_file_that_is_not_there_say_so_and_create_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "hubline-typo.db"
+    env = _database_env(f"sqlite+aiosqlite:///{path}")
+    commands = (
+        ["portals", "list"],
+        ["portals", "show", "1001"],
+        ["portals", "rotate-secret", "1001"],
+        ["portals", "disconnect", "1001"],
+        ["events", "list"],
+        ["events", "retry", "--failed"],
+        ["keys", "rotate"],
+    )
+    for command in commands:
+        result = hubline(*command, env=env, cwd=tmp_path)
+        assert result.returncode == 1, command
+        line = _one_line_error(result)
+        assert line == (
+            f"hubline: there is no database at sqlite+aiosqlite:///{path}: check DATABASE_URL, "
+            "or run `hubline migrate` to create one"
+        ), command
+    assert sorted(tmp_path.iterdir()) == []
+    migrated = hubline("migrate", env=env, cwd=tmp_path)
+    assert migrated.returncode == 0, migrated.stderr
+    assert hubline("portals", "list", env=env, cwd=tmp_path).stdout.strip() == (
+        "no portals installed yet"
+    )
