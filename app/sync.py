@@ -1314,11 +1314,21 @@ class BatchSync:
             if queue:
                 queue.pop(0).engagement_id = str(record.get("id"))
         rejected: list[Item] = []
+        # HubSpot refuses an engagement whose contact was deleted (or merged into another)
+        # since this batch found it: the contact is at fault, not the record. The event is
+        # tried again, and finds or creates its caller as a new event would.
+        present = await self._read_contacts(
+            sorted({w.ref.contact_id for w, _ in sent.rejected if w.ref.contact_id})
+        )
         for write, error in sent.rejected:
             item = write.ref
-            item.failure = reason_of(error)
-            if item.contact_id:
-                self.contact_errors[item.contact_id] = item.failure
+            contact = present.get(item.contact_id or "")
+            if item.contact_id and (contact is None or contact.id != item.contact_id):
+                item.retry = ContactGone("the contact was deleted while syncing")
+            else:
+                item.failure = reason_of(error)
+                if item.contact_id:
+                    self.contact_errors[item.contact_id] = item.failure
             rejected.append(item)
         for item in items:
             if item.engagement_id is None and id(item) not in rejected_items:
@@ -1723,5 +1733,14 @@ async def handle_notes_later(ctx: HandlerContext, views: list[EventView]) -> dic
     if items:
         sync = BatchSync(ctx.services, ctx.portal_id, list(items.values()))
         written = await sync.write_notes()
+        # A note whose contact was deleted (or merged away) after its text synced goes to
+        # the caller's contact as it is now, found or created as for a new event.
+        orphans = [
+            Item(item.view, item.event)
+            for item in items.values()
+            if isinstance(item.retry, ContactGone)
+        ]
+        if orphans:
+            written |= await BatchSync(ctx.services, ctx.portal_id, orphans).run()
         outcomes.update({queued: written[item.id] for queued, item in items.items()})
     return outcomes

@@ -1005,3 +1005,94 @@ async def test_demo_events_land_in_every_installed_portal(
         assert len(sandbox.calls(portal_id)) == 4
         assert len(sandbox.notes(portal_id)) == 2
     assert len(sandbox.portal(1001).marketing_events) == 1
+
+
+class DeletesContactTransport(httpx.AsyncBaseTransport):
+    """The sandbox, where someone deletes the contact with `phone` just before the first
+    request to `path`."""
+
+    def __init__(self, app: Any, sandbox: Any, phone: str, path: str) -> None:
+        self.inner = httpx.ASGITransport(app=app)
+        self.sandbox = sandbox
+        self.phone = phone
+        self.path = path
+        self.deleted: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == self.path and not self.deleted:
+            world = self.sandbox.portal(1001)
+            [contact] = [
+                c for c in self.sandbox.contacts(1001) if c.properties.get("phone") == self.phone
+            ]
+            archive_object(self.sandbox, world, contact, UI_SOURCE)
+            self.deleted.append(contact.id)
+        return await self.inner.handle_async_request(request)
+
+
+async def test_a_queued_note_whose_contact_was_deleted_lands_on_the_callers_new_contact(
+    client: Any,
+    install_portal: Any,
+    services: Any,
+    sandbox: Any,
+    sandbox_app: Any,
+    settings: Settings,
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    # A full batch, so its five texts' notes are queued and written after their contacts.
+    events = [
+        call(
+            id=f"event-{n}",
+            type="text.received" if n % 20 == 0 else "call.completed",
+            caller={"name": f"Caller {n}", "phone": f"+1 212 555 {n:04d}"},
+        )
+        for n in range(100)
+    ]
+    await post_events(client, portal, events)
+    deleting = DeletesContactTransport(
+        sandbox_app, sandbox, "+12125550020", "/crm/v3/objects/notes/batch/create"
+    )
+    await drain_through(settings, deleting)
+
+    assert len(deleting.deleted) == 1
+    queued = [e for e in await inbox_events(services, "internal") if e.type == NOTE_LATER]
+    assert {e.status for e in queued} == {EventStatus.done}, [e.last_error for e in queued]
+    assert await events_by_status(services) == {EventStatus.done: 1 + 100 + 5}  # provisioning
+    notes = sandbox.notes(1001)
+    assert len(notes) == 5
+    # The caller texted after all: they are a contact again, with their note.
+    [again] = [c for c in sandbox.contacts(1001) if c.properties.get("phone") == "+12125550020"]
+    assert again.id != deleting.deleted[0]
+    world = sandbox.portal(1001)
+    assert [n for n in notes if world.associated("notes", n.id, "contacts") == [again.id]]
+    records = {r.event_id: r for r in await engagement_rows(services)}
+    assert {r.engagement_id for r in records.values() if r.object_type == "notes"} == {
+        n.id for n in notes
+    }
+
+
+async def test_a_call_whose_contact_is_deleted_before_it_is_logged_is_retried_not_failed(
+    client: Any,
+    install_portal: Any,
+    services: Any,
+    sandbox: Any,
+    sandbox_app: Any,
+    settings: Settings,
+) -> None:
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    known = person_contact(sandbox, 1001, firstname="Kim", phone="+1 415 555 0177")
+    await post_event(client, portal, call(caller={"name": "Kim", "phone": "+14155550177"}))
+    deleting = DeletesContactTransport(
+        sandbox_app, sandbox, "+1 415 555 0177", "/crm/v3/objects/calls/batch/create"
+    )
+    await drain_through(settings, deleting)
+
+    assert deleting.deleted == [known.id]
+    [event] = await inbox_events(services)
+    assert event.status == EventStatus.done, event.last_error
+    assert event.attempts == 2  # the attempt that met the deleted contact was retried
+    [again] = [c for c in sandbox.contacts(1001) if c.properties.get("phone") == "+14155550177"]
+    assert again.id != known.id
+    [made_call] = sandbox.calls(1001)
+    assert sandbox.portal(1001).associated("calls", made_call.id, "contacts") == [again.id]
