@@ -35,7 +35,7 @@ from app.db import rowcount
 from app.errors import CryptoError, HubSpotError, PermanentError
 from app.hubspot import hubspot_client
 from app.inbox import Done, EventView, HandlerContext, Outcome, Write, read_payload, registry
-from app.models import EventSource, EventStatus, InboxEvent, utcnow
+from app.models import PRIVACY_DELETION, EventSource, EventStatus, InboxEvent, utcnow
 from app.portals import get_portal
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ CONTACT_EVENT_TYPES = (
     "contact.propertyChange",
     "contact.merge",
     "contact.deletion",
-    "contact.privacyDeletion",
+    PRIVACY_DELETION,
 )
 INDEXED_PROPERTIES = {
     "phone": identity.PHONE,
@@ -143,7 +143,7 @@ async def handle_contact_events(
     region = (portal.default_phone_region if portal else None) or (
         services.settings.default_phone_region
     )
-    doomed = erased | {c.contact_id for c in changes if c.type == "contact.privacyDeletion"}
+    doomed = erased | {c.contact_id for c in changes if c.type == PRIVACY_DELETION}
     to_read = {c.contact_id for c in changes if c.needs_read} - doomed
     read_at = utcnow()
     current = await read_contacts(context, sorted(to_read))
@@ -199,7 +199,7 @@ class _Plan:
                 contact_id=contact_id,
                 write=_purge_payloads([change.event_id]),
             )
-        if change.type == "contact.privacyDeletion":
+        if change.type == PRIVACY_DELETION:
             self.erased.add(contact_id)
             same_contact = [c.event_id for c in run if contact_id in (c.contact_id, *c.merged_ids)]
             return Done(

@@ -180,6 +180,12 @@ class IdentityEntry(SQLModel, table=True):
     removed_at: datetime | None = _when(nullable=True)
 
 
+# HubSpot's event for a contact deleted under privacy law (GDPR): Hubline erases what it
+# holds of the person, before any other pending event of the portal can recreate them.
+PRIVACY_DELETION = "contact.privacyDeletion"
+ERASURES_DUE = f"type = '{PRIVACY_DELETION}' AND status = 'pending'"
+
+
 class InboxEvent(SQLModel, table=True):
     """One durable inbox for every input: webhooks, receptionist events, lifecycle signals, jobs."""
 
@@ -193,6 +199,19 @@ class InboxEvent(SQLModel, table=True):
         # What the claimer reads: which portals have due work.
         sa.Index("ix_events_due", "status", "run_after"),
         sa.Index("ix_events_portal_contact", "portal_id", "contact_id"),
+        # What the worker reads first: a portal's pending privacy deletions (rare, so the
+        # partial index is small). `type` and `status` are constant in it, but named they
+        # make it the planner's pick over ix_events_portal_due for that read.
+        sa.Index(
+            "ix_events_erasures_due",
+            "portal_id",
+            "type",
+            "status",
+            "occurred_at",
+            "id",
+            sqlite_where=sa.text(ERASURES_DUE),
+            postgresql_where=sa.text(ERASURES_DUE),
+        ),
     )
 
     id: int | None = Field(default=None, sa_column=sa.Column(BigIntPK, primary_key=True))

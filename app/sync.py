@@ -1734,11 +1734,13 @@ async def handle_notes_later(ctx: HandlerContext, views: list[EventView]) -> dic
         sync = BatchSync(ctx.services, ctx.portal_id, list(items.values()))
         written = await sync.write_notes()
         # A note whose contact was deleted (or merged away) after its text synced goes to
-        # the caller's contact as it is now, found or created as for a new event.
+        # the caller's contact as it is now, found or created as for a new event. Not on
+        # the first attempt that finds it gone: if the deletion was a privacy deletion, its
+        # webhook comes meanwhile and erases the note instead of the person coming back.
         orphans = [
             Item(item.view, item.event)
             for item in items.values()
-            if isinstance(item.retry, ContactGone)
+            if isinstance(item.retry, ContactGone) and item.view.attempts > 1
         ]
         if orphans:
             written |= await BatchSync(ctx.services, ctx.portal_id, orphans).run()

@@ -50,6 +50,7 @@ from app.inbox import (
 from app.logs import hubspot_error_fields, portal_id_var, redact_text
 from app.metrics import EVENTS_HANDLED, RECEIPT_TO_SYNCED
 from app.models import (
+    PRIVACY_DELETION,
     EventSource,
     EventStatus,
     InboxEvent,
@@ -473,13 +474,18 @@ class Worker:
                 if recover:
                     await self._recover_abandoned(portal_id, session=session)
                     recover = False
-                filling = self.registry.filling_types
-                query = self._due(portal_id, now).order_by(
-                    col(InboxEvent.occurred_at), col(InboxEvent.id)
-                )
-                if filling:
-                    query = query.where(col(InboxEvent.type).not_in(filling))
-                rows = list((await session.execute(query)).scalars())
+                # A privacy deletion goes before everything else of the portal: a call
+                # dated earlier but still pending would otherwise recreate the person.
+                erasures = await session.execute(self._erasures_due(portal_id))
+                rows = [row for row in erasures.scalars() if row.run_after <= now]
+                filling = self.registry.filling_types if not rows else ()
+                if not rows:
+                    query = self._due(portal_id, now).order_by(
+                        col(InboxEvent.occurred_at), col(InboxEvent.id)
+                    )
+                    if filling:
+                        query = query.where(col(InboxEvent.type).not_in(filling))
+                    rows = list((await session.execute(query)).scalars())
                 if filling and only is None:
                     # A fresh claim (nothing of the portal's in flight): events that wait
                     # to fill a batch go first once they should wait no longer.
@@ -513,6 +519,27 @@ class Worker:
                 for row in run:
                     row.attempts += 1
                 return _Batch(portal_id, spec, run)
+
+    def _erasures_due(self, portal_id: int) -> Select[InboxEvent]:
+        """The portal's pending privacy deletions, read through their partial index."""
+        # Inlined, not bound, and without run_after: a planner uses a partial index only
+        # for a condition it can see implies the index's (ERASURES_DUE) before any value
+        # is known, and SQLite prefers ix_events_due given a range on run_after.
+        erasure = sa.bindparam("erasure", PRIVACY_DELETION, sa.String, literal_execute=True)
+        pending = sa.bindparam(
+            "pending", EventStatus.pending.value, sa.String, literal_execute=True
+        )
+        query = (
+            sa.select(InboxEvent)
+            .where(
+                col(InboxEvent.portal_id) == portal_id,
+                col(InboxEvent.type) == erasure,
+                col(InboxEvent.status) == pending,
+            )
+            .order_by(col(InboxEvent.occurred_at), col(InboxEvent.id))
+            .limit(MAX_FETCH)
+        )
+        return query.with_for_update(skip_locked=True) if self._postgres else query
 
     def _due(self, portal_id: int, now: datetime) -> Select[InboxEvent]:
         """The portal's due events, at most a fetch's worth, locked on PostgreSQL."""

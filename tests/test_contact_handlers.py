@@ -306,3 +306,29 @@ async def test_erasing_a_contact_drops_the_work_queued_for_it(sessions: Any, cip
         assert (erased.payload_ct, erased.status) == (None, EventStatus.skipped)
     assert other.payload_ct is not None
     assert other.status == EventStatus.pending
+
+
+async def test_a_privacy_deletion_goes_before_an_earlier_call_still_pending(
+    portal: Portal,
+) -> None:
+    """A backlog (or a crashed worker's lease) can leave a call that happened before the
+    deletion pending with it: handled first, in time order, it would recreate the person."""
+    ada = await portal.create(phone=ADA_PHONE, firstname="Ada")
+    await portal.sync()
+    earlier = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    body = dumps(call_event(id="before-deletion", occurred_at=earlier, caller={"phone": ADA_PHONE}))
+    response = await portal.client.post(
+        receptionist_path(PORTAL),
+        content=body,
+        headers=standard_headers(portal.installed.webhook_secret, body),
+    )
+    assert response.status_code == 202
+    await portal.crm("POST", "/crm/v3/objects/contacts/gdpr-delete", {"objectId": ada})
+
+    delivered = await portal.sync()
+
+    assert "contact.privacyDeletion" in [e["subscriptionType"] for e in delivered]
+    [call] = [r for r in await inbox_rows(portal.services.sessions) if r.source == "receptionist"]
+    assert (call.status, call.payload_ct) == (EventStatus.skipped, None)
+    assert portal.state.contacts(PORTAL) == []  # nobody recreated
+    assert portal.state.calls(PORTAL) == []

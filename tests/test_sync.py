@@ -1057,6 +1057,9 @@ async def test_a_queued_note_whose_contact_was_deleted_lands_on_the_callers_new_
     assert len(deleting.deleted) == 1
     queued = [e for e in await inbox_events(services, "internal") if e.type == NOTE_LATER]
     assert {e.status for e in queued} == {EventStatus.done}, [e.last_error for e in queued]
+    # The note meeting the deleted contact waited one retry (a privacy deletion's webhook
+    # would have erased it meanwhile), then went to the caller's contact as it is now.
+    assert sorted(e.attempts for e in queued) == [1, 1, 1, 1, 2]
     assert await events_by_status(services) == {EventStatus.done: 1 + 100 + 5}  # provisioning
     notes = sandbox.notes(1001)
     assert len(notes) == 5
