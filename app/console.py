@@ -33,6 +33,7 @@ from app.db import transaction
 from app.inbox import retry_events
 from app.main import Services, services
 from app.models import (
+    AppState,
     EngagementRecord,
     EventSource,
     EventStatus,
@@ -146,6 +147,12 @@ def issue_session(resources: Services) -> str:
 class AdminSession:
     nonce: str
     csrf_token: str
+    expires: int = 0  # 0: a page read with the bearer token, which has no cookie to end
+
+
+# A signed-out session's nonce, kept until the session would have expired: the cookie
+# alone would otherwise stay valid for its 8 hours wherever a copy of it survived.
+SIGNED_OUT = "console.signed_out."
 
 
 def read_session(request: Request) -> AdminSession | None:
@@ -160,7 +167,31 @@ def read_session(request: Request) -> AdminSession | None:
         return None
     if int(expires) < time.time():
         return None
-    return AdminSession(nonce=nonce, csrf_token=_sign(key, f"csrf.{nonce}"))
+    return AdminSession(nonce=nonce, csrf_token=_sign(key, f"csrf.{nonce}"), expires=int(expires))
+
+
+async def _signed_out(resources: Services, session: AdminSession) -> bool:
+    async with resources.sessions() as db_session:
+        return await db_session.get(AppState, SIGNED_OUT + session.nonce) is not None
+
+
+async def _sign_out(resources: Services, session: AdminSession) -> None:
+    async with transaction(resources.sessions) as db_session:
+        # Sessions that have expired since their sign-out need no record any more. The
+        # expiry is kept as fixed-width digits, compared as text: a cast could meet
+        # app_state's other values, which are not numbers.
+        await db_session.execute(
+            sa.delete(AppState).where(
+                col(AppState.name).startswith(SIGNED_OUT, autoescape=True),
+                col(AppState.value) < _epoch_text(int(time.time())),
+            )
+        )
+        ended = AppState(name=SIGNED_OUT + session.nonce, value=_epoch_text(session.expires))
+        await db_session.merge(ended)
+
+
+def _epoch_text(seconds: int) -> str:
+    return f"{seconds:012d}"
 
 
 async def check_bearer(request: Request) -> bool | None:
@@ -231,6 +262,8 @@ async def logout(request: Request) -> Response:
     session = await _guard(request, form=True)
     if isinstance(session, Response):
         return session
+    if session.expires:  # a bearer-token reader has no session to end
+        await _sign_out(services(request), session)
     response = RedirectResponse("/admin", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/admin")
     return response
@@ -241,6 +274,8 @@ async def _guard(request: Request, *, form: bool = False) -> AdminSession | Resp
     if not console_enabled(request):
         return not_found()
     session = read_session(request)
+    if session is not None and await _signed_out(services(request), session):
+        session = None
     if session is None and not form and request.headers.get("authorization"):
         # A script may read the pages with the API's bearer token. Forms still need the
         # signed-in cookie and its CSRF token: a page read this way cannot post them.

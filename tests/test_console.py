@@ -14,11 +14,19 @@ import sqlalchemy as sa
 from asgi_lifespan import LifespanManager
 from sqlmodel import col
 
-from app.console import FailedSignIns
+from app.console import SIGNED_OUT, FailedSignIns
 from app.db import transaction
 from app.inbox import NewEvent, enqueue
 from app.main import Services, create_app
-from app.models import EventSource, EventStatus, InboxEvent, Portal, PortalStatus, utcnow
+from app.models import (
+    AppState,
+    EventSource,
+    EventStatus,
+    InboxEvent,
+    Portal,
+    PortalStatus,
+    utcnow,
+)
 from app.portals import accepted_secrets, create_secret
 from app.settings import Settings
 
@@ -272,6 +280,40 @@ async def test_signing_out_takes_the_pages_csrf_token(
     signed_out = await http.post("/admin/logout", data={"csrf": csrf_of(page.text)})
     assert signed_out.status_code == 303
     assert (await http.get("/admin")).status_code == 401
+
+
+async def test_a_signed_out_session_cookie_no_longer_works_anywhere(
+    console: tuple[httpx.AsyncClient, Services],
+) -> None:
+    """A copy of the cookie (another tab, a stolen one) ends with the sign-out, not 8 hours on."""
+    http, resources = console
+    seeded = await seed(resources)
+    await sign_in(http)
+    kept = http.cookies["hubline_admin"]
+    page = await http.get("/admin/portals/1001")
+    csrf = csrf_of(page.text)
+    await sign_in(http)  # a second session, in another browser, stays signed in
+    other = http.cookies["hubline_admin"]
+    async with transaction(resources.sessions) as session:
+        # A sign-out record whose session has long expired, and app state that is not one.
+        session.add(AppState(name=SIGNED_OUT + "long-ago", value="000000000001"))
+        session.add(AppState(name="journal.offset", value="not-a-number"))
+    http.cookies.set("hubline_admin", kept, path="/admin")
+    assert (await http.post("/admin/logout", data={"csrf": csrf})).status_code == 303
+    async with resources.sessions() as session:
+        names = set((await session.execute(sa.select(col(AppState.name)))).scalars())
+    assert SIGNED_OUT + "long-ago" not in names
+    assert "journal.offset" in names
+    assert len([n for n in names if n.startswith(SIGNED_OUT)]) == 1
+
+    http.cookies.set("hubline_admin", kept, path="/admin")
+    assert (await http.get("/admin/portals/1001")).status_code == 401
+    retried = await http.post(
+        "/admin/portals/1001/retry", data={"csrf": csrf, "event_id": str(seeded["failed_event"])}
+    )
+    assert retried.status_code == 401
+    http.cookies.set("hubline_admin", other, path="/admin")
+    assert (await http.get("/admin/portals/1001")).status_code == 200
 
 
 @pytest.mark.parametrize(
