@@ -24,6 +24,7 @@ from app.console import (
     retry_failed,
     rotate_portal_secret,
 )
+from app.db import fits_bigint
 from app.lifecycle import disconnect, portal_summaries
 from app.main import Services, services
 from app.models import utcnow
@@ -130,7 +131,7 @@ async def api_portal(request: Request) -> Response:
     if denial is not None:
         return denial
     portal_id = int(request.path_params["portal_id"])
-    detail = await portal_detail(services(request), portal_id)
+    detail = await portal_detail(services(request), portal_id) if fits_bigint(portal_id) else None
     if detail is None:
         return _no_portal(portal_id)
     return _answer(detail)
@@ -159,7 +160,8 @@ def _event_ids(data: dict[str, Any]) -> list[int] | str | None:
         isinstance(i, int) and not isinstance(i, bool) for i in ids
     ):
         return "event_ids must be a list of integers"
-    return ids
+    # An id beyond the column's range names no event: like any unknown id, it retries none.
+    return [i for i in ids if fits_bigint(i)]
 
 
 async def api_portal_action(request: Request) -> Response:
@@ -172,6 +174,8 @@ async def api_portal_action(request: Request) -> Response:
     action = request.path_params["action"]
     if action not in ACTIONS:
         return _answer({"error": "not_found", "detail": f"no action {action!r}"}, 404)
+    if not fits_bigint(portal_id):
+        return _no_portal(portal_id)
     async with resources.sessions() as session:
         found = await portal_summaries(
             session=session, settings=resources.settings, portal_id=portal_id

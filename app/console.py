@@ -29,7 +29,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
 from app.crypto import Secret, same_text
-from app.db import transaction
+from app.db import fits_bigint, parse_id, transaction
 from app.inbox import retry_events
 from app.main import Services, services
 from app.models import (
@@ -55,6 +55,7 @@ BACKLOG_ATTENTION = 100
 STALE_PENDING_ATTENTION = timedelta(minutes=5)
 NO_STORE = {"Cache-Control": "no-store"}
 DEFAULT_REFRESH_MS = 30_000
+MAX_REFRESH_MS = 3_600_000
 TOO_MANY_ATTEMPTS = "Too many sign-in attempts at once: wait for the last one to finish."
 
 
@@ -416,7 +417,11 @@ async def console_home(request: Request) -> Response:
     rows = await portal_rows(services(request), query=query, status=status)
     # `?refresh=` (milliseconds, at least one second) shortens the auto-refresh.
     refresh = request.query_params.get("refresh", "")
-    refresh_ms = max(int(refresh), 1000) if refresh.isdigit() else DEFAULT_REFRESH_MS
+    refresh_ms = (
+        min(max(int(refresh), 1000), MAX_REFRESH_MS)
+        if refresh.isascii() and refresh.isdigit()
+        else DEFAULT_REFRESH_MS
+    )
     return templates.TemplateResponse(
         request,
         "console_portals.html",
@@ -508,7 +513,7 @@ async def _portal_page(
 ) -> Response:
     resources = services(request)
     portal_id = int(request.path_params["portal_id"])
-    rows = await portal_rows(resources, portal_id=portal_id)
+    rows = await portal_rows(resources, portal_id=portal_id) if fits_bigint(portal_id) else []
     if not rows:
         return Response("No such portal.", status_code=404)
     row = rows[0]
@@ -543,14 +548,18 @@ async def portal_action(request: Request) -> Response:
     portal_id = int(request.path_params["portal_id"])
     action = request.path_params["action"]
     form = await request.form()
+    if not fits_bigint(portal_id):
+        return Response("No such portal.", status_code=404)
     async with resources.sessions() as db:
         portal = await db.get(Portal, portal_id)
     if portal is None:
         return Response("No such portal.", status_code=404)
     if action == "retry":
-        event_id = str(form.get("event_id", ""))
+        # No event id: every failed event of the portal. One that names no event: none.
+        event_id = str(form.get("event_id", "")).strip()
+        chosen = parse_id(event_id)
         count = await retry_failed(
-            resources, portal_id, [int(event_id)] if event_id.isdigit() else None
+            resources, portal_id, None if not event_id else [chosen] if chosen is not None else []
         )
         return await _portal_page(request, session, notice=f"Queued {count} failed event(s) again.")
     if action == "rotate-secret":

@@ -39,6 +39,23 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# Ids are BIGINT columns on both engines: a larger number names nothing, and binding it
+# would fail in the driver (SQLite's "Python int too large") rather than find no row.
+MAX_BIGINT = 2**63 - 1
+
+
+def fits_bigint(value: int) -> bool:
+    return 0 <= value <= MAX_BIGINT
+
+
+def parse_id(text: str) -> int | None:
+    """A row id or portal id given as text (ASCII digits within BIGINT), else None."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        return None
+    value = int(text)
+    return value if fits_bigint(value) else None
+
+
 def create_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
     """An async engine; on SQLite, WAL and a busy timeout so web and worker share the file."""
     if database_url.startswith("sqlite"):

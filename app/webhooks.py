@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from app.crypto import TokenCipher
-from app.db import DATABASE_ERRORS, transaction
+from app.db import DATABASE_ERRORS, parse_id, transaction
 from app.errors import EventRejected
 from app.inbox import NewEvent, enqueue
 from app.main import Services, services
@@ -305,11 +305,10 @@ async def receptionist_webhook(request: Request) -> Response:
         body = await read_body(request)
     except BodyTooLarge:
         return _too_large()
-    raw_portal_id = request.path_params["portal_id"]
     # A portal id is a BIGINT: anything else names no portal (and never reaches the database).
-    if not (raw_portal_id.isascii() and raw_portal_id.isdigit() and len(raw_portal_id) <= 18):
+    portal_id = parse_id(request.path_params["portal_id"])
+    if portal_id is None:
         return error_response(404, "unknown_portal", None)
-    portal_id = int(raw_portal_id)
     try:
         checked = await _check_portal(resources, portal_id, body, request.headers)
     except DATABASE_ERRORS as error:

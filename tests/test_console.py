@@ -429,3 +429,42 @@ async def test_the_portal_page_filters_events_by_source(
     receptionist = await http.get("/admin/portals/1001", params={"source": "receptionist"})
     assert f'data-testid="event-{hubspot.event_id}"' not in receptionist.text
     assert f'data-testid="event-{seeded["failed_event"]}"' in receptionist.text
+
+
+async def test_numbers_out_of_range_name_nothing_instead_of_failing(
+    console: tuple[httpx.AsyncClient, Services],
+) -> None:
+    """Ids past BIGINT, and digits that are not ASCII, are answered like any unknown id."""
+    http, resources = console
+    seeded = await seed(resources)
+    huge = "9" * 20
+    api = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert (await http.get(f"/admin/api/portals/{huge}", headers=api)).json() == {
+        "error": "not_found",
+        "detail": f"no portal {huge}",
+    }
+    assert (await http.post(f"/admin/api/portals/{huge}/retry", headers=api)).status_code == 404
+    retried = await http.post(
+        "/admin/api/portals/1001/retry", headers=api, json={"event_ids": [int(huge)]}
+    )
+    assert retried.json() == {"retried": 0}
+
+    await sign_in(http)
+    assert (await http.get(f"/admin/portals/{huge}")).status_code == 404
+    for refresh in ("9" * 400, "²", "5000"):
+        assert (await http.get("/admin", params={"refresh": refresh})).status_code == 200
+    page = await http.get("/admin/portals/1001")
+    csrf = csrf_of(page.text)
+    assert (
+        await http.post(f"/admin/portals/{huge}/retry", data={"csrf": csrf, "event_id": "1"})
+    ).status_code == 404
+    # An event id that names no event retries none (it used to mean "all of them").
+    for event_id in ("²", huge, "abc"):
+        response = await http.post(
+            "/admin/portals/1001/retry", data={"csrf": csrf, "event_id": event_id}
+        )
+        assert "Queued 0 failed event(s) again." in response.text
+    response = await http.post(
+        "/admin/portals/1001/retry", data={"csrf": csrf, "event_id": str(seeded["failed_event"])}
+    )
+    assert "Queued 1 failed event(s) again." in response.text
