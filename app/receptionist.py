@@ -12,7 +12,8 @@ whose JSON is the inbox payload the receptionist handlers read:
 
 A caller needs a phone or an email that Hubline can read (a `test.ping` needs no
 caller). Ids and phone numbers sent as JSON numbers are read as text; a duration or lead
-score must be a finite number (or a string of one), never true or false. The flat form
+score must be a finite number (or a string of one), never true or false; a duration is
+at most a day. `occurred_at` must lie between 2000 and a day after receipt. The flat form
 may carry `type` only as `call.completed`. A `recording_url` that is not an http(s)
 address is left out, not refused (the answer lists it under `ignored`). Unknown fields
 are ignored: platforms add fields, and refusing them would lose calls.
@@ -35,11 +36,14 @@ EventType = Literal["call.completed", "text.received", "chat.completed", "test.p
 PING = "test.ping"
 FLAT_FIELDS = frozenset({"call_id", "caller_name", "caller_phone", "caller_email", "call_summary"})
 MAX_AHEAD = timedelta(days=1)
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_DURATION_SECONDS = 86_400  # a day: longer is a unit mistake (milliseconds) or garbage
 NOT_A_WEB_ADDRESS = "is not an http or https URL: the call is stored without it"
 FAR_AHEAD = (
     "is more than a day after Hubline received the event: check the sender's clock and "
     "time zone (a time without an offset is read as UTC)"
 )
+TOO_EARLY = "is before 2000: check the sender's clock and date format (the year needs four digits)"
 FLAT_IS_A_CALL = (
     "the flat form (call_id, caller_phone, …) is always a call.completed: send other "
     "events in the nested form (type, caller: {…})"
@@ -76,7 +80,9 @@ class _Input(BaseModel):
     occurred_at: datetime | None = None
     transcript: str | None = None
     # NaN and Infinity (which Python's JSON reader takes) are no duration or score.
-    duration_seconds: _Number | None = Field(default=None, ge=0, allow_inf_nan=False)
+    duration_seconds: _Number | None = Field(
+        default=None, ge=0, le=MAX_DURATION_SECONDS, allow_inf_nan=False
+    )
     outcome: str | None = Field(default=None, max_length=128)
     appointment_booked: bool | None = None
     lead_score: _Number | None = Field(default=None, allow_inf_nan=False)
@@ -204,6 +210,10 @@ def parse_event(
         # A contact's AI properties follow its newest event: one dated ahead (a typo, a
         # wrong clock) would keep every real event after it from updating them.
         problems.append({"field": "occurred_at", "message": FAR_AHEAD})
+    elif occurred_at < EARLIEST:
+        # A year typo ("0202") or an epoch of 0: no receptionist call is that old, and
+        # HubSpot's timestamps are not made for it.
+        problems.append({"field": "occurred_at", "message": TOO_EARLY})
     if problems or given is None:
         raise EventRejected(_unique(problems))
     assert event_id is not None

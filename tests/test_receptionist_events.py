@@ -12,6 +12,7 @@ from app.receptionist import (
     FAR_AHEAD,
     FLAT_IS_A_CALL,
     NOT_A_WEB_ADDRESS,
+    TOO_EARLY,
     ReceptionistEvent,
     parse_event,
 )
@@ -226,3 +227,20 @@ def test_an_event_dated_more_than_a_day_ahead_is_refused() -> None:
     # Its sender's clock or time zone a few hours off, it is taken as given.
     ahead = parse(call_event(occurred_at="2026-03-02T23:00:00+00:00"))
     assert ahead.occurred_at.isoformat() == "2026-03-02T23:00:00+00:00"
+
+
+@pytest.mark.parametrize("when", ["0202-03-02T14:30:00Z", "1970-01-01T00:00:00Z", "1999-12-31"])
+def test_an_event_dated_before_2000_is_refused(when: str) -> None:
+    # A year typo made HubSpot's answers unreadable, and every retry made another call.
+    assert problems(call_event(occurred_at=when)) == [
+        {"field": "occurred_at", "message": TOO_EARLY}
+    ]
+    assert parse(call_event(occurred_at="2000-01-01T00:00:00Z")).occurred_at.year == 2000
+
+
+def test_a_duration_is_at_most_a_day() -> None:
+    assert parse(call_event(duration_seconds=86_400)).duration_seconds == 86_400
+    for too_long in (86_401, 1e308, "1e308"):
+        [problem] = problems(call_event(duration_seconds=too_long))
+        assert problem["field"] == "duration_seconds"
+        assert "86400" in problem["message"]

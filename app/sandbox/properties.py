@@ -136,8 +136,9 @@ class PropertyDef:
 
 def iso(ts: float) -> str:
     """Epoch seconds as HubSpot's ISO 8601 timestamps (UTC, milliseconds)."""
+    # isoformat, not strftime: %Y leaves years before 1000 unpadded ("202-03-02…").
     moment = datetime.fromtimestamp(ts, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def options(*values: str) -> list[dict[str, Any]]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from app.sandbox.properties import iso
 from tests.sandbox.conftest import Sandbox
 
 PROPERTIES = "/crm/v3/properties/contacts"
@@ -278,3 +280,11 @@ async def test_attendance_by_contact_id_and_for_unknown_events(sandbox: Sandbox)
     assert by_id.status_code == 200
     assert sandbox.state.portal(1001).attendance[0].contact_id == contact.json()["id"]
     assert unknown.status_code == 404
+
+
+def test_timestamps_are_iso_8601_with_a_four_digit_year() -> None:
+    assert iso(datetime(2026, 3, 2, 14, 30, 0, 123000, tzinfo=UTC).timestamp()) == (
+        "2026-03-02T14:30:00.123Z"
+    )
+    # strftime's %Y wrote "202-03-02…", which no ISO 8601 reader takes.
+    assert iso(datetime(202, 3, 2, 14, 30, tzinfo=UTC).timestamp()) == "0202-03-02T14:30:00.000Z"
