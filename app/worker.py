@@ -21,10 +21,11 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -32,8 +33,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from app import identity
-from app.db import schema_trouble, transaction
-from app.errors import CryptoError, HubSpotError
+from app.db import DATABASE_ERRORS, schema_trouble, transaction
+from app.errors import CryptoError, HandlerError, HubSpotError
 from app.inbox import (
     Done,
     EventView,
@@ -192,6 +193,16 @@ class _Running:
             self.task.cancel()
             with contextlib.suppress(BaseException):
                 await self.task
+
+
+# What a handler raises when HubSpot, the network or the database fails it: no event's
+# data is at fault, so a failing batch is not split to find one.
+EXPECTED_FAILURES: tuple[type[BaseException], ...] = (
+    HandlerError,
+    HubSpotError,
+    httpx.HTTPError,
+    *DATABASE_ERRORS,
+)
 
 
 class LeaseLost(Exception):
@@ -688,7 +699,7 @@ class Worker:
                 except asyncio.CancelledError:
                     raise
                 except Exception as error:
-                    outcomes.update({view.id: error for view in views if view.id not in outcomes})
+                    outcomes.update(await self._isolate(batch.spec, context, views, error))
         except asyncio.CancelledError:
             await asyncio.shield(self._release_batch(batch))
             raise
@@ -702,6 +713,47 @@ class Worker:
             with contextlib.suppress(Exception):
                 await recording
             raise
+
+    async def _isolate(
+        self, spec: HandlerSpec, context: HandlerContext, views: list[EventView], error: Exception
+    ) -> dict[int, Outcome]:
+        """The outcomes of a batch whose handler raised `error`: the batch's halves are
+        handled apart, and the failing half's again, so one event whose data trips a bug
+        fails alone instead of taking the batch's other events with it.
+
+        Handlers are safe to run again (a retry never duplicates). Not for the failures a
+        handler expects (HubSpot's answers, the network, the database): every event is
+        retried for those. When both halves fail, the cause is something they share, and
+        every event is retried too, so a fault of the whole batch costs two more runs.
+        """
+        if len(views) == 1 or isinstance(error, EXPECTED_FAILURES):
+            return {view.id: error for view in views}
+        # The portal's next batch waits for this one whole: a rerun writes contacts again.
+        alone = replace(context, next_batch_may_start=asyncio.Event())
+        middle = len(views) // 2
+        halves: list[tuple[list[EventView], dict[int, Outcome] | Exception]] = []
+        for half in (views[:middle], views[middle:]):
+            try:
+                halves.append((half, await spec.handle(alone, half) or {}))
+            except asyncio.CancelledError:
+                raise
+            except Exception as half_error:
+                halves.append((half, half_error))
+        if all(isinstance(answer, Exception) for _, answer in halves):
+            return {view.id: error for view in views}
+        outcomes: dict[int, Outcome] = {}
+        for half, answer in halves:
+            if isinstance(answer, Exception):
+                log.warning(
+                    "a handler failed on %d of a batch's %d events (%s); finding the event",
+                    len(half),
+                    len(views),
+                    describe_error(answer),
+                )
+                outcomes |= await self._isolate(spec, alone, half, answer)
+            else:
+                outcomes |= answer
+        return outcomes
 
     async def _record_outcomes(self, batch: _Batch, outcomes: dict[int, Outcome]) -> bool:
         try:

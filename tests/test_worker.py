@@ -211,6 +211,64 @@ async def test_outcomes_are_per_event_within_a_batch(core: Services) -> None:
     assert events[ids[2]].contact_id == "7"
 
 
+async def test_an_event_that_trips_a_bug_fails_alone_not_with_its_batch(core: Services) -> None:
+    registry = Registry()
+    runs: list[list[int]] = []
+
+    @registry.handler("test.work", batch_size=10)
+    async def work(_context: HandlerContext, events: list[EventView]) -> None:
+        runs.append([e.payload["minute"] for e in events])
+        if any(e.payload["minute"] == 4 for e in events):
+            raise OverflowError("cannot convert float infinity to integer")
+
+    ids = await add_events(core, 1001, 10)
+    await Worker(core, registry=registry, retry_policy=FAST_RETRIES, poll_seconds=0.01).drain()
+
+    events = await statuses(core)
+    assert [events[i].status for i in ids] == ["done"] * 4 + ["failed"] + ["done"] * 5
+    poisoned = events[ids[4]]
+    assert poisoned.last_error == "OverflowError: cannot convert float infinity to integer"
+    assert poisoned.attempts == 3
+    assert {events[i].attempts for i in ids if i != ids[4]} == {1}
+    # The batch, its halves, then the failing half's halves down to the one event.
+    assert runs[:7] == [
+        list(range(10)),
+        [0, 1, 2, 3, 4],
+        [5, 6, 7, 8, 9],
+        [0, 1],
+        [2, 3, 4],
+        [2],
+        [3, 4],
+    ]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a bug in every run"), HubSpotUnavailable("503")])
+async def test_a_batch_failing_whole_is_retried_whole_without_hunting_for_one_event(
+    core: Services, error: Exception
+) -> None:
+    registry = Registry()
+    runs: list[int] = []
+
+    @registry.handler("test.work", batch_size=10)
+    async def work(_context: HandlerContext, events: list[EventView]) -> None:
+        runs.append(len(events))
+        raise error
+
+    ids = await add_events(core, 1001, 10)
+    await Worker(core, registry=registry, retry_policy=FAST_RETRIES, poll_seconds=0.01).drain()
+
+    events = await statuses(core)
+    assert {events[i].status for i in ids} == {EventStatus.failed}
+    assert {events[i].attempts for i in ids} == {3}
+    # Each attempt hands each event to the handler once, and a bug both halves meet once
+    # more (in a half) before the hunt stops; HubSpot's failure, never more than once.
+    handled = sum(runs)
+    if isinstance(error, RuntimeError):
+        assert 30 < handled <= 60, runs
+    else:
+        assert handled == 30, runs
+
+
 @pytest.mark.parametrize(
     ("waiting", "fill_wait", "expected"),
     [
@@ -925,7 +983,7 @@ async def test_a_failing_overlapped_batch_is_retried_and_the_other_is_kept(
         first = events[0].payload["minute"]
         if first == 0 and first not in failed_once:
             failed_once.add(first)
-            raise RuntimeError("HubSpot went away after the contacts were written")
+            raise HubSpotUnavailable("HubSpot went away after the contacts were written")
         return {e.id: Done() for e in events}
 
     await add_events(core, 1001, 15)
