@@ -583,6 +583,7 @@ class BatchSync:
         # What is left (engagements, campaigns, error notes) concerns this batch's events
         # alone: the portal's next batch may resolve and write its contacts meanwhile.
         if contacts_written is not None:
+            await self._name_contacts_on_events()
             contacts_written()
         await self._engagements()
         await self._campaigns()
@@ -1015,11 +1016,31 @@ class BatchSync:
                         item.failure = reason_of(error)
             plans = retry
 
+    async def _name_contacts_on_events(self) -> None:
+        """Record each event's contact on its row, still in progress, before the portal's
+        next batch may start: that batch counts them among its contacts' newest events
+        (`_newest_synced`), so an older event in it does not overwrite this batch's values."""
+        rows = [
+            {"b_id": item.id, "b_contact_id": item.contact_id}
+            for item in self.items
+            if item.ok and item.contact_id
+        ]
+        if not rows:
+            return
+        statement = (
+            sa.update(_EVENTS)
+            .where(_EVENTS.c.id == sa.bindparam("b_id"))
+            .values(contact_id=sa.bindparam("b_contact_id"))
+        )
+        async with transaction(self.services.sessions) as session:
+            await (await session.connection()).execute(statement, rows)
+
     async def _newest_synced(
         self, contact_ids: list[str], batch_event_ids: list[int]
     ) -> dict[str, datetime]:
         """When each contact's newest event outside this batch happened, among those synced
-        (and so whose values the contact was given; a text's note may still be queued)."""
+        (and so whose values the contact was given; a text's note may still be queued), and
+        those of a batch still in flight that has written its contacts."""
         if not contact_ids:
             return {}
         async with self.services.sessions() as session:
@@ -1029,7 +1050,7 @@ class BatchSync:
                     col(InboxEvent.portal_id) == self.portal_id,
                     col(InboxEvent.contact_id).in_(contact_ids),
                     col(InboxEvent.source) == EventSource.receptionist,
-                    col(InboxEvent.status) == EventStatus.done,
+                    col(InboxEvent.status).in_([EventStatus.done, EventStatus.in_progress]),
                     col(InboxEvent.id).not_in(batch_event_ids),
                 )
                 .group_by(col(InboxEvent.contact_id))
@@ -1653,6 +1674,7 @@ class BatchSync:
 # Rows of a batch go in as one statement with many parameter sets, on the table: the
 # ORM's bulk-insert path costs more CPU than the database spends on them.
 _ENGAGEMENTS: sa.Table = EngagementRecord.__table__  # type: ignore[attr-defined]
+_EVENTS: sa.Table = InboxEvent.__table__  # type: ignore[attr-defined]
 
 
 def _record_engagements(

@@ -7,6 +7,7 @@ is the sandbox behind `httpx.ASGITransport`, with its real rate limits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from app import campaigns
 from app.db import transaction
 from app.hubspot.runtime import Backoff
 from app.inbox import retry_events
+from app.main import close_services, open_services
 from app.models import EngagementRecord, EventStatus, InboxEvent, PortalProblem, utcnow
 from app.retry import RetryPolicy
 from app.sandbox.limits import Fault
@@ -30,6 +32,7 @@ from app.sandbox.properties import options
 from app.sandbox.state import UI_SOURCE
 from app.settings import Settings
 from app.sync import NOTE_LATER, SEARCH_LAG
+from app.worker import Worker
 from tests.sync_support import (
     call,
     drain,
@@ -1099,3 +1102,71 @@ async def test_a_call_whose_contact_is_deleted_before_it_is_logged_is_retried_no
     assert again.id != known.id
     [made_call] = sandbox.calls(1001)
     assert sandbox.portal(1001).associated("calls", made_call.id, "contacts") == [again.id]
+
+
+class OverlapTransport(httpx.AsyncBaseTransport):
+    """The sandbox, pacing two overlapping batches: the first contacts create waits until
+    `release` is set, and the first calls create until a contact update went by (the next
+    batch's) or two seconds passed (a next batch with nothing to update sends none)."""
+
+    def __init__(self, app: Any) -> None:
+        self.inner = httpx.ASGITransport(app=app)
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+        self.updated = asyncio.Event()
+        self.calls_held = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/crm/v3/objects/contacts/batch/create" and not self.holding.is_set():
+            self.holding.set()
+            await self.release.wait()
+        if path == "/crm/v3/objects/calls/batch/create" and not self.calls_held:
+            self.calls_held = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.updated.wait(), 2)
+        response = await self.inner.handle_async_request(request)
+        if path == "/crm/v3/objects/contacts/batch/update":
+            self.updated.set()
+        return response
+
+
+async def test_an_older_event_in_an_overlapping_batch_does_not_overwrite_a_newer_one(
+    client: Any,
+    install_portal: Any,
+    services: Any,
+    sandbox: Any,
+    sandbox_app: Any,
+    settings: Settings,
+) -> None:
+    """The next batch starts once this one's contacts are written; an older call of the same
+    caller in it must not bring the contact's AI values back to before this batch's call."""
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    caller = {"name": "Ada", "phone": "+1 415 555 0188"}
+    await post_event(
+        client, portal, call(occurred_at="2026-03-02T14:30:00Z", caller=caller, summary="newer")
+    )
+    holding = OverlapTransport(sandbox_app)
+    resources = await open_services(settings, transport=holding)
+    worker = Worker(resources, poll_seconds=0.01)
+    running = asyncio.create_task(worker.run())
+    try:
+        # The first batch is writing its caller's contact when the older call arrives:
+        # the next batch takes it as soon as that contact is written.
+        await asyncio.wait_for(holding.holding.wait(), 10)
+        await post_event(
+            client, portal, call(occurred_at="2026-03-02T14:10:00Z", caller=caller, summary="older")
+        )
+        holding.release.set()
+        async with asyncio.timeout(10):
+            while await events_by_status(services) != {EventStatus.done: 3}:
+                await asyncio.sleep(0.01)
+    finally:
+        holding.release.set()
+        worker.stop()
+        await running
+        await close_services(resources)
+    assert len(sandbox.calls(1001)) == 2
+    [contact] = [c for c in sandbox.contacts(1001) if c.properties.get("phone") == "+14155550188"]
+    assert contact.properties["ai_call_summary"].startswith("newer")
