@@ -165,13 +165,17 @@ def split_name(name: str | None) -> tuple[str | None, str | None]:
     return " ".join(words[:-1]), words[-1]
 
 
-def national_digits(e164: str) -> str | None:
-    """The digits HubSpot's calculated phone properties hold: the national number."""
+def phone_search_digits(e164: str) -> list[str]:
+    """The calculated phone values a contact with this number may hold: the national
+    number, and as written nationally where that differs (a trunk prefix: "07700900123"
+    for +44 7700 900123), which is what a number typed without its country code keeps."""
     try:
         number = phonenumbers.parse(e164, None)
     except phonenumbers.NumberParseException:
-        return None
-    return str(number.national_number)
+        return []
+    national = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
+    written = "".join(c for c in national if c.isascii() and c.isdigit())
+    return list(dict.fromkeys(d for d in (str(number.national_number), written) if d))
 
 
 def stamp(moment: datetime) -> str:
@@ -717,7 +721,8 @@ class BatchSync:
             {
                 digits
                 for kind, value in keys
-                if kind == identity.PHONE and (digits := national_digits(value))
+                if kind == identity.PHONE
+                for digits in phone_search_digits(value)
             }
         )
         emails = sorted({value for kind, value in keys if kind == identity.EMAIL})

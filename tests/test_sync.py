@@ -24,7 +24,7 @@ from app.db import transaction
 from app.hubspot.runtime import Backoff
 from app.inbox import retry_events
 from app.main import close_services, open_services
-from app.models import EngagementRecord, EventStatus, InboxEvent, PortalProblem, utcnow
+from app.models import EngagementRecord, EventStatus, InboxEvent, Portal, PortalProblem, utcnow
 from app.retry import RetryPolicy
 from app.sandbox.limits import Fault
 from app.sandbox.objects import archive_object, update_object
@@ -1170,3 +1170,27 @@ async def test_an_older_event_in_an_overlapping_batch_does_not_overwrite_a_newer
     assert len(sandbox.calls(1001)) == 2
     [contact] = [c for c in sandbox.contacts(1001) if c.properties.get("phone") == "+14155550188"]
     assert contact.properties["ai_call_summary"].startswith("newer")
+
+
+async def test_a_number_typed_nationally_before_install_is_found_abroad(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    """A UK business's contacts were typed as "07700 900123": HubSpot's calculated digits
+    keep the trunk 0, which the national number alone (7700900123) does not match."""
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    async with transaction(services.sessions) as session:
+        await session.execute(
+            sa.update(Portal).where(col(Portal.portal_id) == 1001).values(default_phone_region="GB")
+        )
+    mobile = person_contact(sandbox, 1001, firstname="Ann", phone="07700 900123")
+    landline = person_contact(sandbox, 1001, firstname="Bea", mobilephone="020 7946 0958")
+    await post_event(client, portal, call(caller={"name": "Ann", "phone": "+44 7700 900123"}))
+    await post_event(client, portal, call(caller={"name": "Bea", "phone": "020 7946 0958"}))
+    await drain(services)
+
+    assert {c.id for c in sandbox.contacts(1001)} == {mobile.id, landline.id}
+    world = sandbox.portal(1001)
+    assert sorted(world.associated("calls", c.id, "contacts")[0] for c in sandbox.calls(1001)) == (
+        sorted([mobile.id, landline.id])
+    )

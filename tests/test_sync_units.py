@@ -9,7 +9,7 @@ from app.sync import (
     MAX_TEXT,
     engagement_body,
     millis,
-    national_digits,
+    phone_search_digits,
     property_errors,
     reason_of,
     split_name,
@@ -24,10 +24,12 @@ def test_the_last_word_is_the_last_name() -> None:
     assert split_name("") == (None, None)
 
 
-def test_national_digits_are_what_hubspot_calculates() -> None:
-    assert national_digits("+14155550100") == "4155550100"
-    assert national_digits("+442079460958") == "2079460958"
-    assert national_digits("not a phone") is None
+def test_phone_search_digits_are_what_hubspot_may_have_calculated() -> None:
+    assert phone_search_digits("+14155550100") == ["4155550100"]
+    # Typed without the country code, a number keeps its trunk prefix.
+    assert phone_search_digits("+442079460958") == ["2079460958", "02079460958"]
+    assert phone_search_digits("+390212345678") == ["212345678", "0212345678"]
+    assert phone_search_digits("not a phone") == []
 
 
 def test_timestamps_keep_milliseconds_and_compare_exactly() -> None:
