@@ -49,13 +49,24 @@ def normalize_phone(raw: str | None, region: str) -> str | None:
     """The number in E.164, reading one without a country code in `region`; None if not one."""
     if not raw or len(raw) > _MAX_PHONE_INPUT:
         return None
+    found = _possible(raw, region)
+    if found is None and raw.lstrip().startswith("00"):
+        # 00 is the international prefix of most of the world, though not of the region
+        # (the US dials 011): "0044 20 7946 0958" is a London number from anywhere.
+        found = _possible("+" + raw.lstrip()[2:], region)
+    return found
+
+
+def _possible(raw: str, region: str) -> str | None:
     try:
         number = phonenumbers.parse(raw, region)
     except phonenumbers.NumberParseException:
         return None
     # "Possible" rather than "valid": valid depends on numbering-plan metadata that lags
-    # behind new area codes, and refusing a real caller's number is worse than a cache miss.
-    if not phonenumbers.is_possible_number(number):
+    # behind new area codes, and refusing a real caller's number is worse than a cache
+    # miss. Not "possible only locally": seven digits without an area code dial nobody.
+    reason = phonenumbers.is_possible_number_with_reason(number)
+    if reason != phonenumbers.ValidationResult.IS_POSSIBLE:
         return None
     formatted: str = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     return formatted

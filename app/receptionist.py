@@ -15,7 +15,8 @@ caller). Ids and phone numbers sent as JSON numbers are read as text; a duration
 score must be a finite number (or a string of one), never true or false; a duration is
 at most a day. `occurred_at` must lie between 2000 and a day after receipt. The flat form
 may carry `type` only as `call.completed`. A `recording_url` that is not an http(s)
-address is left out, not refused (the answer lists it under `ignored`). Unknown fields
+address is left out, not refused (the answer lists it under `ignored`), and so is a
+phone Hubline cannot read when the caller's email names them. Unknown fields
 are ignored: platforms add fields, and refusing them would lose calls.
 """
 
@@ -39,6 +40,10 @@ MAX_AHEAD = timedelta(days=1)
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_DURATION_SECONDS = 86_400  # a day: longer is a unit mistake (milliseconds) or garbage
 NOT_A_WEB_ADDRESS = "is not an http or https URL: the call is stored without it"
+NOT_A_PHONE_NUMBER = (
+    "is not a phone number Hubline can read (a number without its area code, or in an "
+    "unknown format): the event is stored with the caller's email alone"
+)
 FAR_AHEAD = (
     "is more than a day after Hubline received the event: check the sender's clock and "
     "time zone (a time without an offset is read as UTC)"
@@ -219,6 +224,10 @@ def parse_event(
     assert event_id is not None
 
     ignored: list[dict[str, str]] = []
+    if caller.phone and phone_e164 is None:
+        # The email names the caller: the call is kept, and the sender told why the
+        # number is missing from the contact and the call.
+        ignored.append({"field": shape.phone, "message": NOT_A_PHONE_NUMBER})
     recording_url = given.recording_url
     if recording_url and not _is_web_address(recording_url):
         # HubSpot shows the recording as a link: only a web address may become one. The

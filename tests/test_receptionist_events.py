@@ -11,6 +11,7 @@ from app.errors import EventRejected
 from app.receptionist import (
     FAR_AHEAD,
     FLAT_IS_A_CALL,
+    NOT_A_PHONE_NUMBER,
     NOT_A_WEB_ADDRESS,
     TOO_EARLY,
     ReceptionistEvent,
@@ -244,3 +245,22 @@ def test_a_duration_is_at_most_a_day() -> None:
         [problem] = problems(call_event(duration_seconds=too_long))
         assert problem["field"] == "duration_seconds"
         assert "86400" in problem["message"]
+
+
+def test_a_number_with_the_00_international_prefix_is_read_in_any_region() -> None:
+    event = parse(call_event(caller={"phone": "0044 20 7946 0958"}), region="US")
+    assert event.caller.phone_e164 == "+442079460958"
+    assert not [i for i in event.ignored if i["field"] == "caller.phone"]
+
+
+@pytest.mark.parametrize("phone", ["555-0134", "call me"])
+def test_an_unreadable_phone_beside_an_email_is_left_out_and_said(phone: str) -> None:
+    data = call_event(caller={"phone": phone, "email": "ada@example.com"})
+    event = parse(data)
+    assert event.caller.phone_e164 is None
+    assert event.caller.email == "ada@example.com"
+    assert event.ignored == [{"field": "caller.phone", "message": NOT_A_PHONE_NUMBER}]
+    # Without the email there is nobody to file the call under.
+    assert problems(call_event(caller={"phone": phone})) == [
+        {"field": "caller.phone", "message": "is not a phone number"}
+    ]
