@@ -195,12 +195,21 @@ def _later(recording: Recording, chunk: list[Attendance], error: HubSpotError) -
     recording.error = error
 
 
+def external_event_id(campaign_id: str) -> str:
+    """The marketing event's external id: the campaign id, unless it cannot be a segment of
+    the attendance URL ("fb/summer" is read as two, ".." as the parent), then a digest of
+    it (the event's name still shows the campaign id)."""
+    if "/" in campaign_id or "\\" in campaign_id or campaign_id in (".", ".."):
+        return "hubline-" + hashlib.sha256(campaign_id.encode()).hexdigest()[:32]
+    return campaign_id
+
+
 async def _record_chunk(
     services: Services, client: HubSpotClient, campaign_id: str, chunk: list[Attendance]
 ) -> list[Attendance]:
     """Record a chunk's attendance; answers those HubSpot did not record though it answered 2xx."""
     path = (
-        f"{ATTENDANCE_PATH}/{quote(campaign_id, safe='')}/attend/create"
+        f"{ATTENDANCE_PATH}/{quote(external_event_id(campaign_id), safe='')}/attend/create"
         f"?externalAccountId={client.portal_id}"
     )
     inputs = [
@@ -241,7 +250,7 @@ async def _ensure_event(services: Services, client: HubSpotClient, campaign_id: 
         if await session.get(AppState, key) is not None:
             return
     body = {
-        "externalEventId": campaign_id,
+        "externalEventId": external_event_id(campaign_id),
         "externalAccountId": str(client.portal_id),
         "eventName": event_name(campaign_id),
         "eventOrganizer": ORGANIZER,

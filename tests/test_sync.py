@@ -1194,3 +1194,21 @@ async def test_a_number_typed_nationally_before_install_is_found_abroad(
     assert sorted(world.associated("calls", c.id, "contacts")[0] for c in sandbox.calls(1001)) == (
         sorted([mobile.id, landline.id])
     )
+
+
+@pytest.mark.parametrize("campaign_id", ["fb/summer 2026", "..", "spring 2026 (radio)"])
+async def test_a_campaign_id_that_is_no_url_segment_still_records_attendance(
+    client: Any, install_portal: Any, services: Any, sandbox: Any, campaign_id: str
+) -> None:
+    portal = await install_portal(1001)
+    await post_event(client, portal, call(campaign_id=campaign_id))
+    await drain(services)
+
+    world = sandbox.portal(1001)
+    [event] = world.marketing_events.values()
+    assert event.event_name == f"AI receptionist — {campaign_id}"
+    assert event.external_event_id == campaigns.external_event_id(campaign_id)
+    assert len(world.attendance) == 1
+    [contact] = sandbox.contacts(1001)
+    assert contact.properties["marketing_campaign_id"] == campaign_id
+    assert {e.status for e in await inbox_events(services, "internal")} <= {EventStatus.done}
