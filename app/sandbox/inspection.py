@@ -143,10 +143,14 @@ async def requests(request: Request) -> Response:
     portal_id = int(wanted) if wanted else None
     limit = int(request.query_params.get("limit", "200"))
     log = [r for r in state.request_log if portal_id is None or r.portal_id == portal_id]
+    # Requests no portal's token made (an OAuth exchange) count under portal None.
     selected = sorted(
-        (key, n)
-        for key, n in state.request_counts.items()
-        if portal_id is None or key[0] == portal_id
+        (
+            (key, n)
+            for key, n in state.request_counts.items()
+            if portal_id is None or key[0] == portal_id
+        ),
+        key=lambda item: (item[0][0] is not None, item[0][0] or 0, item[0][1], item[0][2]),
     )
     counts = [{"portal_id": p, "endpoint": e, "status": s, "count": n} for (p, e, s), n in selected]
     by_status: Counter[int] = Counter()

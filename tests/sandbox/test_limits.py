@@ -208,3 +208,18 @@ async def test_request_counts_by_portal_endpoint_and_status(sandbox: Sandbox) ->
     assert counts[("POST /oauth/v3/token", 200)] == 1
     assert body["by_status"] == {"200": 2, "404": 1}
     assert [r["path"] for r in body["requests"]][-1] == f"{CONTACTS}/404404"
+
+
+async def test_request_counts_of_every_portal_include_requests_no_portal_made(
+    sandbox: Sandbox,
+) -> None:
+    headers = await sandbox.token()
+    await sandbox.client.get(CONTACTS, headers=headers)
+    await sandbox.client.get(CONTACTS)  # no token: no portal
+
+    answer = await sandbox.client.get("/_sandbox/requests")
+
+    assert answer.status_code == 200
+    portals = [c["portal_id"] for c in answer.json()["counts"]]
+    assert None in portals
+    assert 1001 in portals
