@@ -947,10 +947,16 @@ class BatchSync:
         for contact_id, contact in self.contacts.items():
             # A value two contacts share (duplicates a person made) stays with the contact
             # the batch matched it to, so the next call goes to the same one.
-            keys = {k for k in contact.keys(self.region) if self.match.get(k) in (None, contact_id)}
-            for item in self.items:
-                if item.contact_id == contact_id:
-                    keys |= {k for k in item.keys if self.match.get(k) in (None, contact_id)}
+            keys = set(contact.keys(self.region))
+            # And what this batch fills in, but not a caller's other email or phone: the
+            # contact does not hold it, so HubSpot's search would not find the contact by
+            # it, and neither may the index (a second person sharing the phone).
+            fills = self._fills(contact, [i for i in self.items if i.contact_id == contact_id])
+            if fills.get("email"):
+                keys.add((identity.EMAIL, fills["email"]))
+            if fills.get("phone"):
+                keys.add((identity.PHONE, fills["phone"]))
+            keys = {k for k in keys if self.match.get(k) in (None, contact_id)}
             per_contact[contact_id] = (
                 {v for k, v in keys if k == identity.PHONE},
                 {v for k, v in keys if k == identity.EMAIL},

@@ -1212,3 +1212,35 @@ async def test_a_campaign_id_that_is_no_url_segment_still_records_attendance(
     [contact] = sandbox.contacts(1001)
     assert contact.properties["marketing_campaign_id"] == campaign_id
     assert {e.status for e in await inbox_events(services, "internal")} <= {EventStatus.done}
+
+
+async def test_a_second_person_sharing_a_phone_is_not_indexed_under_the_first(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    """Bob calls from Alice's phone with his own email: the call is Alice's contact's (the
+    phone comes first), but Bob's email is not hers, so his chat by email alone makes his."""
+    portal = await install_portal(1001)
+    phone = "+1 415 555 0166"
+    await post_event(
+        client, portal, call(caller={"name": "Alice", "phone": phone, "email": "alice@example.com"})
+    )
+    await drain(services)
+    await post_event(
+        client, portal, call(caller={"name": "Bob", "phone": phone, "email": "bob@example.com"})
+    )
+    await drain(services)
+    await post_event(
+        client,
+        portal,
+        call(
+            type="chat.completed",
+            caller={"name": "Bob", "email": "bob@example.com"},
+            summary="Bob's chat",
+        ),
+    )
+    await drain(services)
+
+    by_email = {c.properties.get("email"): c for c in sandbox.contacts(1001)}
+    assert set(by_email) == {"alice@example.com", "bob@example.com"}
+    assert not by_email["alice@example.com"].properties["ai_call_summary"].startswith("Bob's chat")
+    assert by_email["bob@example.com"].properties["ai_call_summary"].startswith("Bob's chat")
