@@ -742,6 +742,19 @@ async def test_a_ping_never_reaches_the_crm(
     assert await events_by_status(services) == {EventStatus.done: 2}
 
 
+def full_batch_with_texts() -> list[dict[str, Any]]:
+    """A full batch of new callers, five of them texting: its texts' notes are queued and
+    written after their contacts, a hundred to a request."""
+    return [
+        call(
+            id=f"event-{n}",
+            type="text.received" if n % 20 == 0 else "call.completed",
+            caller={"name": f"Caller {n}", "phone": f"+1 212 555 {n:04d}"},
+        )
+        for n in range(100)
+    ]
+
+
 @pytest.mark.parametrize("made", [True, False])
 async def test_queued_notes_are_made_once_when_hubspot_loses_the_answer(
     client: Any,
@@ -754,16 +767,7 @@ async def test_queued_notes_are_made_once_when_hubspot_loses_the_answer(
 ) -> None:
     portal = await install_portal(1001)
     await drain(services)  # provisioning
-    # A full batch, so its texts' notes are queued.
-    events = [
-        call(
-            id=f"event-{n}",
-            type="text.received" if n % 20 == 0 else "call.completed",
-            caller={"phone": f"+1 212 555 {n:04d}"},
-        )
-        for n in range(100)
-    ]
-    await post_events(client, portal, events)
+    await post_events(client, portal, full_batch_with_texts())
     lossy = LostAnswerTransport(sandbox_app, made=made, path="/crm/v3/objects/notes/batch/create")
     await drain_through(settings, lossy)
     assert lossy.losses == 0
@@ -1042,16 +1046,7 @@ async def test_a_queued_note_whose_contact_was_deleted_lands_on_the_callers_new_
 ) -> None:
     portal = await install_portal(1001)
     await drain(services)  # provisioning
-    # A full batch, so its five texts' notes are queued and written after their contacts.
-    events = [
-        call(
-            id=f"event-{n}",
-            type="text.received" if n % 20 == 0 else "call.completed",
-            caller={"name": f"Caller {n}", "phone": f"+1 212 555 {n:04d}"},
-        )
-        for n in range(100)
-    ]
-    await post_events(client, portal, events)
+    await post_events(client, portal, full_batch_with_texts())
     deleting = DeletesContactTransport(
         sandbox_app, sandbox, "+12125550020", "/crm/v3/objects/notes/batch/create"
     )
