@@ -211,41 +211,50 @@ async def consume_state(state: str, cookie: str | None, resources: Services) -> 
             "Finish the install in the browser where you clicked Install, or start again here.",
         )
     state_hash = _hash(state)
+    used_up = CallbackFailure(
+        "unknown_state",
+        400,
+        "This install link was already used",
+        "Each install link works once. Please start the install again.",
+    )
     async with transaction(resources.sessions) as session:
-        # One atomic statement: of any number of concurrent callbacks, one gets the row.
-        row = (
+        found = (
             await session.execute(
-                sa.delete(OAuthState)
-                .where(col(OAuthState.state_hash) == state_hash)
-                .returning(
-                    col(OAuthState.browser_hash),
-                    col(OAuthState.code_verifier_ct),
-                    col(OAuthState.expires_at),
+                sa.select(col(OAuthState.browser_hash), col(OAuthState.expires_at)).where(
+                    col(OAuthState.state_hash) == state_hash
                 )
             )
         ).first()
-    if row is None:
-        raise CallbackFailure(
-            "unknown_state",
-            400,
-            "This install link was already used",
-            "Each install link works once. Please start the install again.",
-        )
-    browser_hash, verifier_ct, expires_at = row
-    if expires_at <= utcnow():
-        raise CallbackFailure(
-            "expired_state",
-            400,
-            "This install link has expired",
-            "Install links are valid for 10 minutes. Please start the install again.",
-        )
-    if not hmac.compare_digest(browser_hash, _hash(cookie)):
-        raise CallbackFailure(
-            "state_mismatch",
-            403,
-            "This install was started in another browser",
-            "Finish the install in the browser where you clicked Install, or start again here.",
-        )
+        if found is None:
+            raise used_up
+        browser_hash, expires_at = found
+        # Checked before the state is used up: a callback opened in another browser (anyone
+        # who saw the URL) must not cancel the install for the browser that started it.
+        if not hmac.compare_digest(browser_hash, _hash(cookie)):
+            raise CallbackFailure(
+                "state_mismatch",
+                403,
+                "This install was started in another browser",
+                "Finish the install in the browser where you clicked Install, or start again here.",
+            )
+        if expires_at <= utcnow():
+            raise CallbackFailure(
+                "expired_state",
+                400,
+                "This install link has expired",
+                "Install links are valid for 10 minutes. Please start the install again.",
+            )
+        # One atomic statement: of any number of concurrent callbacks, one gets the row.
+        verifier_row = (
+            await session.execute(
+                sa.delete(OAuthState)
+                .where(col(OAuthState.state_hash) == state_hash)
+                .returning(col(OAuthState.code_verifier_ct))
+            )
+        ).first()
+    if verifier_row is None:
+        raise used_up
+    verifier_ct = verifier_row[0]
     if verifier_ct is None:
         return None
     return resources.cipher.decrypt_str(verifier_ct, context=code_verifier_context(state_hash))

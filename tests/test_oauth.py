@@ -215,7 +215,7 @@ async def test_callback_rejects_a_state_without_its_cookie(
     await assert_nothing_installed(services, sandbox)
 
 
-async def test_callback_rejects_a_state_bound_to_another_browser(
+async def test_callback_rejects_a_state_bound_to_another_browser_without_using_it_up(
     client: httpx.AsyncClient, hubline_app: Any, sandbox_app: Any, services: Any, sandbox: Any
 ) -> None:
     callback = await approved_callback(client, sandbox_app)
@@ -227,6 +227,10 @@ async def test_callback_rejects_a_state_bound_to_another_browser(
     assert page.status_code == 403
     assert settings_page_value(page.text, "error-reason") == "state_mismatch"
     await assert_nothing_installed(services, sandbox)
+    # Whoever saw the URL cannot cancel the install: the browser that started it finishes.
+    finished = await client.get(callback)
+    assert finished.status_code == 200
+    assert sum(sandbox.exchange_count.values()) == 1
 
 
 async def test_callback_rejects_an_unknown_state(
