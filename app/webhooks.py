@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from app.crypto import TokenCipher
-from app.db import DATABASE_ERRORS, parse_id, transaction
+from app.db import DATABASE_ERRORS, fits_bigint, parse_id, transaction
 from app.errors import EventRejected
 from app.inbox import NewEvent, enqueue
 from app.main import Services, services
@@ -129,7 +129,7 @@ def parse_hubspot_event(raw: Any, position: int) -> HubSpotEvent | list[dict[str
     subscription_type = raw.get("subscriptionType")
     if portal_id is None:
         problems.append({"field": f"[{position}].portalId", "message": "must be an integer"})
-    if occurred_ms is None or occurred_ms > 10**14:
+    if occurred_ms is None or not 0 <= occurred_ms <= 10**14:
         problems.append({"field": f"[{position}].occurredAt", "message": "must be epoch ms"})
     if not isinstance(subscription_type, str) or not 0 < len(subscription_type) <= 64:
         problems.append(
@@ -188,7 +188,8 @@ async def store_hubspot_events(
 ) -> IntakeCounts:
     """Enqueue the events of installed portals (parked while a portal needs re-authorization)."""
     counts = IntakeCounts()
-    portal_ids = {event.portal_id for event in events}
+    # An id past BIGINT names no portal (and the database could not compare it): ignored.
+    portal_ids = {event.portal_id for event in events if fits_bigint(event.portal_id)}
     found = await session.execute(
         sa.select(col(Portal.portal_id), col(Portal.status)).where(
             col(Portal.portal_id).in_(portal_ids)

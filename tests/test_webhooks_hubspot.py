@@ -127,10 +127,13 @@ async def test_events_not_for_an_installed_portal_of_this_app_are_acknowledged_a
             hubspot_event(portalId=PORTAL, appId=1),
             hubspot_event(portalId=PORTAL, appId="424242"),
             hubspot_event(portalId=1003),
+            # No portal has an id past BIGINT: the database is not even asked about them.
+            hubspot_event(portalId=2**63),
+            hubspot_event(portalId=str(10**30)),
         ]
         response = await post_hubspot(client, TEST_CLIENT_SECRET, events)
         assert response.status_code == 200
-        assert response.json() == {"stored": 2, "duplicates": 0, "ignored": 3}
+        assert response.json() == {"stored": 2, "duplicates": 0, "ignored": 5}
         rows = await inbox_rows(resources.sessions)
         assert [(r.portal_id, r.status) for r in rows] == [
             (PORTAL, EventStatus.pending),
@@ -147,6 +150,8 @@ async def test_every_bad_input_gets_its_answer_and_stores_nothing(
     malformed = b'[{"portalId": 1001,'
     not_events = dumps({"portalId": PORTAL})
     bad_event = dumps([hubspot_event(portalId="one"), "x"])
+    # A time no datetime can hold, beside a good event, must not turn the batch into a 500.
+    before_1970 = dumps([hubspot_event(), hubspot_event(eventId=2, occurredAt=-(10**15))])
     too_many = dumps([hubspot_event(eventId=i) for i in range(101)])
     big = b"[" + b" " * (1024 * 1024) + b"]"
     cases: list[tuple[str, int, bytes, dict[str, str]]] = [
@@ -170,6 +175,7 @@ async def test_every_bad_input_gets_its_answer_and_stores_nothing(
         ("signed malformed JSON", 400, malformed, _signed(malformed)),
         ("signed object, not array", 400, not_events, _signed(not_events)),
         ("signed unusable event", 400, bad_event, _signed(bad_event)),
+        ("signed event before 1970", 400, before_1970, _signed(before_1970)),
         ("more than 100 events", 400, too_many, _signed(too_many)),
         ("oversized body", 413, big, _signed(big)),
     ]
