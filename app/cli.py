@@ -102,8 +102,7 @@ async def cmd_migrate(_args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)  # as `hubline serve` does
     engine = db.create_engine(settings.database_url)
     try:
-        before = await db.schema_revision(engine)
-        await db.migrate(engine)
+        before = await db.migrate(engine)
         after = await db.schema_revision(engine)
     finally:
         await engine.dispose()

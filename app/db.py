@@ -28,6 +28,9 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 SessionFactory = async_sessionmaker[AsyncSession]
 
+# PostgreSQL's advisory locks are named by a number; this one is "hubline" in ASCII.
+MIGRATION_LOCK_KEY = int.from_bytes(b"hubline")
+
 # What "the database cannot be used" looks like: SQLAlchemy wraps driver errors, but a
 # refused connection or a pool timeout can surface as the driver's or the OS's own.
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (
@@ -135,16 +138,27 @@ def head_revision() -> str:
     return head
 
 
-async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
-    """Upgrade the schema to `revision` on this engine's database."""
+async def migrate(engine: AsyncEngine, revision: str = "head") -> str | None:
+    """Upgrade the schema to `revision` on this engine's database; answers the revision it
+    found (None for none), read in the migration's own turn."""
 
-    def upgrade(connection: Connection) -> None:
+    def upgrade(connection: Connection) -> str | None:
+        found = MigrationContext.configure(connection).get_current_revision()
         config = alembic_config()
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+        return found
 
     async with engine.begin() as connection:
-        await connection.run_sync(upgrade)
+        if connection.dialect.name == "postgresql":
+            # Deploys may migrate one database at once (each web container of the image
+            # runs `hubline migrate` as it starts). They take turns on a lock held until
+            # the migration commits, and the next finds the schema current. On SQLite the
+            # BEGIN IMMEDIATE of every transaction already makes them take turns.
+            await connection.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+            )
+        return await connection.run_sync(upgrade)
 
 
 async def schema_revision(engine: AsyncEngine) -> str | None:

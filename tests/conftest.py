@@ -124,6 +124,20 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database with no schema at all: a SQLite path not created yet, or a new PostgreSQL one."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+        return
+    if not POSTGRES_ADMIN_URL:
+        pytest.skip("PostgreSQL tests need HUBLINE_TEST_POSTGRES_URL (scripts/test sets it)")
+    name = f"e_{uuid.uuid4().hex[:16]}"
+    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
+    yield _admin_url(name)
+    asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture
 def make_settings(database_url: str) -> Callable[..., Settings]:
     """Build Settings for this test's database; keyword arguments override."""

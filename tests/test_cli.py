@@ -13,7 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
+from app import db
 from app.crypto import generate_key, parse_keys
 from app.main import close_services, open_services
 from app.settings import load_settings
@@ -167,6 +169,54 @@ def test_migrate_creates_the_schema_then_reports_it_is_current(tmp_path: Path) -
     assert first.stdout.startswith("migrated schema from empty to")
     again = hubline("migrate", env=env, cwd=tmp_path)
     assert again.stdout.startswith("schema already at")
+
+
+@pytest.mark.parametrize("empty_database_url", ["postgres"], indirect=True)
+async def test_deploys_migrating_one_new_database_at_once_all_succeed(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    # Every web container of the image runs `hubline migrate` as it starts: on a new
+    # database they race to create the same tables, and each must succeed. To make them
+    # meet, the test holds the first table every migration creates, uncreated, until all
+    # four are waiting, then lets them go at once.
+    engine = db.create_engine(empty_database_url, poolclass=sa.NullPool)
+    try:
+        async with engine.connect() as holder:
+            transaction = await holder.begin()
+            await holder.execute(sa.text("CREATE TABLE alembic_version (version_num text)"))
+            processes = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "app", "migrate"],
+                    env=_database_env(empty_database_url),
+                    cwd=tmp_path,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(4)
+            ]
+            for _ in range(600):
+                # A new connection each time: pg_stat_activity is read once per transaction.
+                async with engine.connect() as watcher:
+                    waiting = await watcher.scalar(
+                        sa.text(
+                            "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                        )
+                    )
+                if waiting == 4:
+                    break
+                await asyncio.sleep(0.05)
+            assert waiting == 4
+            await transaction.rollback()
+        outputs = [
+            await asyncio.to_thread(process.communicate, timeout=60) for process in processes
+        ]
+    finally:
+        await engine.dispose()
+    assert [process.returncode for process in processes] == [0] * 4, outputs
+    said = sorted(out.split(" ")[0] for out, _ in outputs)
+    assert said == ["migrated", "schema", "schema", "schema"], outputs
 
 
 def _database_env(database_url: str) -> dict[str, str]:
