@@ -1,5 +1,7 @@
 # Hubline: web app and worker in one image. Run the web app with the default command;
-# run workers with `hubline worker`. Migrations run once per deploy (`hubline migrate`).
+# run workers with `docker run --no-healthcheck --entrypoint hubline hubline worker` (a
+# worker serves no HTTP for the health check to ask). Each web container runs `hubline
+# migrate` as it starts; any number may at once (they take turns on PostgreSQL).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -10,11 +12,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --system hubline && useradd --system --gid hubline --home-dir /srv/hubline hubline
 
 WORKDIR /srv/hubline
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml README.md ./
 COPY app ./app
 COPY migrations ./migrations
-# Installed in place so `hubline migrate` finds migrations/ beside the package.
-RUN pip install -e . && chown -R hubline:hubline /srv/hubline
+# Installed as a wheel is: templates and migrations ship inside the package. The sources
+# go once installed, so nothing imports them from the working directory by mistake.
+RUN pip install . && rm -rf app migrations build *.egg-info pyproject.toml README.md \
+    && chown -R hubline:hubline /srv/hubline
 
 USER hubline
 EXPOSE 8000

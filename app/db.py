@@ -24,7 +24,16 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+def _migrations_dir() -> Path:
+    package = Path(__file__).resolve().parent
+    # An installed wheel carries the scripts inside the package (pyproject.toml maps
+    # them there); a checkout, editable installs included, has them at its top level.
+    shipped = package / "migrations"
+    return shipped if (shipped / "env.py").is_file() else package.parent / "migrations"
+
+
+MIGRATIONS_DIR = _migrations_dir()
 
 SessionFactory = async_sessionmaker[AsyncSession]
 
