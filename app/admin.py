@@ -25,7 +25,7 @@ from app.console import (
     rotate_portal_secret,
 )
 from app.db import fits_bigint
-from app.lifecycle import disconnect, portal_summaries
+from app.lifecycle import HubSpotNotReached, disconnect, portal_summaries
 from app.main import Services, services
 from app.models import utcnow
 from app.properties import request_provisioning
@@ -205,7 +205,10 @@ async def api_portal_action(request: Request) -> Response:
     if action == "provision":
         await request_provisioning(resources, portal_id, key=f"admin-api:{uuid.uuid4()}")
         return _answer({"queued": True}, 202)
-    outcome = await disconnect(resources, portal_id)
+    try:
+        outcome = await disconnect(resources, portal_id, force=data.get("force") is True)
+    except HubSpotNotReached as error:
+        return _answer({"error": "hubspot_unavailable", "detail": str(error)}, 503)
     return _answer(
         {
             "uninstall_event_id": outcome.event_id,

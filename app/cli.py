@@ -284,3 +284,32 @@ def _load_extensions() -> None:
 
 def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str))
+
+
+def refuse(message: str) -> int:
+    """Say why a command did nothing, on stderr (stdout may be a script's JSON), and fail."""
+    print(message, file=sys.stderr)
+    return 1
+
+
+def row_id(text: str) -> int:
+    """An argparse type for portal and event ids: what the database can hold, or a clear error."""
+    from app.db import MAX_BIGINT, parse_id
+
+    value = parse_id(text.strip())
+    if value is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an id (a whole number, 0 to {MAX_BIGINT})"
+        )
+    return value
+
+
+def bounded_count(most: int) -> Callable[[str], int]:
+    """An argparse type for a count from 1 to `most`."""
+
+    def count(text: str) -> int:
+        if not (text.strip().isascii() and text.strip().isdigit()) or not 1 <= int(text) <= most:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number from 1 to {most}")
+        return int(text)
+
+    return count

@@ -579,9 +579,12 @@ async def portal_action(request: Request) -> Response:
             return await _portal_page(
                 request, session, notice="Tick the confirmation box to disconnect.", status_code=400
             )
-        from app.lifecycle import disconnect
+        from app.lifecycle import HubSpotNotReached, disconnect
 
-        await disconnect(resources, portal_id)
+        try:
+            await disconnect(resources, portal_id)
+        except HubSpotNotReached as error:
+            return await _portal_page(request, session, notice=f"{error}.", status_code=503)
         return await _portal_page(
             request, session, notice="Disconnected: the uninstall is being processed."
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 import sqlalchemy as sa
@@ -14,6 +15,8 @@ from app.inbox import retry_events
 from app.models import EventStatus, InboxEvent
 
 RETRY_BATCH = 500
+# `events list --limit`: enough to page through a day's backlog, not the whole inbox at once.
+MOST_LISTED = 10_000
 
 
 def event_summary(event: InboxEvent) -> dict[str, Any]:
@@ -65,7 +68,7 @@ async def cmd_events_list(args: argparse.Namespace) -> int:
 
 async def cmd_events_retry(args: argparse.Namespace) -> int:
     if args.event_id is None and not args.failed:
-        print("hubline events retry: give an event ID or --failed", flush=True)
+        print("hubline events retry: give an event ID or --failed", file=sys.stderr)
         return 2
     settings = cli.settings_from_environment()
     engine = db.create_engine(settings.database_url)
@@ -78,11 +81,11 @@ async def cmd_events_retry(args: argparse.Namespace) -> int:
                     sa.select(col(InboxEvent.status)).where(col(InboxEvent.id) == args.event_id)
                 )
             if status is None:
-                print(f"there is no event {args.event_id}")
-                return 1
+                return cli.refuse(f"there is no event {args.event_id}")
             if not retried:
-                print(f"event {args.event_id} is {status}, not failed; nothing to retry")
-                return 1
+                return cli.refuse(
+                    f"event {args.event_id} is {status}, not failed; nothing to retry"
+                )
             print(f"event {args.event_id} queued again")
             return 0
         failed = sa.select(col(InboxEvent.id)).where(col(InboxEvent.status) == EventStatus.failed)
@@ -114,15 +117,15 @@ def register(commands: Any) -> None:
     events = commands.add_parser("events", help="inspect and retry inbox events")
     actions = events.add_subparsers(dest="events_command", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="list recent events (never their payloads)")
-    listing.add_argument("--portal", type=int)
+    listing.add_argument("--portal", type=cli.row_id)
     listing.add_argument("--status", choices=[s.value for s in EventStatus])
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=cli.bounded_count(MOST_LISTED), default=50)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(run=cmd_events_list, existing_database=True)
     retry = actions.add_parser("retry", help="queue a failed event (or all failed events) again")
-    retry.add_argument("event_id", nargs="?", type=int)
+    retry.add_argument("event_id", nargs="?", type=cli.row_id)
     retry.add_argument("--failed", action="store_true", help="every failed event")
-    retry.add_argument("--portal", type=int, help="with --failed: only this portal's")
+    retry.add_argument("--portal", type=cli.row_id, help="with --failed: only this portal's")
     retry.set_defaults(run=cmd_events_retry, existing_database=True)
 
 

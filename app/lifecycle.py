@@ -27,7 +27,13 @@ from sqlmodel import col
 
 from app.crypto import Secret, TokenCipher
 from app.db import transaction
-from app.errors import HubSpotError, PortalUnavailable
+from app.errors import (
+    HublineError,
+    HubSpotError,
+    HubSpotRateLimited,
+    HubSpotUnavailable,
+    PortalUnavailable,
+)
 from app.hubspot.client import HubSpotClient, error_from_response
 from app.hubspot.oauth2 import APP_UNINSTALL_PATH, JOURNAL_SCOPE, HubSpotOAuth, TokenResponse
 from app.hubspot.runtime import AppToken
@@ -324,10 +330,30 @@ class Disconnected:
     event_id: int
     uninstalled_on_hubspot: bool
     revoked: bool
+    # The portal was uninstalled before: nothing was asked of HubSpot, nothing new queued.
+    already_uninstalled: bool = False
 
 
-async def disconnect(services: Services, portal_id: int) -> Disconnected:
-    """Uninstall the app from the portal on HubSpot, revoke its token, and signal the uninstall."""
+class HubSpotNotReached(HublineError):
+    """HubSpot could not be asked to uninstall the app now: the portal was left connected.
+
+    Disconnecting anyway would delete the tokens that the uninstall needs, and the app
+    would stay installed on HubSpot with no way left to remove it from here.
+    """
+
+
+# HubSpot may answer these later: the uninstall is worth asking again.
+_PASSING_FAILURES = (HubSpotUnavailable, HubSpotRateLimited)
+
+
+async def disconnect(services: Services, portal_id: int, *, force: bool = False) -> Disconnected:
+    """Uninstall the app from the portal on HubSpot, revoke its token, and signal the uninstall.
+
+    When HubSpot is down or limiting (5xx, no answer, 429) nothing changes and
+    HubSpotNotReached says to try again, unless `force`: then the portal is disconnected
+    here alone. Any other refusal (a token HubSpot no longer takes, the app not installed
+    there) means there is nothing left to uninstall on HubSpot's side, and it goes ahead.
+    """
     async with services.sessions() as session:
         portal = await session.get(Portal, portal_id)
         if portal is None:
@@ -341,6 +367,17 @@ async def disconnect(services: Services, portal_id: int) -> Disconnected:
                 APP_UNINSTALL_PATH
             )
             uninstalled = True
+        except _PASSING_FAILURES as error:
+            if not force:
+                raise HubSpotNotReached(
+                    f"HubSpot could not be reached to uninstall the app ({error.message}): "
+                    f"portal {portal_id} is still connected; try again"
+                ) from None
+            log.warning(
+                "HubSpot's app-uninstall call failed; disconnecting anyway: %s",
+                error,
+                extra={"portal_id": portal_id},
+            )
         except (HubSpotError, PortalUnavailable) as error:
             log.warning(
                 "HubSpot's app-uninstall call failed: %s", error, extra={"portal_id": portal_id}
@@ -364,7 +401,12 @@ async def disconnect(services: Services, portal_id: int) -> Disconnected:
             session=session,
             cipher=services.cipher,
         )
-    return Disconnected(event_id, uninstalled_on_hubspot=uninstalled, revoked=revoked)
+    return Disconnected(
+        event_id,
+        uninstalled_on_hubspot=uninstalled,
+        revoked=revoked,
+        already_uninstalled=not active,
+    )
 
 
 # --- the webhooks journal -------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any
 
 from app import cli, db
 from app.crypto import TokenCipher
-from app.lifecycle import disconnect, portal_summaries
+from app.lifecycle import HubSpotNotReached, disconnect, portal_summaries
 from app.portals import get_portal, rotate_secret
 
 
@@ -46,8 +46,7 @@ async def cmd_portals_list(args: argparse.Namespace) -> int:
 async def cmd_portals_show(args: argparse.Namespace) -> int:
     portals = await _summaries(args.portal_id)
     if not portals:
-        print(f"no portal {args.portal_id}")
-        return 1
+        return cli.refuse(f"no portal {args.portal_id}")
     portal = portals[0]
     if args.json:
         cli.print_json(portal)
@@ -70,12 +69,16 @@ async def cmd_portals_disconnect(args: argparse.Namespace) -> int:
 
     resources = await open_services(cli.settings_from_environment())
     try:
-        result = await disconnect(resources, args.portal_id)
+        result = await disconnect(resources, args.portal_id, force=args.force)
     except LookupError:
-        print(f"no portal {args.portal_id}")
-        return 1
+        return cli.refuse(f"no portal {args.portal_id}")
+    except HubSpotNotReached as error:
+        return cli.refuse(f"{error} (or disconnect here alone with --force)")
     finally:
         await close_services(resources)
+    if result.already_uninstalled:
+        print(f"portal {args.portal_id} is already uninstalled; nothing to do")
+        return 0
     print(
         f"portal {args.portal_id}: app uninstalled on HubSpot: "
         f"{'yes' if result.uninstalled_on_hubspot else 'no'}; refresh token revoked: "
@@ -96,8 +99,7 @@ async def cmd_portals_rotate_secret(args: argparse.Namespace) -> int:
     try:
         async with db.transaction(db.session_factory(engine)) as session:
             if await get_portal(args.portal_id, session=session) is None:
-                print(f"no portal {args.portal_id}")
-                return 1
+                return cli.refuse(f"no portal {args.portal_id}")
             secret = await rotate_secret(
                 args.portal_id, session=session, cipher=cipher, grace=grace
             )
@@ -127,19 +129,25 @@ def register(commands: Any) -> None:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(run=cmd_portals_list, existing_database=True)
     show = actions.add_parser("show", help="one portal: status, scopes, webhook URL, problems")
-    show.add_argument("portal_id", type=int)
+    show.add_argument("portal_id", type=cli.row_id)
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(run=cmd_portals_show, existing_database=True)
     drop = actions.add_parser(
         "disconnect", help="uninstall the app from the portal on HubSpot and delete its tokens"
     )
-    drop.add_argument("portal_id", type=int)
+    drop.add_argument("portal_id", type=cli.row_id)
+    drop.add_argument(
+        "--force",
+        action="store_true",
+        help="disconnect here even when HubSpot cannot be reached (the app then stays "
+        "installed on HubSpot until the portal's admin uninstalls it there)",
+    )
     drop.set_defaults(run=cmd_portals_disconnect, existing_database=True)
     rotate = actions.add_parser(
         "rotate-secret",
         help="new receptionist signing secret (the old one works for a grace period)",
     )
-    rotate.add_argument("portal_id", type=int)
+    rotate.add_argument("portal_id", type=cli.row_id)
     rotate.add_argument("--json", action="store_true", help="machine-readable output")
     rotate.set_defaults(run=cmd_portals_rotate_secret, existing_database=True)
 

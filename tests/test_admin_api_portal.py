@@ -15,6 +15,7 @@ from app.models import EventStatus, InboxEvent, Portal
 from app.sandbox.limits import Fault
 from app.settings import Settings
 from tests.conftest import HUBLINE_URL
+from tests.support_hubline import fast_backoff
 from tests.sync_support import call, drain, post_event
 
 ADMIN_TOKEN = "admin-token-for-portal-tests-42"
@@ -157,6 +158,15 @@ async def test_provision_and_disconnect(
     assert (queued.status_code, queued.json()) == (202, {"queued": True})
     assert len(await events_of(services, 1001, "properties.provision")) == 2
     await drain(services)
+    fast_backoff(services)
+    down = Fault(count=1000, status=503, path_prefix="/appinstalls/")
+    sandbox.faults.append(down)
+    refused = await client.post("/admin/api/portals/1001/disconnect", headers=AUTH)
+    assert refused.status_code == 503
+    assert refused.json()["error"] == "hubspot_unavailable"
+    assert "still connected" in refused.json()["detail"]
+    assert sandbox.portal(1001).installed
+    sandbox.faults.remove(down)
     answer = await client.post("/admin/api/portals/1001/disconnect", headers=AUTH)
     assert answer.status_code == 202
     body = answer.json()

@@ -100,10 +100,10 @@ async def test_events_retry_one_then_all_failed_of_a_portal(
     assert (await statuses(sessions))[ids[0]] == EventStatus.pending
     done = hubline(database_url, "retry", str(ids[3]))
     assert done.returncode == 1, "a done event is not retried"
-    assert f"event {ids[3]} is done, not failed" in done.stdout
+    assert f"event {ids[3]} is done, not failed" in done.stderr
     unknown = hubline(database_url, "retry", "99999")
     assert unknown.returncode == 1
-    assert unknown.stdout.strip() == "there is no event 99999"
+    assert (unknown.stdout, unknown.stderr.strip()) == ("", "there is no event 99999")
     portal = hubline(database_url, "retry", "--failed", "--portal", "1002")
     assert "queued 1 failed events again" in portal.stdout
     assert "queueing failed events again: 1/1" in portal.stderr
@@ -112,3 +112,19 @@ async def test_events_retry_one_then_all_failed_of_a_portal(
     everything = hubline(database_url, "retry", "--failed")
     assert "queued 1 failed events again" in everything.stdout
     assert hubline(database_url, "retry").returncode == 2
+
+
+async def test_ids_and_limits_out_of_range_are_refused_in_one_line(database_url: str) -> None:
+    # Past BIGINT (the database could not compare it: a traceback), digits of another
+    # script (int() reads them), a limit of -1 (SQLite reads it as no limit at all).
+    for args in (
+        ("retry", "99999999999999999999"),
+        ("retry", "--failed", "--portal", "99999999999999999999"),
+        ("list", "--portal", "\u0661\u0660\u0660\u0661"),
+        ("list", "--limit", "-1"),
+        ("list", "--limit", "0"),
+    ):
+        refused = hubline(database_url, *args)
+        assert refused.returncode == 2, args
+        assert "Traceback" not in refused.stderr, args
+        assert refused.stderr.strip().splitlines()[-1].startswith("hubline events"), args

@@ -20,6 +20,7 @@ from app.hubspot import hubspot_client
 from app.inbox import EventView, HandlerContext, NewEvent, enqueue, registry
 from app.lifecycle import (
     UNINSTALL_EVENT,
+    HubSpotNotReached,
     apply_uninstall,
     check_scopes,
     disconnect,
@@ -37,6 +38,7 @@ from app.models import (
     utcnow,
 )
 from app.portals import list_problems, record_problem
+from app.sandbox.limits import Fault
 from app.tokens import load_tokens
 from app.worker import Worker
 from tests.conftest import HUBLINE_URL, SANDBOX_URL, approve_in_sandbox, settings_page_value
@@ -369,6 +371,42 @@ async def test_disconnect_uninstalls_on_hubspot_revokes_and_signals(
     await poll_journal(services)
     await drain(services)
     assert await portal_state(services, 1001) == ("uninstalled", False)
+
+
+async def test_a_disconnect_hubspot_cannot_hear_changes_nothing_and_can_be_finished_later(
+    install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    await install_portal(1001)
+    await install_portal(1002)
+    fast_backoff(services)
+    down = Fault(count=1000, status=503, path_prefix="/appinstalls/")
+    sandbox.faults.append(down)
+    with pytest.raises(HubSpotNotReached, match="portal 1001 is still connected; try again"):
+        await disconnect(services, 1001)
+    await drain(services)
+    # Nothing changed: the tokens the uninstall needs are kept, and it can be asked again.
+    assert await portal_state(services, 1001) == ("active", True)
+    assert sandbox.portal(1001).installed is True
+    sandbox.faults.remove(down)
+    result = await disconnect(services, 1001)
+    assert (result.uninstalled_on_hubspot, result.revoked) == (True, True)
+    assert sandbox.portal(1001).installed is False
+    await drain(services)
+    assert await portal_state(services, 1001) == ("uninstalled", False)
+
+    # Forced, the portal is disconnected here alone; HubSpot keeps the app installed.
+    sandbox.faults.append(down)
+    forced = await disconnect(services, 1002, force=True)
+    assert not forced.uninstalled_on_hubspot
+    await drain(services)
+    assert await portal_state(services, 1002) == ("uninstalled", False)
+    assert sandbox.portal(1002).installed is True
+
+    # Disconnecting a portal already uninstalled asks HubSpot nothing and says so.
+    calls = len(sandbox.request_log)
+    again = await disconnect(services, 1001)
+    assert again.already_uninstalled
+    assert len(sandbox.request_log) == calls
 
 
 # --- scopes ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from app.portals import accepted_secrets, current_secret
+from app.sandbox.limits import Fault
 from tests.support_hubline import hubline_env, served_over_tcp, wait_until
 
 HUBLINE = "from app.cli import main; raise SystemExit(main())"
@@ -69,9 +70,18 @@ async def test_portals_show_gives_details_and_no_secret(
     assert code == 0
     assert "status: active" in out
     assert "whsec_" not in out
-    code, out, _ = await hubline("portals", "show", "4242", database_url=database_url, cwd=tmp_path)
-    assert code == 1
-    assert "no portal 4242" in out
+    code, out, err = await hubline(
+        "portals", "show", "4242", "--json", database_url=database_url, cwd=tmp_path
+    )
+    assert (code, out) == (1, "")  # a script reading the JSON gets none, and the exit code
+    assert "no portal 4242" in err
+    for portal_id in ("99999999999999999999", "\u0661\u0660\u0660\u0663"):
+        code, out, err = await hubline(
+            "portals", "show", portal_id, database_url=database_url, cwd=tmp_path
+        )
+        assert code == 2
+        assert "Traceback" not in err
+        assert "is not an id" in err
 
 
 async def test_rotate_secret_keeps_the_old_one_working_for_the_grace_period(
@@ -125,3 +135,41 @@ async def test_disconnect_uninstalls_the_app_and_queues_the_uninstall(
         return code == 0 and json.loads(out)["status"] == "uninstalled"
 
     await wait_until(uninstalled, timeout=30)
+    code, out, _ = await hubline(
+        "portals", "disconnect", "1001", database_url=database_url, cwd=tmp_path
+    )
+    assert (code, out.strip()) == (0, "portal 1001 is already uninstalled; nothing to do")
+
+
+async def test_a_disconnect_hubspot_cannot_hear_says_so_and_leaves_the_portal_connected(
+    two_portals: Any, sandbox: Any, sandbox_app: Any, database_url: str, tmp_path: Path
+) -> None:
+    sandbox.faults.append(Fault(count=1000, status=503, path_prefix="/appinstalls/"))
+    async with served_over_tcp(sandbox_app) as sandbox_url:
+        code, out, err = await hubline(
+            "portals",
+            "disconnect",
+            "1001",
+            database_url=database_url,
+            cwd=tmp_path,
+            HUBSPOT_API_URL=sandbox_url,
+        )
+        assert (code, out) == (1, "")
+        assert "portal 1001 is still connected; try again" in err
+        assert "--force" in err
+        assert sandbox.portal(1001).installed is True
+        code, out, _ = await hubline(
+            "portals", "show", "1001", "--json", database_url=database_url, cwd=tmp_path
+        )
+        assert json.loads(out)["status"] == "active"
+        code, out, err = await hubline(
+            "portals",
+            "disconnect",
+            "1001",
+            "--force",
+            database_url=database_url,
+            cwd=tmp_path,
+            HUBSPOT_API_URL=sandbox_url,
+        )
+    assert code == 0, err
+    assert "app uninstalled on HubSpot: no" in out
