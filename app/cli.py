@@ -160,13 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the web app (and a worker, unless --no-worker)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=port_number, default=8000)
     serve.add_argument("--no-worker", action="store_true", help="do not run a worker in-process")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=cmd_serve)
 
     worker = commands.add_parser("worker", help="run a worker alone (any number may run)")
-    worker.add_argument("--concurrency", type=int, default=16, help="portals served at once")
+    worker.add_argument(
+        "--concurrency", type=bounded_count(1_000), default=16, help="portals served at once"
+    )
     worker.add_argument("--log-level", default="info")
     worker.set_defaults(run=cmd_worker)
 
@@ -313,3 +315,10 @@ def bounded_count(most: int) -> Callable[[str], int]:
         return int(text)
 
     return count
+
+
+def port_number(text: str) -> int:
+    """An argparse type for a TCP port (uvicorn would bind 112986 as 112986 - 65536)."""
+    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65_535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535)")
+    return int(text)

@@ -290,8 +290,8 @@ def register(commands: Any) -> None:
         "dev", help="run Hubline, its worker and a local HubSpot sandbox with zero configuration"
     )
     dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8000)
-    dev.add_argument("--sandbox-port", type=int, default=8090)
+    dev.add_argument("--port", type=cli.port_number, default=8000)
+    dev.add_argument("--sandbox-port", type=cli.port_number, default=8090)
     dev.add_argument("--demo", action="store_true", help="send demo events to installed portals")
     dev.add_argument("--dev-file", default=DEV_FILE, help="where the generated credentials live")
     dev.add_argument("--log-level", default="warning")
@@ -299,7 +299,7 @@ def register(commands: Any) -> None:
 
     sandbox = commands.add_parser("sandbox", help="run the local HubSpot sandbox alone")
     sandbox.add_argument("--host", default="127.0.0.1")
-    sandbox.add_argument("--port", type=int, default=8090)
+    sandbox.add_argument("--port", type=cli.port_number, default=8090)
     sandbox.add_argument("--client-id", help="the app's client id (default: HUBSPOT_CLIENT_ID)")
     sandbox.add_argument("--client-secret", help="default: HUBSPOT_CLIENT_SECRET")
     sandbox.add_argument("--webhook-target", help="where to deliver HubSpot webhooks")

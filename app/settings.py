@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import phonenumbers
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from app.errors import ConfigurationError
 
@@ -35,7 +38,7 @@ class Settings(BaseSettings):
     database_url: str = SQLITE_DEFAULT_URL
     hubspot_client_id: str = Field(min_length=1)
     hubspot_client_secret: SecretStr
-    hubspot_app_id: str = ""
+    hubspot_app_id: str = Field(default="", pattern=r"^\s*\d*\s*$")
     hubspot_api_url: str = "https://api.hubapi.com"
     hubspot_auth_url: str = "https://app.hubspot.com"
     hubspot_scopes: str = REQUIRED_SCOPES
@@ -47,12 +50,29 @@ class Settings(BaseSettings):
     token_refresh_skew_seconds: int = Field(default=300, ge=0)
     hubspot_requests_per_10s: int = Field(default=100, ge=1, le=110)
     hubspot_searches_per_second: int = Field(default=4, ge=1, le=5)
-    journal_poll_seconds: int = Field(default=60, ge=0)
-    event_retention_days: int = Field(default=30, ge=1)
-    parked_retention_days: int = Field(default=30, ge=1)
-    secret_rotation_grace_hours: float = Field(default=24, ge=0)
+    # Upper bounds too: a value past them is a typo, and one past datetime's range would
+    # pass start-up and fail later, in the middle of the work it times.
+    journal_poll_seconds: int = Field(default=60, ge=0, le=86_400)
+    event_retention_days: int = Field(default=30, ge=1, le=3_650)
+    parked_retention_days: int = Field(default=30, ge=1, le=3_650)
+    secret_rotation_grace_hours: float = Field(default=24, ge=0, le=8_760)
     default_phone_region: str = "US"
-    lead_source_label: str = "AI Receptionist"
+    lead_source_label: str = Field(default="AI Receptionist", min_length=1, max_length=100)
+
+    @field_validator("hubspot_app_id", "lead_source_label")
+    @classmethod
+    def _trimmed(cls, value: str) -> str:
+        # A stray space from a .env file would make every appId comparison fail silently.
+        if not value.strip() and value:
+            raise ValueError("must not be blank")
+        return value.strip()
+
+    @field_validator("hubspot_scopes")
+    @classmethod
+    def _some_scopes(cls, value: str) -> str:
+        if not value.split():
+            raise ValueError("must name the scopes the app requires")
+        return value
 
     @field_validator("hubspot_client_secret", "token_encryption_keys")
     @classmethod
@@ -85,6 +105,13 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - reading it checks it
+        except ValueError:
+            raise ValueError("is not a URL") from None
+        if not parts.hostname:
+            raise ValueError("must name a host")
         return value.rstrip("/")
 
     @field_validator("database_url")
@@ -98,6 +125,11 @@ class Settings(BaseSettings):
             value = "sqlite+aiosqlite:///" + value.removeprefix("sqlite:///")
         if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("must be a sqlite+aiosqlite:// or postgresql+asyncpg:// URL")
+        try:
+            make_url(value).port  # noqa: B018 - reading it checks it
+        except (ArgumentError, ValueError):
+            # Never the URL itself in the message: it may hold a password.
+            raise ValueError("is not a database URL SQLAlchemy can read") from None
         return value
 
     @field_validator("default_phone_region")
@@ -135,6 +167,22 @@ class Settings(BaseSettings):
         return self.hubspot_optional_scopes.split()
 
 
+class _GivenSettings(Settings):
+    """Settings from the values given alone: no environment, no .env file (a developer's
+    own .env or exported variables must not change what a test or a caller asked for)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None,
     *,
@@ -145,10 +193,9 @@ def load_settings(
     try:
         if environ is None:
             return Settings(_env_file=env_file, **overrides)
-        values = {key.lower(): value for key, value in environ.items()}
+        values: dict[str, Any] = {key.lower(): value for key, value in environ.items()}
         values.update(overrides)
-        # model_validate reads only these values: no environment, no .env file.
-        return Settings.model_validate(values)
+        return _GivenSettings(**values)
     except ValidationError as error:
         raise ConfigurationError(describe_validation_error(error)) from None
 

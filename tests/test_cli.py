@@ -306,3 +306,11 @@ def test_commands_on_a_sqlite_file_that_is_not_there_say_so_and_create_nothing(
     assert hubline("portals", "list", env=env, cwd=tmp_path).stdout.strip() == (
         "no portals installed yet"
     )
+
+
+def test_a_port_out_of_range_is_a_usage_error_not_another_port(tmp_path: Path) -> None:
+    # uvicorn bound 112986 as 47450 (the number modulo 65536) and logged 112986.
+    for command in (["serve", "--port", "112986"], ["dev", "--sandbox-port", "-1"]):
+        result = hubline(*command, env=clean_env(), cwd=tmp_path)
+        assert result.returncode == 2, command
+        assert "is not a port (0 to 65535)" in result.stderr, command

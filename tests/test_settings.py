@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from app.crypto import generate_key
@@ -56,6 +58,21 @@ def test_missing_required_setting_is_one_line_naming_it(missing: str) -> None:
         ("ADMIN_TOKEN", "hunter2"),
         ("HUBSPOT_CLIENT_ID", "  "),
         ("HUBSPOT_CLIENT_SECRET", " "),
+        # Each of these passed, then failed later: every HubSpot webhook ignored, a
+        # traceback at the first connection, an overflow at the first rotation or poll,
+        # a redirect URI of "http:/oauth/callback", an authorize URL asking no scope.
+        ("HUBSPOT_APP_ID", "app-424242"),
+        ("DATABASE_URL", "postgresql+asyncpg://admin:hunter2@127.0.0.1:5x432/db"),
+        ("DATABASE_URL", "postgresql+asyncpg://admin:hunter2@[::1/db"),
+        ("SECRET_ROTATION_GRACE_HOURS", "inf"),
+        ("SECRET_ROTATION_GRACE_HOURS", "1e12"),
+        ("JOURNAL_POLL_SECONDS", "99999999999999"),
+        ("EVENT_RETENTION_DAYS", "999999999"),
+        ("PUBLIC_URL", "http://"),
+        ("HUBSPOT_API_URL", "https://api.hubapi.com:port"),
+        ("HUBSPOT_SCOPES", " "),
+        ("LEAD_SOURCE_LABEL", ""),
+        ("LEAD_SOURCE_LABEL", "   "),
     ],
 )
 def test_malformed_setting_is_one_line_naming_it(variable: str, value: str) -> None:
@@ -71,3 +88,25 @@ def test_postgres_urls_get_the_async_driver() -> None:
     settings = load_settings({**GOOD, "DATABASE_URL": "postgres://u:p@db/hubline"})
     assert settings.database_url == "postgresql+asyncpg://u:p@db/hubline"
     assert not settings.is_sqlite
+
+
+def test_a_stray_space_around_the_app_id_is_not_part_of_it() -> None:
+    assert load_settings({**GOOD, "HUBSPOT_APP_ID": " 424242 "}).hubspot_app_id == "424242"
+
+
+def test_settings_given_as_a_mapping_read_nothing_else(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # What a caller (a test, the dev command) passes is all there is: neither exported
+    # variables nor a .env file in the working folder change it.
+    monkeypatch.setenv("HUBSPOT_SEARCHES_PER_SECOND", "2")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("DEFAULT_PHONE_REGION=GB\n")
+    settings = load_settings(GOOD)
+    assert (settings.hubspot_searches_per_second, settings.default_phone_region) == (4, "US")
+    # Read from the environment, both count.
+    from_environment = load_settings(
+        env_file=tmp_path / ".env", **{k.lower(): v for k, v in GOOD.items()}
+    )
+    assert from_environment.hubspot_searches_per_second == 2
+    assert from_environment.default_phone_region == "GB"
