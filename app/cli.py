@@ -84,12 +84,27 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = settings_from_environment()
     configure_logging(args.log_level)
+    stop_exporting = None
+    if args.metrics_port is not None:
+        from app.metrics import export_worker_metrics
+
+        try:
+            stop_exporting = export_worker_metrics(args.metrics_host, args.metrics_port)
+        except OSError as error:
+            print(
+                f"hubline worker: cannot serve metrics on {args.metrics_host}:"
+                f"{args.metrics_port}: {error.strerror or error}",
+                file=sys.stderr,
+            )
+            return 1
     resources = await open_services(settings)
     try:
         worker = build_worker(resources, concurrency=args.concurrency)
         await worker.run_until_signalled()
     finally:
         await close_services(resources)
+        if stop_exporting is not None:
+            stop_exporting()
     return 0
 
 
@@ -170,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=bounded_count(1_000), default=16, help="portals served at once"
     )
     worker.add_argument("--log-level", default="info")
+    worker.add_argument(
+        "--metrics-port",
+        type=port_number,
+        help="serve this worker's own metrics (events handled, HubSpot requests) at "
+        "http://HOST:PORT/metrics; the web app's /metrics cannot see another process's",
+    )
+    worker.add_argument("--metrics-host", default="127.0.0.1", help="with --metrics-port")
     worker.set_defaults(run=cmd_worker)
 
     migrate = commands.add_parser("migrate", help="bring the database schema up to date")

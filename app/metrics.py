@@ -5,16 +5,26 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from sqlmodel import col
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.models import EventStatus, InboxEvent, Portal, utcnow
+from app.models import EventStatus, InboxEvent, Portal, PortalStatus, utcnow
 
 if TYPE_CHECKING:
     from app.main import Services
@@ -131,8 +141,39 @@ async def refresh_database_gauges(services: Services) -> None:
     if oldest is not None and oldest.tzinfo is None:
         oldest = oldest.replace(tzinfo=utcnow().tzinfo)
     OLDEST_PENDING.set((utcnow() - oldest).total_seconds() if oldest is not None else 0)
-    for portal_status, count in portals.items():
-        PORTALS.labels(status=portal_status).set(count)
+    # Every status, so one no portal has any longer reads 0 rather than its last count.
+    for portal_status in PortalStatus:
+        PORTALS.labels(status=portal_status.value).set(portals.get(portal_status.value, 0))
+
+
+# Read from the database when the web app's /metrics is scraped: one answer for the whole
+# deployment, which a worker's exporter must not repeat as zeros.
+DATABASE_GAUGES = frozenset(gauge._name for gauge in (INBOX_EVENTS, OLDEST_PENDING, PORTALS))
+
+
+class _ProcessCounters(Collector):
+    """This process's own metrics: everything registered but the database gauges."""
+
+    def collect(self) -> Iterable[Metric]:
+        for family in REGISTRY.collect():
+            if family.name not in DATABASE_GAUGES:
+                yield family
+
+
+def export_worker_metrics(host: str, port: int) -> Callable[[], None]:
+    """Serve a worker process's metrics at http://host:port/metrics; answers how to stop.
+
+    A worker run alone counts what it does (events handled, HubSpot requests, 429s,
+    refreshes) in its own process, where the web app's /metrics cannot see it.
+    """
+    server, thread = start_http_server(port, addr=host, registry=_ProcessCounters())
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return stop
 
 
 async def metrics_endpoint(request: Request) -> Response:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import sys
 from typing import Any
 
 import httpx
+import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.metrics import endpoint_label
+from app.models import Portal, PortalStatus
+from tests.support_hubline import free_port, hubline_env, served_over_tcp, wait_until
 from tests.webhook_support import call_event
 
 
@@ -59,6 +65,21 @@ async def test_metrics_count_accepted_duplicate_and_rejected_events(
     assert str(portal.portal_id) not in label_values, "no label may name a portal"
 
 
+async def test_a_portal_status_no_portal_has_any_longer_reads_zero(
+    client: httpx.AsyncClient, install_portal: Any, services: Any
+) -> None:
+    await install_portal(1001)
+    before = samples((await client.get("/metrics")).text)
+    assert value(before, "hubline_portals", status="active") == 1
+    async with services.sessions() as session, session.begin():
+        await session.execute(sa.update(Portal).values(status=PortalStatus.uninstalled))
+    after = samples((await client.get("/metrics")).text)
+    assert value(after, "hubline_portals", status="uninstalled") == 1
+    # It read 1 still: the gauge kept the last count of a status the query no longer returned.
+    assert ("hubline_portals", frozenset({("status", "active")})) in after
+    assert value(after, "hubline_portals", status="active") == 0
+
+
 def test_endpoint_labels_fold_ids_so_labels_stay_few() -> None:
     assert endpoint_label("/crm/v3/objects/contacts/12345") == "/crm/v3/objects/contacts/{id}"
     assert endpoint_label("/crm/v3/objects/contacts/ada@example.com?idProperty=email") == (
@@ -67,4 +88,53 @@ def test_endpoint_labels_fold_ids_so_labels_stay_few() -> None:
     assert (
         endpoint_label("/crm/v3/objects/contacts/batch/create")
         == "/crm/v3/objects/contacts/batch/create"
+    )
+
+
+async def test_a_worker_run_alone_serves_what_it_did_on_its_own_metrics_port(
+    client: httpx.AsyncClient, install_portal: Any, sandbox_app: Any, database_url: str
+) -> None:
+    portal = await install_portal(1001)
+    auth = {"Authorization": f"Bearer {portal.webhook_secret}"}
+    path = f"/webhooks/portals/{portal.portal_id}/receptionist"
+    assert (await client.post(path, json=call_event(id="evt-w-1"), headers=auth)).status_code == 202
+    port = free_port()
+    async with served_over_tcp(sandbox_app) as sandbox_url:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "app",
+            "worker",
+            "--metrics-port",
+            str(port),
+            env=hubline_env(database_url, HUBSPOT_API_URL=sandbox_url),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            exported: dict[Any, float] = {}
+
+            async def handled() -> bool:
+                nonlocal exported
+                try:
+                    async with httpx.AsyncClient() as scraper:
+                        page = await scraper.get(f"http://127.0.0.1:{port}/metrics")
+                except httpx.TransportError:
+                    return False
+                exported = samples(page.text)
+                return value(exported, "hubline_events_handled_total", outcome="done") >= 1
+
+            await wait_until(handled, timeout=30)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(worker.wait(), timeout=30) == 0
+    crm_requests = {
+        dict(labels)["endpoint"]
+        for (name, labels) in exported
+        if name == "hubline_hubspot_requests_total"
+    }
+    assert any(endpoint.startswith("/crm/") for endpoint in crm_requests), crm_requests
+    # Database-wide gauges come from the web app's /metrics, not as a worker's zeros.
+    assert not any(
+        name.startswith(("hubline_portals", "hubline_inbox_events")) for name, _ in exported
     )
