@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import sqlalchemy as sa
 from sqlmodel import col
@@ -500,7 +501,27 @@ async def console_portal(request: Request) -> Response:
     session = await _guard(request)
     if isinstance(session, Response):
         return session
-    return await _portal_page(request, session, notice="")
+    # After an action the browser is sent here (post, redirect, get), told what was done
+    # by a code, never by text from the URL: a reload then shows the page, not the action
+    # again, and the page's own links work.
+    done = request.query_params.get("done", "")
+    notice = DONE_NOTICES.get(done, "")
+    if done == "retried":
+        count = parse_id(request.query_params.get("count", "")) or 0
+        notice = notice.format(count=count)
+    return await _portal_page(request, session, notice=notice)
+
+
+DONE_NOTICES = {
+    "retried": "Queued {count} failed event(s) again.",
+    "provision": "Properties provisioning queued.",
+    "disconnect": "Disconnected: the uninstall is being processed.",
+}
+
+
+def _done(portal_id: int, code: str, **details: int) -> Response:
+    query = urlencode({"done": code, **details})
+    return RedirectResponse(f"/admin/portals/{portal_id}?{query}", status_code=303)
 
 
 async def _portal_page(
@@ -561,8 +582,10 @@ async def portal_action(request: Request) -> Response:
         count = await retry_failed(
             resources, portal_id, None if not event_id else [chosen] if chosen is not None else []
         )
-        return await _portal_page(request, session, notice=f"Queued {count} failed event(s) again.")
+        return _done(portal_id, "retried", count=count)
     if action == "rotate-secret":
+        # Answered in place, not redirected: the new secret is shown this once and must
+        # not travel in a URL.
         secret = await rotate_portal_secret(resources, portal_id)
         return await _portal_page(
             request,
@@ -573,7 +596,7 @@ async def portal_action(request: Request) -> Response:
         )
     if action == "provision":
         await request_provisioning(resources, portal_id, key=f"console:{uuid.uuid4()}")
-        return await _portal_page(request, session, notice="Properties provisioning queued.")
+        return _done(portal_id, "provision")
     if action == "disconnect":
         if form.get("confirm") != "yes":
             return await _portal_page(
@@ -585,9 +608,7 @@ async def portal_action(request: Request) -> Response:
             await disconnect(resources, portal_id)
         except HubSpotNotReached as error:
             return await _portal_page(request, session, notice=f"{error}.", status_code=503)
-        return await _portal_page(
-            request, session, notice="Disconnected: the uninstall is being processed."
-        )
+        return _done(portal_id, "disconnect")
     return Response("Unknown action.", status_code=404)
 
 
