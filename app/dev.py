@@ -41,14 +41,20 @@ DEMO_POLL_SECONDS = 2.0
 log = logging.getLogger(__name__)
 
 
-def load_or_create_dev_values(path: Path) -> dict[str, str]:
-    """The dev credentials and key, generated on first use and kept in `path` (mode 0600)."""
+def read_dev_values(path: Path) -> dict[str, str]:
+    """What the dev file holds ({} when there is none); never writes it."""
     values: dict[str, str] = {}
     if path.exists():
         for line in path.read_text().splitlines():
             name, sep, value = line.partition("=")
             if sep and not name.startswith("#"):
                 values[name.strip()] = _unquoted(value.strip())
+    return values
+
+
+def load_or_create_dev_values(path: Path) -> dict[str, str]:
+    """The dev credentials and key, generated on first use and kept in `path` (mode 0600)."""
+    values = read_dev_values(path)
     wanted: dict[str, Callable[[], str]] = {
         "HUBSPOT_CLIENT_ID": lambda: f"hubline-dev-{secrets.token_hex(6)}",
         "HUBSPOT_CLIENT_SECRET": lambda: secrets.token_urlsafe(32),
@@ -259,8 +265,9 @@ async def cmd_sandbox(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level)
     dev_file = Path(args.dev_file)
-    # The sandbox alone never invents credentials: it reuses `hubline dev`'s, if any.
-    dev = load_or_create_dev_values(dev_file) if dev_file.exists() else {}  # noqa: ASYNC240
+    # The sandbox alone never invents credentials, nor touches the dev file: it reuses
+    # what `hubline dev` made, if anything, and the settings Hubline itself reads.
+    dev = read_dev_values(dev_file)
     client_id = (
         args.client_id or os.environ.get("HUBSPOT_CLIENT_ID") or dev.get("HUBSPOT_CLIENT_ID")
     )
@@ -274,6 +281,10 @@ async def cmd_sandbox(args: argparse.Namespace) -> int:
         config.client_id = client_id
     if client_secret:
         config.client_secret = client_secret
+    # Signed with another app id, every webhook would be ignored by a Hubline that checks it.
+    app_id = os.environ.get("HUBSPOT_APP_ID") or dev.get("HUBSPOT_APP_ID") or ""
+    if app_id.strip().isdigit():
+        config.app_id = int(app_id)
     if args.webhook_target:
         config.webhook_target_url = args.webhook_target
     print(

@@ -6,9 +6,12 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
+import httpx
 import pytest
 
 from app.crypto import parse_keys
@@ -108,3 +111,39 @@ def test_dev_refuses_to_share_a_port(tmp_path: Path) -> None:
         )
     assert result.returncode == 1
     assert "could not start" in result.stdout
+
+
+def test_the_sandbox_alone_reads_the_dev_file_and_never_writes_it(tmp_path: Path) -> None:
+    dev_file = tmp_path / "notes.env"
+    dev_file.write_text("# my notes\nHUBSPOT_CLIENT_ID=mine\nHUBSPOT_APP_ID=777\n")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "sandbox", "--port", str(port), "--dev-file", str(dev_file)],
+        cwd=tmp_path,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("HUBSPOT_")},
+            "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        settings = wait_for_json(f"http://127.0.0.1:{port}/_sandbox/settings")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    # It invented a secret, an app id, a key and an admin token, and rewrote the file.
+    assert dev_file.read_text() == "# my notes\nHUBSPOT_CLIENT_ID=mine\nHUBSPOT_APP_ID=777\n"
+    # It signed webhooks as app 424242 whatever the Hubline beside it was told.
+    assert (settings["client_id"], settings["app_id"]) == ("mine", 777)
+
+
+def wait_for_json(url: str) -> Any:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return httpx.get(url, timeout=5).json()
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

@@ -255,7 +255,9 @@ async def uninstall(request: Request) -> Response:
 
 
 def _settings(state: SandboxState) -> dict[str, Any]:
-    return {name: getattr(state.config, name) for name in SETTINGS}
+    # With the app's identity, read-only: what a Hubline beside it must be configured with.
+    identity = {"client_id": state.config.client_id, "app_id": state.config.app_id}
+    return {name: getattr(state.config, name) for name in SETTINGS} | identity
 
 
 async def settings(request: Request) -> Response:
