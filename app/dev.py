@@ -18,7 +18,9 @@ import secrets
 import shlex
 import signal
 import socket
+import sys
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from sqlmodel import col
 
 from app import cli, db
 from app.crypto import TokenCipher, generate_key
-from app.models import Portal, PortalStatus
+from app.models import Portal, PortalStatus, utcnow
 from app.portals import current_secret
 from app.settings import Settings
 
@@ -185,8 +187,14 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         await asyncio.sleep(0.05)
     stack = {**environ, "DATABASE_URL": _absolute_sqlite(environ["DATABASE_URL"])}
     remember_stack(Path(args.dev_file), dev, stack)
-    print_banner(hubline_url, sandbox_url, Path(args.dev_file), demo=args.demo)
-    demo = asyncio.create_task(demo_loop(settings, hubline_url)) if args.demo else None
+    started_at = utcnow()
+    earlier = await _installed_before(settings, started_at)
+    print_banner(hubline_url, sandbox_url, Path(args.dev_file), demo=args.demo, earlier=earlier)
+    demo = (
+        asyncio.create_task(demo_loop(settings, hubline_url, installed_since=started_at))
+        if args.demo
+        else None
+    )
     await asyncio.gather(*running)
     if demo is not None:
         demo.cancel()
@@ -205,9 +213,30 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def print_banner(hubline_url: str, sandbox_url: str, dev_file: Path, *, demo: bool) -> None:
+async def _installed_before(settings: Settings, started_at: datetime) -> list[int]:
+    """Portals installed in an earlier run: the new sandbox, which starts empty, knows none."""
+    engine = db.create_engine(settings.database_url)
+    try:
+        async with db.session_factory(engine)() as session:
+            rows = await session.execute(
+                sa.select(col(Portal.portal_id))
+                .where(col(Portal.status) != PortalStatus.uninstalled)
+                .where(col(Portal.installed_at) < started_at)
+                .order_by(col(Portal.portal_id))
+            )
+            return list(rows.scalars())
+    finally:
+        await engine.dispose()
+
+
+def print_banner(
+    hubline_url: str, sandbox_url: str, dev_file: Path, *, demo: bool, earlier: list[int]
+) -> None:
     # `.` looks a bare file name up on PATH: name it by its folder.
     sourced = str(dev_file) if "/" in str(dev_file) else f"./{dev_file}"
+    # The command as this process was started: `hubline` itself need not be on PATH.
+    started_as = Path(sys.argv[0])
+    command = shlex.quote(str(started_as.resolve())) if started_as.name == "hubline" else "hubline"
     lines = [
         "",
         "Hubline is running with a local HubSpot sandbox.",
@@ -216,15 +245,22 @@ def print_banner(hubline_url: str, sandbox_url: str, dev_file: Path, *, demo: bo
         "  3. The settings page shows the receptionist webhook URL and secret.",
         f"  Sandbox HubSpot (contacts, timelines, API traffic): {sandbox_url}/",
         f"  Admin console: {hubline_url}/admin (ADMIN_TOKEN is in {dev_file})",
-        f"  Other hubline commands: set -a; . {sourced}; set +a; hubline portals list",
+        f"  Other hubline commands: set -a; . {sourced}; set +a; {command} portals list",
     ]
+    if earlier:
+        lines.append(
+            "  The sandbox starts empty each time: install again portal(s) "
+            f"{', '.join(str(p) for p in earlier)} from an earlier run (until then their"
+            " events wait, parked)."
+        )
     if demo:
         lines.append("  Demo: realistic receptionist events go to every portal you install.")
     print("\n".join(lines) + "\n", flush=True)
 
 
-async def demo_loop(settings: Settings, hubline_url: str) -> None:
-    """Send the demo events to each portal once, as soon as it is installed."""
+async def demo_loop(settings: Settings, hubline_url: str, *, installed_since: datetime) -> None:
+    """Send the demo events to each portal once, as soon as it is installed (in this run:
+    one installed in an earlier run is unknown to this run's sandbox until installed again)."""
     from app.demo import send_demo
 
     sent: set[int] = set()
@@ -236,9 +272,9 @@ async def demo_loop(settings: Settings, hubline_url: str) -> None:
             targets: list[tuple[int, str]] = []
             async with sessions() as session:
                 rows = await session.execute(
-                    sa.select(col(Portal.portal_id)).where(
-                        col(Portal.status) == PortalStatus.active
-                    )
+                    sa.select(col(Portal.portal_id))
+                    .where(col(Portal.status) == PortalStatus.active)
+                    .where(col(Portal.installed_at) >= installed_since)
                 )
                 for portal_id in rows.scalars():
                     if portal_id in sent:

@@ -27,6 +27,12 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
     "--no-first-run",
+    # A page a test opened first is in the background once it opens another: Chromium
+    # then slows its timers and lowers its renderer's priority, and on a busy machine the
+    # console's refresh timer could miss the test's wait.
+    "--disable-background-timer-throttling",
+    "--disable-backgrounding-occluded-windows",
+    "--disable-renderer-backgrounding",
 ]
 
 

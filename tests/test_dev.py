@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from app.crypto import parse_keys
 from app.dev import STACK_SETTINGS
+from app.sandbox.testing import approve
 from tests.browser import chromium, free_port, hubline_dev
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_dev_generates_its_credentials_once_in_a_private_git_ignored_file(tmp_path: Path) -> None:
     with hubline_dev(tmp_path) as dev:
         first = dict(dev.dev_values)
+        install_over_http(dev.hubline_url, 1001)
     assert set(first) >= {
         "HUBSPOT_CLIENT_ID",
         "HUBSPOT_CLIENT_SECRET",
@@ -61,6 +64,8 @@ def test_dev_generates_its_credentials_once_in_a_private_git_ignored_file(tmp_pa
         assert ignored.returncode == 0, f"{generated} must be git-ignored"
     banner = "\n".join(again.output)
     assert "click Install" in banner
+    # The new sandbox knows no install of the last run: the banner says so.
+    assert "install again portal(s) 1001 from an earlier run" in banner
     assert first["HUBSPOT_CLIENT_SECRET"] not in banner
 
 
@@ -147,3 +152,13 @@ def wait_for_json(url: str) -> Any:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def install_over_http(hubline_url: str, portal_id: int) -> None:
+    async def install() -> None:
+        async with httpx.AsyncClient(base_url=hubline_url, timeout=30) as browser:
+            started = await browser.get("/oauth/install")
+            back = await approve(browser, started.headers["location"], portal_id)
+            assert (await browser.get(back)).status_code == 200
+
+    asyncio.run(install())
