@@ -88,9 +88,13 @@ def _write_dev_file(path: Path, values: dict[str, str]) -> None:
     if stack:
         lines.append("# Where the dev stack last started (for `set -a; . ./<this file>`).")
         lines += stack
-    path.touch(mode=0o600, exist_ok=True)
-    path.chmod(0o600)
-    path.write_text("\n".join(lines) + "\n")
+    # Written beside it and renamed over it: a command sourcing the file meanwhile reads
+    # the old one or the new one, never an empty one. Private from its first byte.
+    fresh = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write("\n".join(lines) + "\n")
+    os.replace(fresh, path)
 
 
 def _unquoted(value: str) -> str:
