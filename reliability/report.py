@@ -72,14 +72,42 @@ def table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def write_json(results: list[RunResult], path: Path | None = None, **meta: Any) -> Path:
+def write_json(
+    results: list[RunResult],
+    path: Path | None = None,
+    *,
+    keep_other_runs: bool | None = None,
+    **meta: Any,
+) -> Path:
+    """Write the report. Into the default latest.json (or with `keep_other_runs`), runs
+    made now replace their earlier results and the other runs' stay, each with the
+    command and time that made it: a partial run (`--runs 1,4`) does not erase the
+    report of the whole suite. Elsewhere (`--output`), this invocation's runs alone."""
     target = path or RESULTS_DIR / "latest.json"
     target.parent.mkdir(parents=True, exist_ok=True)
+    finished_at = datetime.now(UTC).isoformat(timespec="seconds")
+    runs = {r.number: {**asdict(r), "finished_at": finished_at, **meta} for r in results}
+    if path is None if keep_other_runs is None else keep_other_runs:
+        for run in _earlier_runs(target):
+            runs.setdefault(run["number"], run)
     document = {
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        **meta,
-        "passed": all(r.passed for r in results),
-        "runs": [asdict(r) for r in results],
+        "finished_at": finished_at,
+        "passed": all(run["passed"] for run in runs.values()),
+        "runs": [runs[number] for number in sorted(runs)],
     }
     target.write_text(json.dumps(document, indent=2, default=str) + "\n")
     return target
+
+
+def _earlier_runs(target: Path) -> list[dict[str, Any]]:
+    """The runs of an earlier report, each carrying its document's command and time."""
+    try:
+        earlier = json.loads(target.read_text())
+    except (OSError, ValueError):
+        return []
+    shared = {key: earlier[key] for key in ("finished_at", "command", "logs") if key in earlier}
+    return [
+        {**shared, **run}
+        for run in earlier.get("runs", [])
+        if isinstance(run, dict) and isinstance(run.get("number"), int)
+    ]

@@ -8,6 +8,7 @@ taken over within seconds); the replay and ciphertext-swap checks run in-process
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ from app.crypto import TokenCipher
 from app.models import InboxEvent
 from reliability.crash import CrashConfig, crash_run
 from reliability.isolation import stored_slots, swap_decrypts
-from reliability.report import RunResult
+from reliability.report import RunResult, write_json
 from reliability.stack import Postgres
 from tests.conftest import POSTGRES_ADMIN_URL, TEST_CLIENT_SECRET
 from tests.webhook_support import (
@@ -190,3 +191,21 @@ async def test_ciphertexts_swapped_across_portals_and_fields_never_decrypt(
     cipher: TokenCipher = services.cipher
     tried, decrypted = swap_decrypts(cipher, slots, 1000, random.Random(10))
     assert (tried, decrypted) == (1000, 0)
+
+
+def test_a_partial_reliability_run_keeps_the_other_runs_in_the_report(tmp_path: Path) -> None:
+    report = tmp_path / "latest.json"
+    everything = [RunResult(n, f"run {n}", "-", passed=True) for n in (1, 2, 9)]
+    write_json(everything, report, keep_other_runs=True, command="reliability/run")
+    again = RunResult(2, "run 2", "-", passed=False)
+    write_json([again], report, keep_other_runs=True, command="reliability/run --runs 2")
+    document = json.loads(report.read_text())
+    # It held run 2 alone: the full suite's report was gone after one partial run.
+    assert [(r["number"], r["passed"], r["command"]) for r in document["runs"]] == [
+        (1, True, "reliability/run"),
+        (2, False, "reliability/run --runs 2"),
+        (9, True, "reliability/run"),
+    ]
+    assert document["passed"] is False
+    write_json([again], report, keep_other_runs=False)
+    assert [r["number"] for r in json.loads(report.read_text())["runs"]] == [2]
