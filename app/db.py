@@ -209,12 +209,23 @@ async def migrate_fresh_sqlite(engine: AsyncEngine, database_url: str) -> bool:
         # Two processes started together (web and worker) must not both migrate.
         await asyncio.to_thread(fcntl.flock, lock_file, fcntl.LOCK_EX)
         try:
-            if await schema_revision(engine) is not None:
+            # Only a database with nothing in it: a file holding other tables is not
+            # Hubline's to fill (DATABASE_URL may point at the wrong file), and its
+            # commands then say it has no Hubline schema.
+            if await schema_revision(engine) is not None or await _has_tables(engine):
                 return False
             await migrate(engine)
             return True
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+async def _has_tables(engine: AsyncEngine) -> bool:
+    async with engine.connect() as connection:
+        found = await connection.execute(
+            sa.text("SELECT 1 FROM sqlite_master WHERE type = 'table' LIMIT 1")
+        )
+        return found.first() is not None
 
 
 def redacted_url(database_url: str | URL) -> str:

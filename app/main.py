@@ -120,7 +120,10 @@ async def check_keys_can_read(resources: Services) -> None:
         raise ConfigurationError(
             "TOKEN_ENCRYPTION_KEYS cannot read stored secrets made by key(s) "
             + ", ".join(missing)
-            + ": add the old key back after the new one, then run `hubline keys rotate`"
+            # Whichever way the keys changed (a rotation, or rolling one back), the fix is
+            # the same: the key that made them, after the one that is to encrypt.
+            + ": add the key(s) that made them to it, after the key that is to encrypt, "
+            "then run `hubline keys rotate`"
         )
 
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -264,6 +265,23 @@ def test_commands_on_a_database_without_the_schema_say_to_migrate(tmp_path: Path
     listed = hubline("portals", "list", env=env, cwd=tmp_path)
     assert listed.returncode == 0
     assert listed.stdout.strip() == "no portals installed yet"
+
+
+def test_a_sqlite_file_of_something_else_is_not_filled_with_hublines_tables(
+    tmp_path: Path,
+) -> None:
+    # DATABASE_URL pointing at the wrong file: `portals disconnect` (through the start-up
+    # that migrates a new SQLite database) created twelve tables beside `customers`.
+    other = tmp_path / "shop.db"
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY)")
+    env = _database_env(f"sqlite+aiosqlite:///{other}")
+    for command in (["portals", "disconnect", "5"], ["portals", "list"]):
+        line = _one_line_error(hubline(*command, env=env, cwd=tmp_path))
+        assert "has no Hubline schema" in line, command
+    with sqlite3.connect(other) as connection:
+        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master")]
+    assert tables == ["customers"]
 
 
 def test_a_sqlite_database_in_a_missing_folder_is_named_and_migrate_makes_it(
