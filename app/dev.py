@@ -174,6 +174,9 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         for server in servers:
             server.should_exit = True
 
+    # Read before the worker starts: it soon finds their tokens refused and uninstalls them.
+    started_at = utcnow()
+    earlier = await _installed_before(settings, started_at)
     busy = [port for port in (args.port, args.sandbox_port) if not port_is_free(args.host, port)]
     if busy:
         print(f"hubline dev: could not start: port {busy[0]} is already in use", flush=True)
@@ -191,8 +194,6 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         await asyncio.sleep(0.05)
     stack = {**environ, "DATABASE_URL": _absolute_sqlite(environ["DATABASE_URL"])}
     remember_stack(Path(args.dev_file), dev, stack)
-    started_at = utcnow()
-    earlier = await _installed_before(settings, started_at)
     print_banner(hubline_url, sandbox_url, Path(args.dev_file), demo=args.demo, earlier=earlier)
     demo = (
         asyncio.create_task(demo_loop(settings, hubline_url, installed_since=started_at))
@@ -219,6 +220,9 @@ def port_is_free(host: str, port: int) -> bool:
 
 async def _installed_before(settings: Settings, started_at: datetime) -> list[int]:
     """Portals installed in an earlier run: the new sandbox, which starts empty, knows none."""
+    path = db.sqlite_path(settings.database_url)
+    if path is not None and not path.exists():
+        return []  # a first run (and no empty file made by asking)
     engine = db.create_engine(settings.database_url)
     try:
         async with db.session_factory(engine)() as session:
@@ -229,6 +233,8 @@ async def _installed_before(settings: Settings, started_at: datetime) -> list[in
                 .order_by(col(Portal.portal_id))
             )
             return list(rows.scalars())
+    except db.DATABASE_ERRORS:
+        return []  # not migrated yet: nothing was installed
     finally:
         await engine.dispose()
 
