@@ -22,7 +22,7 @@ processes and a bare Starlette endpoint on free 127.0.0.1 ports, and measures:
 
 Each ratio is against a reference measured in the same run (this machine is shared and
 noisy). The table goes to stdout; the numbers behind it to benchmarks/results/latest.json.
-The measurements take about 5 minutes on 2 cores (4 min 28 s for the README's table). `--quick`
+The measurements take about 5 minutes on 2 cores (4 min 22 s for the README's table). `--quick`
 runs small volumes (a smoke test of the harness, not numbers to quote).
 """
 
