@@ -34,6 +34,21 @@ async def hubline(*args: str, database_url: str, cwd: Path, **env: str) -> tuple
     return process.returncode, stdout.decode(), stderr.decode()
 
 
+async def disconnect_1001(
+    database_url: str, cwd: Path, sandbox_url: str, *options: str
+) -> tuple[int, str, str]:
+    """`hubline portals disconnect 1001`, calling HubSpot at the sandbox."""
+    return await hubline(
+        "portals",
+        "disconnect",
+        "1001",
+        *options,
+        database_url=database_url,
+        cwd=cwd,
+        HUBSPOT_API_URL=sandbox_url,
+    )
+
+
 @pytest.fixture
 async def two_portals(install_portal: Any) -> list[Any]:
     return [await install_portal(1001), await install_portal(1003)]
@@ -114,14 +129,7 @@ async def test_disconnect_uninstalls_the_app_and_queues_the_uninstall(
     from app.worker import Worker
 
     async with served_over_tcp(sandbox_app) as sandbox_url:
-        code, out, err = await hubline(
-            "portals",
-            "disconnect",
-            "1001",
-            database_url=database_url,
-            cwd=tmp_path,
-            HUBSPOT_API_URL=sandbox_url,
-        )
+        code, out, err = await disconnect_1001(database_url, tmp_path, sandbox_url)
     assert code == 0, err
     assert "uninstalled on HubSpot: yes" in out
     assert "revoked: yes" in out
@@ -146,14 +154,7 @@ async def test_a_disconnect_hubspot_cannot_hear_says_so_and_leaves_the_portal_co
 ) -> None:
     sandbox.faults.append(Fault(count=1000, status=503, path_prefix="/appinstalls/"))
     async with served_over_tcp(sandbox_app) as sandbox_url:
-        code, out, err = await hubline(
-            "portals",
-            "disconnect",
-            "1001",
-            database_url=database_url,
-            cwd=tmp_path,
-            HUBSPOT_API_URL=sandbox_url,
-        )
+        code, out, err = await disconnect_1001(database_url, tmp_path, sandbox_url)
         assert (code, out) == (1, "")
         assert "portal 1001 is still connected; try again" in err
         assert "--force" in err
@@ -162,14 +163,6 @@ async def test_a_disconnect_hubspot_cannot_hear_says_so_and_leaves_the_portal_co
             "portals", "show", "1001", "--json", database_url=database_url, cwd=tmp_path
         )
         assert json.loads(out)["status"] == "active"
-        code, out, err = await hubline(
-            "portals",
-            "disconnect",
-            "1001",
-            "--force",
-            database_url=database_url,
-            cwd=tmp_path,
-            HUBSPOT_API_URL=sandbox_url,
-        )
+        code, out, err = await disconnect_1001(database_url, tmp_path, sandbox_url, "--force")
     assert code == 0, err
     assert "app uninstalled on HubSpot: no" in out
