@@ -179,7 +179,7 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     earlier = await _installed_before(settings, started_at)
     busy = [port for port in (args.port, args.sandbox_port) if not port_is_free(args.host, port)]
     if busy:
-        print(f"hubline dev: could not start: port {busy[0]} is already in use", flush=True)
+        print(f"hubline dev: could not start: port {busy[0]} is already in use", file=sys.stderr)
         return 1
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -189,7 +189,7 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         if any(task.done() for task in running):
             stop()
             await asyncio.gather(*running, return_exceptions=True)
-            print("hubline dev: could not start (is a port already in use?)", flush=True)
+            print("hubline dev: could not start (is a port already in use?)", file=sys.stderr)
             return 1
         await asyncio.sleep(0.05)
     stack = {**environ, "DATABASE_URL": _absolute_sqlite(environ["DATABASE_URL"])}

@@ -115,7 +115,7 @@ def test_dev_refuses_to_share_a_port(tmp_path: Path) -> None:
             check=False,
         )
     assert result.returncode == 1
-    assert "could not start" in result.stdout
+    assert "could not start" in result.stderr
 
 
 def test_the_sandbox_alone_reads_the_dev_file_and_never_writes_it(tmp_path: Path) -> None:
