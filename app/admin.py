@@ -214,8 +214,9 @@ async def api_portal_action(request: Request) -> Response:
             "uninstall_event_id": outcome.event_id,
             "uninstalled_on_hubspot": outcome.uninstalled_on_hubspot,
             "revoked": outcome.revoked,
+            "already_uninstalled": outcome.already_uninstalled,
         },
-        202,
+        200 if outcome.already_uninstalled else 202,
     )
 
 

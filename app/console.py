@@ -516,6 +516,7 @@ DONE_NOTICES = {
     "retried": "Queued {count} failed event(s) again.",
     "provision": "Properties provisioning queued.",
     "disconnect": "Disconnected: the uninstall is being processed.",
+    "already_uninstalled": "The portal was already uninstalled: nothing to do.",
 }
 
 
@@ -605,10 +606,12 @@ async def portal_action(request: Request) -> Response:
         from app.lifecycle import HubSpotNotReached, disconnect
 
         try:
-            await disconnect(resources, portal_id)
+            outcome = await disconnect(resources, portal_id)
         except HubSpotNotReached as error:
             return await _portal_page(request, session, notice=f"{error}.", status_code=503)
-        return _done(portal_id, "disconnect")
+        return _done(
+            portal_id, "already_uninstalled" if outcome.already_uninstalled else "disconnect"
+        )
     return Response("Unknown action.", status_code=404)
 
 

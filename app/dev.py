@@ -329,7 +329,7 @@ async def cmd_sandbox(args: argparse.Namespace) -> int:
         config.client_secret = client_secret
     # Signed with another app id, every webhook would be ignored by a Hubline that checks it.
     app_id = os.environ.get("HUBSPOT_APP_ID") or dev.get("HUBSPOT_APP_ID") or ""
-    if app_id.strip().isdigit():
+    if app_id.strip().isascii() and app_id.strip().isdigit():
         config.app_id = int(app_id)
     if args.webhook_target:
         config.webhook_target_url = args.webhook_target

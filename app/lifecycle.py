@@ -327,10 +327,10 @@ async def handle_uninstall(ctx: HandlerContext, events: list[EventView]) -> dict
 
 @dataclass(frozen=True)
 class Disconnected:
-    event_id: int
+    event_id: int | None  # the uninstall queued; None when the portal was uninstalled before
     uninstalled_on_hubspot: bool
     revoked: bool
-    # The portal was uninstalled before: nothing was asked of HubSpot, nothing new queued.
+    # The portal was uninstalled before: nothing was asked of HubSpot, nothing queued.
     already_uninstalled: bool = False
 
 
@@ -359,39 +359,39 @@ async def disconnect(services: Services, portal_id: int, *, force: bool = False)
         if portal is None:
             raise LookupError(f"no portal {portal_id}")
         generation = portal.install_generation
-        active = portal.status != PortalStatus.uninstalled
+        if portal.status == PortalStatus.uninstalled:
+            return Disconnected(
+                None, uninstalled_on_hubspot=False, revoked=False, already_uninstalled=True
+            )
     uninstalled = revoked = False
-    if active:
+    try:
+        await HubSpotClient(services, portal_id, allow_needs_reauth=True).delete(APP_UNINSTALL_PATH)
+        uninstalled = True
+    except _PASSING_FAILURES as error:
+        if not force:
+            raise HubSpotNotReached(
+                f"HubSpot could not be reached to uninstall the app ({error.message}): "
+                f"portal {portal_id} is still connected; try again"
+            ) from None
+        log.warning(
+            "HubSpot's app-uninstall call failed; disconnecting anyway: %s",
+            error,
+            extra={"portal_id": portal_id},
+        )
+    except (HubSpotError, PortalUnavailable) as error:
+        log.warning(
+            "HubSpot's app-uninstall call failed: %s", error, extra={"portal_id": portal_id}
+        )
+    async with services.sessions() as session:
+        tokens = await load_tokens(portal_id, session=session, cipher=services.cipher)
+    if tokens is not None:
         try:
-            await HubSpotClient(services, portal_id, allow_needs_reauth=True).delete(
-                APP_UNINSTALL_PATH
-            )
-            uninstalled = True
-        except _PASSING_FAILURES as error:
-            if not force:
-                raise HubSpotNotReached(
-                    f"HubSpot could not be reached to uninstall the app ({error.message}): "
-                    f"portal {portal_id} is still connected; try again"
-                ) from None
+            await HubSpotOAuth(services.settings, services.http).revoke(tokens.refresh_token)
+            revoked = True
+        except HubSpotError as error:
             log.warning(
-                "HubSpot's app-uninstall call failed; disconnecting anyway: %s",
-                error,
-                extra={"portal_id": portal_id},
+                "revoking the refresh token failed: %s", error, extra={"portal_id": portal_id}
             )
-        except (HubSpotError, PortalUnavailable) as error:
-            log.warning(
-                "HubSpot's app-uninstall call failed: %s", error, extra={"portal_id": portal_id}
-            )
-        async with services.sessions() as session:
-            tokens = await load_tokens(portal_id, session=session, cipher=services.cipher)
-        if tokens is not None:
-            try:
-                await HubSpotOAuth(services.settings, services.http).revoke(tokens.refresh_token)
-                revoked = True
-            except HubSpotError as error:
-                log.warning(
-                    "revoking the refresh token failed: %s", error, extra={"portal_id": portal_id}
-                )
     async with transaction(services.sessions) as session:
         event_id = await signal_uninstall(
             portal_id,
@@ -401,12 +401,7 @@ async def disconnect(services: Services, portal_id: int, *, force: bool = False)
             session=session,
             cipher=services.cipher,
         )
-    return Disconnected(
-        event_id,
-        uninstalled_on_hubspot=uninstalled,
-        revoked=revoked,
-        already_uninstalled=not active,
-    )
+    return Disconnected(event_id, uninstalled_on_hubspot=uninstalled, revoked=revoked)
 
 
 # --- the webhooks journal -------------------------------------------------------------

@@ -19,7 +19,7 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 from sqlmodel import col
 from starlette.requests import Request
 from starlette.responses import Response
@@ -166,7 +166,11 @@ def export_worker_metrics(host: str, port: int) -> Callable[[], None]:
     A worker run alone counts what it does (events handled, HubSpot requests, 429s,
     refreshes) in its own process, where the web app's /metrics cannot see it.
     """
-    server, thread = start_http_server(port, addr=host, registry=_ProcessCounters())
+    # In a registry of its own: the exporter asks a registry, not a bare collector, for the
+    # `?name[]=` filters scrapers may send.
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(_ProcessCounters())
+    server, thread = start_http_server(port, addr=host, registry=registry)
 
     def stop() -> None:
         server.shutdown()

@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     database_url: str = SQLITE_DEFAULT_URL
     hubspot_client_id: str = Field(min_length=1)
     hubspot_client_secret: SecretStr
-    hubspot_app_id: str = Field(default="", pattern=r"^\s*\d*\s*$")
+    # [0-9], not \d: another script's digits would pass and never equal HubSpot's appId.
+    hubspot_app_id: str = Field(default="", pattern=r"^\s*[0-9]*\s*$")
     hubspot_api_url: str = "https://api.hubapi.com"
     hubspot_auth_url: str = "https://app.hubspot.com"
     hubspot_scopes: str = REQUIRED_SCOPES

@@ -114,7 +114,9 @@ class HubSpotEvent:
 def _integer(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.isascii() and value.isdigit():
+    # Read up to far past any id or time (one past BIGINT is then an unknown portal), but
+    # not to the 4,300 digits past which int() itself refuses a string.
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 100:
         return int(value)
     return None
 

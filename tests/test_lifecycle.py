@@ -402,11 +402,17 @@ async def test_a_disconnect_hubspot_cannot_hear_changes_nothing_and_can_be_finis
     assert await portal_state(services, 1002) == ("uninstalled", False)
     assert sandbox.portal(1002).installed is True
 
-    # Disconnecting a portal already uninstalled asks HubSpot nothing and says so.
+    # Disconnecting a portal already uninstalled asks HubSpot nothing, queues nothing, and
+    # says so (it queued another uninstall event under a new key).
     calls = len(sandbox.request_log)
+    async with services.sessions() as session:
+        events_before = await session.scalar(sa.select(sa.func.count()).select_from(InboxEvent))
     again = await disconnect(services, 1001)
-    assert again.already_uninstalled
+    assert (again.already_uninstalled, again.event_id) == (True, None)
     assert len(sandbox.request_log) == calls
+    async with services.sessions() as session:
+        events_after = await session.scalar(sa.select(sa.func.count()).select_from(InboxEvent))
+    assert events_after == events_before
 
 
 # --- scopes ----------------------------------------------------------------------------

@@ -125,6 +125,14 @@ async def test_a_worker_run_alone_serves_what_it_did_on_its_own_metrics_port(
                 return value(exported, "hubline_events_handled_total", outcome="done") >= 1
 
             await wait_until(handled, timeout=30)
+            # Scrapers may ask for some metrics by name (it was a 500: no registry to ask).
+            async with httpx.AsyncClient() as scraper:
+                some = await scraper.get(
+                    f"http://127.0.0.1:{port}/metrics",
+                    params={"name[]": "hubline_events_handled_total"},
+                )
+            assert some.status_code == 200
+            assert {name for name, _ in samples(some.text)} == {"hubline_events_handled_total"}
         finally:
             worker.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(worker.wait(), timeout=30) == 0

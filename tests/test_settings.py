@@ -62,6 +62,7 @@ def test_missing_required_setting_is_one_line_naming_it(missing: str) -> None:
         # traceback at the first connection, an overflow at the first rotation or poll,
         # a redirect URI of "http:/oauth/callback", an authorize URL asking no scope.
         ("HUBSPOT_APP_ID", "app-424242"),
+        ("HUBSPOT_APP_ID", "\u0664\u0662\u0664\u0662"),  # digits, but never HubSpot's appId
         ("DATABASE_URL", "postgresql+asyncpg://admin:hunter2@127.0.0.1:5x432/db"),
         ("DATABASE_URL", "postgresql+asyncpg://admin:hunter2@[::1/db"),
         ("SECRET_ROTATION_GRACE_HOURS", "inf"),

@@ -152,6 +152,8 @@ async def test_every_bad_input_gets_its_answer_and_stores_nothing(
     bad_event = dumps([hubspot_event(portalId="one"), "x"])
     # A time no datetime can hold, beside a good event, must not turn the batch into a 500.
     before_1970 = dumps([hubspot_event(), hubspot_event(eventId=2, occurredAt=-(10**15))])
+    # Past 4,300 digits int() refuses a string: that was a 500 too.
+    endless = dumps([hubspot_event(), hubspot_event(eventId=3, portalId="9" * 5000)])
     too_many = dumps([hubspot_event(eventId=i) for i in range(101)])
     big = b"[" + b" " * (1024 * 1024) + b"]"
     cases: list[tuple[str, int, bytes, dict[str, str]]] = [
@@ -176,6 +178,7 @@ async def test_every_bad_input_gets_its_answer_and_stores_nothing(
         ("signed object, not array", 400, not_events, _signed(not_events)),
         ("signed unusable event", 400, bad_event, _signed(bad_event)),
         ("signed event before 1970", 400, before_1970, _signed(before_1970)),
+        ("signed event with a 5,000-digit portal id", 400, endless, _signed(endless)),
         ("more than 100 events", 400, too_many, _signed(too_many)),
         ("oversized body", 413, big, _signed(big)),
     ]
