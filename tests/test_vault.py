@@ -112,7 +112,10 @@ async def test_rotation_keeps_every_secret_readable_and_leaves_none_under_the_ol
         nonlocal reads
         while not stop.is_set():
             reads += await read_everything(sessions, both)
-            await asyncio.sleep(0)
+            # A pause between reads: on SQLite each read takes the write lock, and a reader
+            # re-taking it at once can starve the rotation's busy-wait until it gives up
+            # ("database is locked", seen once in CI on a busy machine).
+            await asyncio.sleep(0.005)
 
     reading = asyncio.create_task(reader())
     progress: list[tuple[str, int]] = []
