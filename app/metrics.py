@@ -148,7 +148,9 @@ async def refresh_database_gauges(services: Services) -> None:
 
 # Read from the database when the web app's /metrics is scraped: one answer for the whole
 # deployment, which a worker's exporter must not repeat as zeros.
-DATABASE_GAUGES = frozenset(gauge._name for gauge in (INBOX_EVENTS, OLDEST_PENDING, PORTALS))
+DATABASE_GAUGES = frozenset(
+    family.name for gauge in (INBOX_EVENTS, OLDEST_PENDING, PORTALS) for family in gauge.describe()
+)
 
 
 class _ProcessCounters(Collector):

@@ -87,7 +87,9 @@ def write_json(
     target.parent.mkdir(parents=True, exist_ok=True)
     finished_at = datetime.now(UTC).isoformat(timespec="seconds")
     runs = {r.number: {**asdict(r), "finished_at": finished_at, **meta} for r in results}
-    if path is None if keep_other_runs is None else keep_other_runs:
+    if keep_other_runs is None:
+        keep_other_runs = path is None
+    if keep_other_runs:
         for run in _earlier_runs(target):
             runs.setdefault(run["number"], run)
     document = {
