@@ -1,7 +1,8 @@
 # Hubline: web app and worker in one image. Run the web app with the default command;
 # run workers with `docker run --no-healthcheck --entrypoint hubline hubline worker` (a
 # worker serves no HTTP for the health check to ask). Each web container runs `hubline
-# migrate` as it starts; any number may at once (they take turns on PostgreSQL).
+# migrate` as it starts; any number may at once (they take turns on PostgreSQL), and
+# each waits up to a minute for a database started alongside it to come up.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -26,4 +27,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status == 200 else 1)"
 
-ENTRYPOINT ["/bin/sh", "-c", "hubline migrate && exec hubline serve --host 0.0.0.0 --port 8000 \"$@\"", "--"]
+ENTRYPOINT ["/bin/sh", "-c", "hubline migrate --wait 60 && exec hubline serve --host 0.0.0.0 --port 8000 \"$@\"", "--"]

@@ -108,7 +108,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_migrate(_args: argparse.Namespace) -> int:
+async def cmd_migrate(args: argparse.Namespace) -> int:
     from app import db
 
     settings = settings_from_environment()
@@ -116,7 +116,17 @@ async def cmd_migrate(_args: argparse.Namespace) -> int:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)  # as `hubline serve` does
     engine = db.create_engine(settings.database_url)
+
+    def waiting(error: BaseException) -> None:
+        print(
+            f"hubline: the database at {db.redacted_url(engine.url)} is not up yet "
+            f"({db.error_reason(error)}): waiting up to {args.wait:g} s",
+            file=sys.stderr,
+        )
+
     try:
+        if args.wait:
+            await db.wait_for_database(engine, seconds=args.wait, on_wait=waiting)
         before = await db.migrate(engine)
         after = await db.schema_revision(engine)
     finally:
@@ -195,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(run=cmd_worker)
 
     migrate = commands.add_parser("migrate", help="bring the database schema up to date")
+    migrate.add_argument(
+        "--wait",
+        type=wait_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for a database that is not up yet (a deploy starting it "
+        "alongside); a database that refuses us fails at once",
+    )
     migrate.set_defaults(run=cmd_migrate)
 
     keys = commands.add_parser("keys", help="manage TOKEN_ENCRYPTION_KEYS")
@@ -337,6 +355,17 @@ def bounded_count(most: int) -> Callable[[str], int]:
         return int(text)
 
     return count
+
+
+def wait_seconds(text: str) -> float:
+    """An argparse type for a wait: from 0 to an hour of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3_600:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 3600")
+    return value
 
 
 def port_number(text: str) -> int:

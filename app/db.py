@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -297,3 +298,49 @@ def rowcount(result: sa.Result[Any]) -> int:
 async def ping(engine: AsyncEngine) -> None:
     async with engine.connect() as connection:
         await connection.execute(sa.text("SELECT 1"))
+
+
+# A database that is not up yet, as a deploy starting it alongside Hubline meets it: no
+# server listening (or its host name not resolvable) yet, or PostgreSQL still starting.
+_NOT_UP_YET: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+def not_up_yet(error: BaseException) -> bool:
+    """True when `error` says the database is not up yet, rather than refusing us (a wrong
+    password or database name), which waiting would not change."""
+    candidate: BaseException | None = error
+    for _ in range(5):  # SQLAlchemy's wrapper, the driver's error, the OS's beneath it
+        if candidate is None:
+            return False
+        if isinstance(candidate, _NOT_UP_YET):
+            return True
+        orig = candidate.orig if isinstance(candidate, sa.exc.DBAPIError) else None
+        candidate = orig or candidate.__cause__ or candidate.__context__
+    return False
+
+
+async def wait_for_database(
+    engine: AsyncEngine, *, seconds: float, on_wait: Callable[[BaseException], None]
+) -> None:
+    """Return once the database answers, waiting up to `seconds` while it is not up yet;
+    `on_wait` hears the first error waited on. Anything else is raised at once."""
+    deadline = time.monotonic() + seconds
+    waited = False
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            # A host that drops connections would otherwise hold us past the deadline.
+            await asyncio.wait_for(ping(engine), timeout=max(left, 1.0))
+            return
+        except DATABASE_ERRORS as error:
+            if not not_up_yet(error) or time.monotonic() >= deadline:
+                raise
+            if not waited:
+                on_wait(error)
+                waited = True
+        await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
 from app import db
 from app.crypto import generate_key, parse_keys
@@ -218,6 +220,83 @@ async def test_deploys_migrating_one_new_database_at_once_all_succeed(
     assert [process.returncode for process in processes] == [0] * 4, outputs
     said = sorted(out.split(" ")[0] for out, _ in outputs)
     assert said == ["migrated", "schema", "schema", "schema"], outputs
+
+
+@pytest.mark.parametrize("empty_database_url", ["postgres"], indirect=True)
+async def test_migrate_waits_for_a_database_that_comes_up_after_it(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    # A deploy may start PostgreSQL and the web container together. Here the database
+    # comes up late: on a port nothing listens on until a relay to the real server opens.
+    real = make_url(empty_database_url)
+    port = free_port()
+    late = real.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "app", "migrate", "--wait", "60"),
+        env=_database_env(late),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    said = (await asyncio.wait_for(process.stderr.readline(), timeout=30)).decode()
+    assert said.rstrip().endswith("waiting up to 60 s"), said
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(real.host, real.port)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while chunk := await source.read(65536):
+                    sink.write(chunk)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    server = await asyncio.start_server(relay, "127.0.0.1", port)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    finally:
+        server.close()
+    assert process.returncode == 0, err.decode()
+    assert out.decode().startswith("migrated schema from empty to"), out
+
+
+def test_migrate_waits_no_longer_than_told_nor_for_a_database_that_refuses_it(
+    tmp_path: Path,
+) -> None:
+    nothing_listens = f"postgresql+asyncpg://hubline:do-not-show-me@127.0.0.1:{free_port()}/h"
+    started = time.monotonic()
+    result = hubline("migrate", "--wait", "1.5", env=_database_env(nothing_listens), cwd=tmp_path)
+    assert time.monotonic() - started >= 1.5
+    assert result.returncode == 1, result.stderr
+    waiting, gave_up = result.stderr.splitlines()
+    assert waiting.startswith("hubline: the database at postgresql+asyncpg://hubline:***@")
+    assert waiting.endswith("is not up yet ([Errno 111] Connection refused): waiting up to 1.5 s")
+    assert gave_up.startswith("hubline: cannot reach the database at ")
+    assert "do-not-show-me" not in result.stdout + result.stderr
+    for wrong in ("-1", "nan", "3601", "soon"):
+        refused = hubline(
+            "migrate", "--wait", wrong, env=_database_env(nothing_listens), cwd=tmp_path
+        )
+        assert refused.returncode == 2
+        assert f"argument --wait: {wrong!r} is not a number of seconds" in refused.stderr
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_migrate_does_not_wait_for_a_database_that_refuses_it(
+    database_url: str, tmp_path: Path
+) -> None:
+    # Waiting cannot create a database that is not there or fix a password.
+    missing = make_url(database_url).set(database="no_such_database_here")
+    url = missing.render_as_string(hide_password=False)
+    started = time.monotonic()
+    result = hubline("migrate", "--wait", "60", env=_database_env(url), cwd=tmp_path)
+    assert time.monotonic() - started < 30
+    line = _one_line_error(result)
+    assert line.endswith('database "no_such_database_here" does not exist'), line
 
 
 def _database_env(database_url: str) -> dict[str, str]:
