@@ -22,9 +22,11 @@ RUN pip install . && rm -rf app migrations build *.egg-info pyproject.toml READM
     && chown -R hubline:hubline /srv/hubline
 
 USER hubline
+# The port the web app listens on: set PORT (not --port), so the health check asks there too.
+ENV PORT=8000
 EXPOSE 8000
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status == 200 else 1)"
+    CMD python -c "import os,sys,urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ['PORT'], timeout=4).status == 200 else 1)"
 
-ENTRYPOINT ["/bin/sh", "-c", "hubline migrate --wait 60 && exec hubline serve --host 0.0.0.0 --port 8000 \"$@\"", "--"]
+ENTRYPOINT ["/bin/sh", "-c", "hubline migrate --wait 60 && exec hubline serve --host 0.0.0.0 --port \"$PORT\" \"$@\"", "--"]

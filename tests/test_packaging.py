@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -77,3 +80,68 @@ def test_the_wheel_carries_its_templates_and_migrations_and_migrates_from_them(
     )
     assert migrated.returncode == 0, migrated.stderr[-2000:]
     assert migrated.stdout.strip() == f"migrated schema from empty to {db.head_revision()}"
+
+
+def _dockerfile_instructions(name: str) -> list[str]:
+    """The arguments of each Dockerfile instruction `name`, continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    return [
+        line.removeprefix(name + " ").strip()
+        for line in text.splitlines()
+        if line.startswith(name + " ")
+    ]
+
+
+def test_the_images_entrypoint_serves_on_port_and_its_health_check_asks_there(
+    tmp_path: Path,
+) -> None:
+    # The image cannot be built here; its commands can be run as the image runs them.
+    [entrypoint] = [json.loads(found) for found in _dockerfile_instructions("ENTRYPOINT")]
+    [health_check] = [
+        found.partition(" CMD ")[2] for found in _dockerfile_instructions("HEALTHCHECK")
+    ]
+    assert "PORT=8000" in _dockerfile_instructions("ENV")
+    port = _free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("HUBSPOT_", "DATABASE_"))},
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PORT": str(port),
+        "HUBSPOT_CLIENT_ID": TEST_CLIENT_ID,
+        "HUBSPOT_CLIENT_SECRET": TEST_CLIENT_SECRET,
+        "TOKEN_ENCRYPTION_KEYS": TEST_KEY,
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'image.db'}",
+    }
+    # As `docker run hubline --no-worker` would: arguments after the image name follow.
+    log = tmp_path / "server.log"
+    with log.open("wb") as output:
+        server = subprocess.Popen(
+            [*entrypoint, "--no-worker"], env=env, cwd=tmp_path, stdout=output, stderr=output
+        )
+    try:
+        for _ in range(300):
+            checked = subprocess.run(
+                ["/bin/sh", "-c", health_check], env=env, capture_output=True, timeout=10
+            )
+            if checked.returncode == 0 or server.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert server.poll() is None, log.read_text()[-2000:]
+        assert checked.returncode == 0, checked.stderr.decode()[-2000:]
+        assert "migrated schema from empty to" in log.read_text()
+        # The check asks the port in PORT, not a fixed one.
+        elsewhere = subprocess.run(
+            ["/bin/sh", "-c", health_check],
+            env={**env, "PORT": str(_free_port())},
+            capture_output=True,
+            timeout=10,
+        )
+        assert elsewhere.returncode != 0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
