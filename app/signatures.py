@@ -39,6 +39,7 @@ _SIGNED_URL_ESCAPES = {
 _ESCAPE_RE = re.compile("|".join(_SIGNED_URL_ESCAPES), re.IGNORECASE)
 _V1_SIGNATURE_RE = re.compile(r"v1,[A-Za-z0-9+/]+={0,2}")
 _STANDARD_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
+_AUTHENTICATING_HEADERS = frozenset({"authorization", *_STANDARD_HEADERS})
 
 
 def hubspot_signed_url(public_url: str, raw_path: str, query: str = "") -> str:
@@ -168,8 +169,18 @@ def signed_outside_window(
 def authenticate_receptionist(
     body: bytes, headers: Mapping[str, str], secrets: Sequence[Secret]
 ) -> bool:
-    """True when the request carries the portal's secret: as a bearer token or a signature."""
-    lowered = {key.lower(): value for key, value in headers.items()}
+    """True when the request carries the portal's secret: as a bearer token or a signature.
+
+    A request giving one of the headers read here twice is refused: the signature would be
+    checked against one copy while the route keys the event by another (a captured
+    delivery replayed with a webhook-id of the sender's choosing would be stored again).
+    """
+    lowered: dict[str, str] = {}
+    for key, value in headers.items():  # Starlette's headers list every copy
+        name = key.lower()
+        if name in _AUTHENTICATING_HEADERS and name in lowered:
+            return False
+        lowered[name] = value
     return verify_bearer(lowered.get("authorization"), secrets) or verify_standard_webhook(
         body, lowered, secrets
     )

@@ -278,6 +278,32 @@ async def test_the_webhook_id_identifies_an_event_without_id(
     assert response.json()["detail"][0]["field"] == "id"
 
 
+@pytest.mark.parametrize(
+    "repeated", ["webhook-id", "webhook-timestamp", "webhook-signature", "authorization"]
+)
+async def test_a_delivery_giving_an_authenticating_header_twice_is_refused(
+    client: httpx.AsyncClient, secret: Secret, services: Any, repeated: str
+) -> None:
+    # A captured delivery without a body id, replayed with a webhook-id of the sender's
+    # choosing in front: the signature was checked against one copy and the event keyed
+    # by the other, so each replay was stored (and synced) as a new call.
+    event = call_event()
+    del event["id"]
+    body = dumps(event)
+    signed = standard_headers(secret, body, msg_id="msg_captured")
+    assert (await client.post(receptionist_path(PORTAL), content=body, headers=signed)).is_success
+    headers = [(repeated, "msg_chosen"), *signed.items()]
+    if repeated == "authorization":
+        # Two bearer tokens are as ambiguous: which one a check reads is an accident.
+        headers = [
+            ("authorization", "Bearer not-it"),
+            ("authorization", f"Bearer {secret.reveal()}"),
+        ]
+    replayed = await client.post(receptionist_path(PORTAL), content=body, headers=headers)
+    assert replayed.status_code == 401
+    assert len(await inbox_rows(services.sessions)) == 1
+
+
 @pytest.mark.parametrize("status", [PortalStatus.uninstalled, PortalStatus.needs_reauth])
 async def test_events_for_a_portal_that_cannot_sync_are_parked(
     post: Post, services: Any, status: PortalStatus
