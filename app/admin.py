@@ -25,7 +25,8 @@ from app.console import (
     rotate_portal_secret,
 )
 from app.db import fits_bigint
-from app.lifecycle import HubSpotNotReached, disconnect, portal_summaries
+from app.errors import HubSpotNotReached
+from app.lifecycle import disconnect, portal_summaries
 from app.main import Services, services
 from app.models import utcnow
 from app.properties import request_provisioning

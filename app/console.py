@@ -31,6 +31,7 @@ from starlette.templating import Jinja2Templates
 
 from app.crypto import Secret, same_text
 from app.db import fits_bigint, parse_id, transaction
+from app.errors import HubSpotNotReached
 from app.inbox import retry_events
 from app.main import Services, services
 from app.models import (
@@ -603,7 +604,7 @@ async def portal_action(request: Request) -> Response:
             return await _portal_page(
                 request, session, notice="Tick the confirmation box to disconnect.", status_code=400
             )
-        from app.lifecycle import HubSpotNotReached, disconnect
+        from app.lifecycle import disconnect
 
         try:
             outcome = await disconnect(resources, portal_id)

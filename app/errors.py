@@ -7,11 +7,15 @@
     ├── EventRejected             an inbound event failed validation (HTTP 4xx)
     ├── HandlerError              raised by an event handler; the retry policy reads it
     │   ├── PermanentError        retrying cannot help: the event fails at once
-    │   └── PortalUnavailable     the portal cannot be served now: its events are parked
+    │   ├── PortalUnavailable     the portal cannot be served now: its events are parked
+    │   ├── UnrecordedWrite       HubSpot made records whose ids were lost: found again later
+    │   └── ContactGone           the contact was deleted while syncing: the event is retried
+    ├── HubSpotNotReached         an uninstall HubSpot could not be asked for: nothing changed
     └── HubSpotError              HubSpot answered with an error (status, category, correlation id)
         ├── HubSpotAuthError      401/403 after the one refresh-and-retry
         ├── HubSpotRateLimited    429, after the client's own waits ran out
-        ├── HubSpotUnavailable    5xx, timeouts and connection failures, after retries
+        ├── HubSpotUnavailable    5xx, 423, timeouts and connection failures, after retries;
+        │                         or a refresh failed that way a moment ago (a cooldown)
         ├── HubSpotValidationError 400 VALIDATION_ERROR and friends: a data problem
         ├── HubSpotConflict       409 (a contact with that email already exists)
         └── RefreshRejected       the refresh grant answered invalid_grant: uninstalled or revoked
@@ -78,6 +82,18 @@ class UnrecordedWrite(HandlerError):
     """
 
     ambiguous = True
+
+
+class ContactGone(HandlerError):
+    """The contact disappeared while the event was syncing; it is tried again."""
+
+
+class HubSpotNotReached(HublineError):
+    """HubSpot could not be asked to uninstall the app now: the portal was left connected.
+
+    Disconnecting anyway would delete the tokens that the uninstall needs, and the app
+    would stay installed on HubSpot with no way left to remove it from here.
+    """
 
 
 class HubSpotError(HublineError):

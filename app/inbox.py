@@ -62,12 +62,9 @@ async def enqueue(
     session: AsyncSession,
     cipher: TokenCipher,
     status: EventStatus = EventStatus.pending,
-    run_after: datetime | None = None,
 ) -> Enqueued:
     """Store one event in the caller's transaction unless its key is already stored."""
-    [enqueued] = await enqueue_many(
-        [event], session=session, cipher=cipher, statuses=[status], run_after=run_after
-    )
+    [enqueued] = await enqueue_many([event], session=session, cipher=cipher, statuses=[status])
     return enqueued
 
 
@@ -77,7 +74,6 @@ async def enqueue_many(
     session: AsyncSession,
     cipher: TokenCipher,
     statuses: Sequence[EventStatus] | None = None,
-    run_after: datetime | None = None,
 ) -> list[Enqueued]:
     """Store events in the caller's transaction with one INSERT; answers in the given order.
 
@@ -115,7 +111,7 @@ async def enqueue_many(
             "key_id": cipher.primary_key_id,
             "status": str(statuses[position]),
             "attempts": 0,
-            "run_after": run_after or now,
+            "run_after": now,
         }
     inserted: dict[tuple[int, str, str], int] = {}
     if rows:
@@ -444,9 +440,11 @@ class Done:
     write: Write | None = None
 
 
-# A handler returns an outcome per event id (events it leaves out are Done), or raises
-# to have the same retry decision applied to the whole batch. An exception as an
-# outcome fails or retries that event alone.
+# A handler returns an outcome per event id (events it leaves out are Done), or raises.
+# Raising one of the failures handlers expect (HubSpot's answers, the network, the
+# database) has the same retry decision applied to the whole batch; any other error has
+# the batch run again in halves, so the event at fault fails alone (worker._isolate).
+# An exception as an outcome fails or retries that event alone.
 Outcome = Done | BaseException
 Handler = Callable[[HandlerContext, list[EventView]], Awaitable[dict[int, Outcome] | None]]
 
@@ -490,6 +488,7 @@ class Registry:
         return register
 
     def lookup(self, event_type: str) -> HandlerSpec | None:
+        """The handler of this event type; None when no module declared one."""
         return self._by_type.get(event_type)
 
     @property
@@ -509,6 +508,7 @@ HANDLER_MODULES: list[str] = ["app.contacts", "app.lifecycle", "app.sync", "app.
 
 
 def load_handlers() -> Registry:
+    """The registry, once every module that declares handlers on it is imported."""
     import importlib
 
     for module in HANDLER_MODULES:

@@ -28,8 +28,8 @@ from sqlmodel import col
 from app.crypto import Secret, TokenCipher
 from app.db import transaction
 from app.errors import (
-    HublineError,
     HubSpotError,
+    HubSpotNotReached,
     HubSpotRateLimited,
     HubSpotUnavailable,
     PortalUnavailable,
@@ -97,7 +97,6 @@ class InstallOutcome:
     portal: Portal
     secret: Secret
     reinstall: bool
-    missing_scopes: list[str]
 
 
 async def record_install(
@@ -176,7 +175,7 @@ async def record_install(
         resumed = await unpark_portal_events(portal_id, session=session)
         if resumed:
             log.info("resumed %d parked events", resumed, extra={"portal_id": portal_id})
-    return InstallOutcome(portal, secret, reinstall=created is None, missing_scopes=missing)
+    return InstallOutcome(portal, secret, reinstall=created is None)
 
 
 async def _portal_for_update(portal_id: int, *, session: AsyncSession) -> Portal | None:
@@ -332,14 +331,6 @@ class Disconnected:
     revoked: bool
     # The portal was uninstalled before: nothing was asked of HubSpot, nothing queued.
     already_uninstalled: bool = False
-
-
-class HubSpotNotReached(HublineError):
-    """HubSpot could not be asked to uninstall the app now: the portal was left connected.
-
-    Disconnecting anyway would delete the tokens that the uninstall needs, and the app
-    would stay installed on HubSpot with no way left to remove it from here.
-    """
 
 
 # HubSpot may answer these later: the uninstall is worth asking again.

@@ -8,7 +8,8 @@ from typing import Any
 
 from app import cli, db
 from app.crypto import TokenCipher
-from app.lifecycle import HubSpotNotReached, disconnect, portal_summaries
+from app.errors import HubSpotNotReached
+from app.lifecycle import disconnect, portal_summaries
 from app.portals import get_portal, rotate_secret
 
 

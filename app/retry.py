@@ -21,13 +21,17 @@ from app.errors import (
 
 
 class Action(StrEnum):
+    """What becomes of an event whose attempt failed."""
+
     retry = "retry"  # try again after `delay`
     fail = "fail"  # give up: the event ends failed with the error
-    park = "park"  # the portal cannot be served now: park its events, keep the attempt
+    park = "park"  # the portal cannot be served now: park its events; the attempt does not count
 
 
 @dataclass(frozen=True)
 class Decision:
+    """The retry policy's answer for one failed attempt: an action, and for a retry its delay."""
+
     action: Action
     delay: float = 0.0
 
@@ -52,6 +56,7 @@ class RetryPolicy:
     def decide(
         self, error: BaseException, attempt: int, *, rng: random.Random | None = None
     ) -> Decision:
+        """What to do after the `attempt`-th attempt (1-based) failed with `error`."""
         if isinstance(error, PortalUnavailable | RefreshRejected):
             return Decision(Action.park)
         if isinstance(

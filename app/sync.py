@@ -6,8 +6,9 @@ event:
 1. Callers are looked up in the identity index; ONE search asks HubSpot for the callers it
    does not know (OR'd filter groups: the digits-only calculated phone and mobile numbers,
    email) and fetches the current properties of the known contacts in the same request
-   (`hs_object_id IN`). Phone candidates are confirmed by normalizing their `phone` and
-   `mobilephone` to E.164, so a number a person typed as "(415) 555-0100" matches.
+   (`hs_object_id IN`); when every caller is known, one batch read fetches them instead.
+   Phone candidates are confirmed by normalizing their `phone` and `mobilephone` to
+   E.164, so a number a person typed as "(415) 555-0100" matches.
 2. Callers still unknown are grouped (the same phone or email twice in a batch is one
    person) and created with one batch create; the index learns every contact at once,
    in its own transaction, so the next batch needs no search despite HubSpot's search lag.
@@ -63,6 +64,7 @@ from app import campaigns, identity, properties
 from app.crypto import TokenCipher
 from app.db import transaction
 from app.errors import (
+    ContactGone,
     HandlerError,
     HubSpotConflict,
     HubSpotError,
@@ -111,7 +113,7 @@ NOTE_FILL_WAIT = timedelta(seconds=10)
 CONTACTS = "/crm/v3/objects/contacts"
 # Records per HubSpot batch request (its limit), and events per handler batch.
 BATCH_LIMIT = 100
-# Values per IN filter: a batch of 100 events never needs more; larger lists are split.
+# Values per IN filter (HubSpot's limit); longer lists are split across filters.
 IN_LIMIT = 100
 MAX_FILTER_GROUPS = 5
 SEARCH_PAGE = 200
@@ -146,10 +148,6 @@ IDENTITY_FIELDS = ("firstname", "lastname", "email", "phone", "lead_source")
 REPAIRABLE_OPTIONS = ("call_outcome", "lead_source")
 _T = TypeVar("_T")
 Key = tuple[str, str]  # (identity.PHONE | identity.EMAIL, normalized value)
-
-
-class ContactGone(HandlerError):
-    """The contact disappeared while the event was syncing; it is tried again."""
 
 
 # --- pure helpers ------------------------------------------------------------------------
@@ -338,6 +336,18 @@ class Item:
     @property
     def object_type(self) -> str:
         return "calls" if self.event.type == CALL else "notes"
+
+    @property
+    def note_heading(self) -> str:
+        """The first line of its note; how a note an earlier attempt made is recognised."""
+        return NOTE_HEADINGS.get(self.event.type, "AI receptionist")
+
+    @property
+    def timestamp_ms(self) -> int:
+        """Its engagement's hs_timestamp, as HubSpot answers it: epoch milliseconds."""
+        value = millis(stamp(self.event.occurred_at))
+        assert value is not None  # a stamp always reads back
+        return value
 
     @property
     def ok(self) -> bool:
@@ -1314,8 +1324,9 @@ class BatchSync:
             if event.recording_url:
                 values["hs_call_recording_url"] = event.recording_url
         else:
-            heading = NOTE_HEADINGS.get(event.type, "AI receptionist")
-            values["hs_note_body"] = engagement_body(heading, event.summary, event.transcript)
+            values["hs_note_body"] = engagement_body(
+                item.note_heading, event.summary, event.transcript
+            )
         association = {
             "to": {"id": item.contact_id},
             "types": [
@@ -1430,12 +1441,11 @@ class BatchSync:
 
     @staticmethod
     def _is_ours(item: Item, values: dict[str, Any]) -> bool:
-        if millis(values.get("hs_timestamp")) != millis(stamp(item.event.occurred_at)):
+        if millis(values.get("hs_timestamp")) != item.timestamp_ms:
             return False
         if item.object_type == "calls":
             return values.get("hs_call_title") == CALL_TITLE
-        heading = NOTE_HEADINGS.get(item.event.type, "AI receptionist")
-        return heading in str(values.get("hs_note_body") or "")
+        return item.note_heading in str(values.get("hs_note_body") or "")
 
     @staticmethod
     def _read_names(object_type: str) -> list[str]:
@@ -1557,13 +1567,12 @@ class BatchSync:
             # Within one request no two groups share a timestamp, so a hit names its event.
             requests: list[list[Item]] = []
             for item in wanted:
-                ms = millis(stamp(item.event.occurred_at))
                 slot = next(
                     (
                         r
                         for r in requests
                         if len(r) < MAX_FILTER_GROUPS
-                        and all(millis(stamp(o.event.occurred_at)) != ms for o in r)
+                        and all(o.timestamp_ms != item.timestamp_ms for o in r)
                     ),
                     None,
                 )
@@ -1583,7 +1592,7 @@ class BatchSync:
                         {
                             "propertyName": "hs_timestamp",
                             "operator": "EQ",
-                            "value": str(millis(stamp(item.event.occurred_at))),
+                            "value": str(item.timestamp_ms),
                         },
                     ]
                     if object_type == "calls":

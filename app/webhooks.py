@@ -55,6 +55,7 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def error_response(status: int, reason: str, detail: Any = None) -> JSONResponse:
+    """DESIGN.md's error answer: `{"error": reason, "detail": detail}`."""
     return JSONResponse({"error": reason, "detail": detail}, status_code=status)
 
 
@@ -67,17 +68,18 @@ class BodyTooLarge(Exception):
     pass
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The raw body, refusing one over `limit` before reading it when its length is declared."""
+async def read_body(request: Request) -> bytes:
+    """The raw body, refusing one over MAX_BODY_BYTES before reading it when its length is
+    declared."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
     # A chunked body declares no length: count while reading and stop at the limit.
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
+        if size > MAX_BODY_BYTES:
             raise BodyTooLarge
         chunks.append(chunk)
     return b"".join(chunks)
@@ -163,6 +165,7 @@ def parse_hubspot_event(raw: Any, position: int) -> HubSpotEvent | list[dict[str
 
 
 def parse_hubspot_batch(data: Any) -> tuple[list[HubSpotEvent], list[dict[str, str]]]:
+    """A HubSpot webhook body's events, and the problems of those that cannot be read."""
     if not isinstance(data, list):
         return [], [{"field": "", "message": "must be a JSON array of events"}]
     if len(data) > MAX_HUBSPOT_EVENTS:
@@ -376,15 +379,11 @@ async def receptionist_webhook(request: Request) -> Response:
     return JSONResponse(answer, status_code=202 if enqueued.created else 200)
 
 
-def webhook_routes(*, clock: Clock = time.time) -> list[BaseRoute]:
-    return [
-        Route("/webhooks/hubspot", counted("hubspot", hubspot_endpoint(clock)), methods=["POST"]),
-        Route(
-            "/webhooks/portals/{portal_id}/receptionist",
-            counted("receptionist", receptionist_webhook),
-            methods=["POST"],
-        ),
-    ]
-
-
-routes: list[BaseRoute] = webhook_routes()
+routes: list[BaseRoute] = [
+    Route("/webhooks/hubspot", counted("hubspot", hubspot_endpoint()), methods=["POST"]),
+    Route(
+        "/webhooks/portals/{portal_id}/receptionist",
+        counted("receptionist", receptionist_webhook),
+        methods=["POST"],
+    ),
+]

@@ -34,7 +34,7 @@ from sqlmodel import col
 
 from app import identity
 from app.db import DATABASE_ERRORS, schema_trouble, transaction
-from app.errors import CryptoError, HandlerError, HubSpotError
+from app.errors import CryptoError, HandlerError, HublineError, HubSpotError
 from app.inbox import (
     Done,
     EventView,
@@ -137,10 +137,10 @@ class _Periodic:
     every_seconds: float
     job: PeriodicJob
     next_run: float = 0.0
-    failures: _FailureLog = field(init=False)
+    failure_log: _FailureLog = field(init=False)
 
     def __post_init__(self) -> None:
-        self.failures = _FailureLog(f"periodic job {self.name}")
+        self.failure_log = _FailureLog(f"periodic job {self.name}")
 
 
 @dataclass
@@ -170,11 +170,11 @@ class _Running:
 
     async def until_next_may_start(self) -> None:
         """Wait until the handler lets the next batch start, or the batch ends."""
-        signal = asyncio.ensure_future(self.context.next_batch_may_start.wait())
+        may_start = asyncio.ensure_future(self.context.next_batch_may_start.wait())
         try:
-            await asyncio.wait([self.task, signal], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([self.task, may_start], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            signal.cancel()
+            may_start.cancel()
 
     async def ended(self) -> bool:
         """Wait for the batch; True when the portal may be served on."""
@@ -426,7 +426,7 @@ class Worker:
         previous: _Running | None = None
         current: _Running | None = None
         try:
-            for turn in range(BATCHES_PER_TURN):
+            for batch_number in range(BATCHES_PER_TURN):
                 if self._stopping.is_set():
                     break
                 if previous is not None and previous.task.done():
@@ -435,7 +435,9 @@ class Worker:
                     previous = None
                 alongside = previous.batch.spec if previous is not None else None
                 # Recovery runs once per turn: after it, every in-progress event is ours.
-                batch = await self._claim_batch(portal_id, recover=turn == 0, only=alongside)
+                batch = await self._claim_batch(
+                    portal_id, recover=batch_number == 0, only=alongside
+                )
                 if batch is None and previous is not None:
                     # What is due next is not for the handler in flight (another handler's,
                     # or nothing yet): it waits for that batch to end.
@@ -991,9 +993,9 @@ class Worker:
                         if await self._acquire_singleton(job.name, job.every_seconds):
                             await job.job(self.services)
                     except Exception as error:
-                        job.failures.failed(error)
+                        job.failure_log.failed(error)
                     else:
-                        job.failures.succeeded()
+                        job.failure_log.succeeded()
             await asyncio.sleep(min(1.0, self.poll_seconds * 2))
 
     async def _acquire_singleton(self, name: str, hold_seconds: float) -> bool:
@@ -1055,13 +1057,14 @@ def describe_error(error: BaseException) -> str:
         # Its own text repeats the statement's parameters, which may hold a caller's
         # name (a failed Done.write's row): keep only what the database said.
         text = str(error.orig) or type(error.orig).__name__
-    if not isinstance(error, CryptoError) and type(error).__module__ != "app.errors":
+    if not isinstance(error, HublineError):
+        # Our own errors say what went wrong; anyone else's is named by its type.
         text = f"{type(error).__name__}: {text}"
     return redact_text(text)[:MAX_ERROR_LENGTH]
 
 
 async def _retention(services: Services) -> None:
-    """Delete handled events' payloads, old parked events and expired OAuth states."""
+    """Delete what outlived its retention: payloads, parked events, OAuth states, index entries."""
     settings = services.settings
     async with transaction(services.sessions) as session:
         payloads, parked = await purge_expired(

@@ -24,11 +24,13 @@ from app.errors import (
 )
 from app.hubspot import HubSpotClient, TokenResponse, hubspot_client
 from app.hubspot.auth import FORCED_REFRESH_INTERVAL
-from app.hubspot.client import error_from_response
+from app.hubspot.client import RATE_LIMITED_MINIMUM_WAIT, error_from_response
+from app.hubspot.oauth2 import MAX_RETRY_AFTER
 from app.hubspot.ratelimit import RateBudget
 from app.inbox import NewEvent, enqueue
 from app.main import close_services, open_services
 from app.models import EventSource, OAuthToken, utcnow
+from app.retry import Action, RetryPolicy
 from app.sandbox.limits import Fault
 from app.sync import property_errors
 from app.tokens import load_tokens
@@ -532,3 +534,138 @@ def test_a_refusal_repeating_what_was_sent_is_told_without_it() -> None:
         ("email", "INVALID_EMAIL"),
     ]
     assert "exämple" not in error.detail, "an email is masked even in the detail"
+
+
+class RateLimitedOnce(httpx.AsyncBaseTransport):
+    """The sandbox, except that the first CRM call answers 429 with this Retry-After."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, retry_after: str) -> None:
+        self.inner = inner
+        self.retry_after = retry_after
+        self.limited = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/crm/") and not self.limited:
+            self.limited = True
+            body = {"status": "error", "category": "RATE_LIMIT", "correlationId": "c-429"}
+            return httpx.Response(429, headers={"Retry-After": self.retry_after}, json=body)
+        return await self.inner.handle_async_request(request)
+
+
+@pytest.mark.parametrize(
+    ("asked", "waited"),
+    [
+        ("2", 2.0),
+        # Not a number of seconds to wait: the backoff decides, as when none is given (its
+        # least wait after a 429). "inf" blocked the portal in this process for good.
+        ("-3", RATE_LIMITED_MINIMUM_WAIT),
+        ("inf", RATE_LIMITED_MINIMUM_WAIT),
+        ("nan", RATE_LIMITED_MINIMUM_WAIT),
+        ("Wed, 21 Oct 2026 07:28:00 GMT", RATE_LIMITED_MINIMUM_WAIT),
+    ],
+)
+async def test_a_retry_after_out_of_reason_is_not_taken_at_its_word(
+    portal: int, services: Any, sandbox_app: Any, asked: str, waited: float
+) -> None:
+    fake = FakeTime()
+    services.hubspot.budget = RateBudget(clock=fake.clock, sleep=fake.sleep)
+    services.http._transport = RateLimitedOnce(httpx.ASGITransport(app=sandbox_app), asked)
+    assert await hubspot_client(services, portal).get_json(CONTACTS) == {"results": []}
+    # The fixture's backoff is fast: what it adds to the least wait is a few milliseconds.
+    assert sum(fake.sleeps) == pytest.approx(waited, abs=0.01)
+
+
+async def test_a_429_asking_a_long_wait_ends_the_call_and_the_retry_waits_for_it(
+    portal: int, services: Any, sandbox_app: Any
+) -> None:
+    # A worker would otherwise hold the batch asleep for the hour; the event waits in the
+    # inbox instead, and nothing goes to HubSpot for the portal meanwhile.
+    fake = FakeTime()
+    services.hubspot.budget = RateBudget(clock=fake.clock, sleep=fake.sleep)
+    services.http._transport = RateLimitedOnce(httpx.ASGITransport(app=sandbox_app), "1e12")
+    with pytest.raises(HubSpotRateLimited) as raised:
+        await hubspot_client(services, portal).get_json(CONTACTS)
+    assert raised.value.retry_after == MAX_RETRY_AFTER
+    assert fake.sleeps == []
+    decision = RetryPolicy().decide(raised.value, attempt=1)
+    assert decision.action is Action.retry
+    assert decision.delay == MAX_RETRY_AFTER
+    # The schedule can hold it (a year-long delay overflowed the run_after date).
+    assert utcnow() + timedelta(seconds=decision.delay) > utcnow()
+    await hubspot_client(services, portal).get_json(CONTACTS)
+    assert fake.sleeps == [pytest.approx(MAX_RETRY_AFTER)]
+
+
+class AnswersGarbled(httpx.AsyncBaseTransport):
+    """The sandbox carries the request out, but the first answer to `path` is unreadable."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, path: str, garbled: httpx.Response):
+        self.inner = inner
+        self.path = path
+        self.garbled: httpx.Response | None = garbled
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        answer = await self.inner.handle_async_request(request)
+        if request.url.path == self.path and self.garbled is not None:
+            await answer.aread()
+            answer, self.garbled = self.garbled, None
+        return answer
+
+
+GARBLED = {
+    # A corrupt gzip body: httpx raises DecodingError, which is no TransportError.
+    "corrupt gzip": lambda: httpx.Response(
+        201, headers={"content-encoding": "gzip"}, stream=httpx.ByteStream(b"\x1f\x8bnot gzip")
+    ),
+    "not JSON": lambda: httpx.Response(201, content=b"<html>Bad gateway</html>"),
+}
+
+
+@pytest.mark.parametrize("garbled", GARBLED)
+async def test_an_unreadable_answer_to_a_create_leaves_it_open_whether_it_was_made(
+    portal: int, services: Any, sandbox: Any, sandbox_app: Any, garbled: str
+) -> None:
+    # Read as a plain failure (or a crash), the retry came soon, before HubSpot's search
+    # showed the contact made, and made it again; as ambiguous, it waits and looks first.
+    create = f"{CONTACTS}/batch/create"
+    inner = httpx.ASGITransport(app=sandbox_app)
+    services.http._transport = AnswersGarbled(inner, create, GARBLED[garbled]())
+    body = {"inputs": [{"properties": {"phone": "+14155550199"}}]}
+    with pytest.raises(HubSpotUnavailable) as raised:
+        await hubspot_client(services, portal).post_json(create, body)
+    assert raised.value.ambiguous
+    assert len(sandbox.contacts(portal)) == 1  # made once, never sent again from here
+    decision = RetryPolicy().decide(raised.value, attempt=1)
+    assert decision.delay >= RetryPolicy().ambiguous_write_min_delay
+
+
+@pytest.mark.parametrize("garbled", GARBLED)
+async def test_an_unreadable_answer_to_a_read_is_hubspots_failure_not_a_bug(
+    portal: int, services: Any, sandbox_app: Any, garbled: str
+) -> None:
+    # A corrupt body is asked for again at once; a body that is no JSON fails the call as
+    # HubSpot being unavailable (the worker retries the batch), not as a handler's bug
+    # (a ValueError, whose batch is run again in halves at once).
+    inner = httpx.ASGITransport(app=sandbox_app)
+    services.http._transport = AnswersGarbled(inner, CONTACTS, GARBLED[garbled]())
+    if garbled == "not JSON":
+        with pytest.raises(HubSpotUnavailable):
+            await hubspot_client(services, portal).get_json(CONTACTS)
+    assert await hubspot_client(services, portal).get_json(CONTACTS) == {"results": []}
+
+
+async def test_a_forced_refresh_that_got_no_token_may_be_forced_again(
+    portal: int, services: Any, sandbox: Any
+) -> None:
+    # HubSpot expired the token early (a 401), and its token endpoint was down for the
+    # refresh that forced. Once it is back, the next 401 refreshes: a forced refresh that
+    # got no token used to count as one made "moments ago" for a minute, and every call
+    # of the portal failed until then.
+    sandbox.expire_portal_tokens(portal)
+    sandbox.faults.append(Fault(count=1_000, status=503, path_prefix="/oauth/v3/token"))
+    with pytest.raises(HubSpotUnavailable):
+        await hubspot_client(services, portal).get_json(CONTACTS)
+    sandbox.faults.clear()
+    await asyncio.sleep(services.hubspot.backoff.refresh_cooldown_seconds)
+    assert await hubspot_client(services, portal).get_json(CONTACTS) == {"results": []}
+    assert sandbox.refresh_count[portal] == 1

@@ -15,12 +15,16 @@ from sqlmodel import col
 
 from app.crypto import generate_key
 from app.db import transaction
-from app.errors import ConfigurationError, PortalUnavailable, RefreshRejected
+from app.errors import (
+    ConfigurationError,
+    HubSpotNotReached,
+    PortalUnavailable,
+    RefreshRejected,
+)
 from app.hubspot import hubspot_client
 from app.inbox import EventView, HandlerContext, NewEvent, enqueue, registry
 from app.lifecycle import (
     UNINSTALL_EVENT,
-    HubSpotNotReached,
     apply_uninstall,
     check_scopes,
     disconnect,

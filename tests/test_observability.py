@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.logs import JsonFormatter, redact_text
+from app.retry import RetryPolicy
 from app.sandbox.limits import Fault
 from app.sandbox.properties import options
 from app.settings import Settings
@@ -340,6 +341,57 @@ async def test_no_secret_or_caller_detail_reaches_a_log_line_or_an_answer(
             checked.update(receptionist_secrets)
         leaks = find_leaks(text, checked)
         assert not leaks, f"{path} answered with {leaks}"
+
+
+class EchoingHubSpot(httpx.AsyncBaseTransport):
+    """The sandbox, except that contact creates fail with a message repeating the request."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, status: int) -> None:
+        self.inner = inner
+        self.status = status
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/contacts/batch/create"):
+            echoed = (await request.aread()).decode()
+            body = {"status": "error", "message": f"Unable to process request: {echoed}"}
+            return httpx.Response(self.status, json=body | {"category": "INTERNAL_ERROR"})
+        return await self.inner.handle_async_request(request)
+
+
+@pytest.mark.parametrize("status", [500, 404, 413, 423])
+async def test_a_hubspot_error_echoing_the_request_leaves_no_caller_detail_anywhere(
+    client: httpx.AsyncClient,
+    install_portal: Any,
+    services: Any,
+    sandbox_app: Any,
+    json_log: io.StringIO,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+) -> None:
+    # HubSpot's message was the error's text for every status but 400, 409 and 422: one
+    # that repeats the request put names and summaries in logs, events.last_error (kept
+    # after the payload is purged), the admin API and the console.
+    caplog.set_level(logging.DEBUG)
+    portal = await install_portal(1001)
+    await drain(services)
+    services.http._transport = EchoingHubSpot(httpx.ASGITransport(app=sandbox_app), status)
+    await post_event(client, portal, call(id="evt-echoed", caller=CALLERS[0], summary=SUMMARY))
+    await drain(services, retry_policy=RetryPolicy(max_attempts=1))
+    bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    api = await client.get("/admin/api/portals/1001", headers=bearer)
+    [failed] = [e for e in api.json()["events"] if e["status"] == "failed"]
+    assert f"status={status}" in failed["error"]
+    await client.post("/admin/login", data={"token": ADMIN_TOKEN})
+    console = await client.get("/admin/portals/1001")
+    people = {
+        label: value
+        for label, value in personal_data().items()
+        if label.startswith("caller 0") or label == "summary"
+    }
+    logged = caplog.text + json_log.getvalue()
+    for where, text in (("logs", logged), ("admin API", api.text), ("console", console.text)):
+        leaks = find_leaks(text, people)
+        assert not leaks, f"{where} show {leaks}"
 
 
 def test_redaction_catches_url_encoded_and_configured_secrets() -> None:

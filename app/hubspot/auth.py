@@ -63,8 +63,9 @@ class TokenRefresher:
         async with self._runtime.refresh_lock(portal_id):
             return await self._refresh_locked(portal_id, rejected)
 
-    def _may_force_refresh(self, tokens: TokenSet, rejected: Secret | None) -> None:
-        """Let a 401 force a refresh of a token that is not expiring at most once a minute.
+    def _may_force_refresh(self, tokens: TokenSet, rejected: Secret | None) -> bool:
+        """Let a 401 force a refresh of a token that is not expiring at most once a minute;
+        True when this refresh is such a forced one.
 
         HubSpot: a 401 alone does not mean a new token is needed. One that a token just
         refreshed meets too has another cause, and refreshing for every such call would
@@ -72,7 +73,7 @@ class TokenRefresher:
         """
         skew = self._services.settings.token_refresh_skew_seconds
         if rejected is None or tokens.expires_within(skew):
-            return
+            return False
         runtime = self._runtime
         now = runtime.clock()
         last = runtime.forced_refresh_at.get(tokens.portal_id)
@@ -83,6 +84,18 @@ class TokenRefresher:
                 status_code=401,
             )
         runtime.forced_refresh_at[tokens.portal_id] = now
+        return True
+
+    async def _refresh(self, tokens: TokenSet, *, forced: bool) -> TokenResponse:
+        """The refresh grant, retried; a forced one that got no token does not count as one."""
+        try:
+            return await self._refresh_with_retries(tokens)
+        except HubSpotError as error:
+            if forced and not isinstance(error, RefreshRejected):
+                # No token came of it, so none was "refreshed moments ago": the next 401
+                # may force a refresh again (the cooldown after failures paces them).
+                self._runtime.forced_refresh_at.pop(tokens.portal_id, None)
+            raise
 
     def _fresh(self, tokens: TokenSet, rejected: Secret | None) -> bool:
         skew = self._services.settings.token_refresh_skew_seconds
@@ -135,9 +148,9 @@ class TokenRefresher:
                 raise PortalUnavailable(portal_id, "no tokens stored")
             if self._fresh(tokens, rejected):
                 return tokens.access_token  # another request or process refreshed meanwhile
-            self._may_force_refresh(tokens, rejected)
+            forced = self._may_force_refresh(tokens, rejected)
             try:
-                answer = await self._refresh_with_retries(tokens)
+                answer = await self._refresh(tokens, forced=forced)
             except RefreshRejected as error:
                 rejection = error
                 await self._record_rejection(tokens, session=session)
@@ -166,9 +179,9 @@ class TokenRefresher:
             raise PortalUnavailable(portal_id, "no tokens stored")
         if self._fresh(tokens, rejected):
             return tokens.access_token
-        self._may_force_refresh(tokens, rejected)
+        forced = self._may_force_refresh(tokens, rejected)
         try:
-            answer = await self._refresh_with_retries(tokens)
+            answer = await self._refresh(tokens, forced=forced)
         except RefreshRejected:
             async with self._services.sessions() as session, session.begin():
                 current = await load_tokens(portal_id, session=session, cipher=cipher)
@@ -281,8 +294,8 @@ class TokenRefresher:
         )
 
 
-def _ctx(portal_id: int, **extra: object) -> dict[str, object]:
-    return {"portal_id": portal_id, **extra}
+def _ctx(portal_id: int) -> dict[str, object]:
+    return {"portal_id": portal_id}
 
 
 Pace = Callable[[], Awaitable[None]]

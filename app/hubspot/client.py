@@ -22,7 +22,7 @@ from app.errors import (
     HubSpotValidationError,
 )
 from app.hubspot.auth import PortalAuth, TokenRefresher
-from app.hubspot.oauth2 import error_body
+from app.hubspot.oauth2 import error_body, retry_after
 from app.logs import hubspot_error_fields, redact_text
 from app.metrics import count_hubspot_request
 
@@ -48,6 +48,9 @@ REPEATABLE_POST_SUFFIXES = (
 LOCKED_MINIMUM_WAIT = 2.0
 # Without Retry-After, a 429 waits at least this long before the portal sends again.
 RATE_LIMITED_MINIMUM_WAIT = 1.0
+# A 429 asking for a longer wait ends the call: its events wait in the inbox for their
+# retry, rather than a worker holding their batch (and the portal) asleep in the call.
+LONGEST_WAIT_IN_CALL = 60.0
 
 
 class HubSpotClient:
@@ -97,7 +100,9 @@ class HubSpotClient:
                 response = await self._services.http.request(
                     method, self._base + path, json=json, params=params, auth=auth
                 )
-            except httpx.TransportError as error:
+            # A garbled answer (DecodingError) came back from a request HubSpot received:
+            # like a lost one, it leaves open whether a create was carried out.
+            except (httpx.TransportError, httpx.DecodingError) as error:
                 count_hubspot_request(path, "error")
                 failures += 1
                 if not repeatable and not isinstance(error, NOT_SENT_ERRORS):
@@ -137,6 +142,8 @@ class HubSpotClient:
                 )
                 # Nothing more goes out for this portal until the wait is over.
                 self._runtime.budget.block(self.portal_id, wait, search=search)
+                if wait > LONGEST_WAIT_IN_CALL:
+                    raise self._gave_up(failure)
                 log.info(
                     "HubSpot answered 429; waiting %.2fs", wait, extra=hubspot_error_fields(failure)
                 )
@@ -190,16 +197,30 @@ class HubSpotClient:
         )
 
     async def get_json(self, path: str, params: dict[str, Any] | None = None) -> Any:
-        return _json(await self.request("GET", path, params=params))
+        """GET `path`; the answer's JSON (None for an empty answer). The same for the others."""
+        return self._json(await self.request("GET", path, params=params))
 
     async def post_json(self, path: str, body: Any, *, search: bool = False) -> Any:
-        return _json(await self.request("POST", path, json=body, search=search))
+        return self._json(await self.request("POST", path, json=body, search=search))
 
     async def patch_json(self, path: str, body: Any) -> Any:
-        return _json(await self.request("PATCH", path, json=body))
+        return self._json(await self.request("PATCH", path, json=body))
 
-    async def put_json(self, path: str, body: Any) -> Any:
-        return _json(await self.request("PUT", path, json=body))
+    def _json(self, response: httpx.Response) -> Any:
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            # A success we cannot read: what a create made (its ids) is lost to us.
+            request = response.request
+            raise HubSpotUnavailable(
+                f"HubSpot's answer to {request.method} {_route(request.url.path)} is not JSON; "
+                "it may have been carried out",
+                portal_id=self.portal_id,
+                status_code=response.status_code,
+                ambiguous=True,
+            ) from None
 
     async def delete(self, path: str) -> None:
         await self.request("DELETE", path)
@@ -210,10 +231,20 @@ def hubspot_client(services: Services, portal_id: int) -> HubSpotClient:
     return HubSpotClient(services, portal_id)
 
 
-_REFUSED = {
+# What an error says of HubSpot's answer. HubSpot's own message is never part of it: a
+# refusal repeats the values we sent, and a 5xx may echo the whole request (names,
+# summaries, a caller's words), which no pattern can find. The message is kept as the
+# error's detail only, for code to read; the status, category and correlationId, which
+# every error shows, are what an operator needs.
+_SAYS = {
     400: "HubSpot refused the request",
+    401: "HubSpot refused the access token",
+    403: "HubSpot refused access (a scope or permission is missing)",
+    404: "HubSpot found no such record",
     409: "HubSpot reports a conflict with an existing record",
     422: "HubSpot refused the request",
+    423: "HubSpot reports the record locked",
+    429: "HubSpot's rate limit was reached",
 }
 
 
@@ -226,9 +257,12 @@ def error_from_response(
     category = body.get("category") or body.get("errorType") or body.get("policyName")
     raw_message = str(body.get("message") or response.reason_phrase or "error")
     detail = redact_text(raw_message)
-    # A refusal's message repeats the values we sent, which no pattern can find (a name,
-    # a summary, a caller's words as an option label): it is kept as the detail only.
-    message = _REFUSED.get(status, detail)
+    if status in _SAYS:
+        message = _SAYS[status]
+    elif status >= 500:
+        message = "HubSpot failed with a server error"
+    else:
+        message = f"HubSpot answered {status}"
     kind: type[HubSpotError]
     if status == 429:
         kind = HubSpotRateLimited
@@ -242,31 +276,19 @@ def error_from_response(
         kind = HubSpotValidationError
     else:
         kind = HubSpotError
-    retry_after: float | None = None
-    if "Retry-After" in response.headers:
-        try:
-            retry_after = float(response.headers["Retry-After"])
-        except ValueError:
-            retry_after = None
     error = kind(
         f"{what}: {message}",
         portal_id=portal_id,
         status_code=status,
         category=str(category) if category else None,
         correlation_id=body.get("correlationId"),
-        retry_after=retry_after,
+        retry_after=retry_after(response),
         detail=detail,
     )
     if isinstance(error, HubSpotConflict):
         # Read before redaction: a long contact id looks like a phone number to the redactor.
         error.existing_id = HubSpotConflict.parse_existing_id(raw_message)
     return error
-
-
-def _json(response: httpx.Response) -> Any:
-    if response.status_code == 204 or not response.content:
-        return None
-    return response.json()
 
 
 def _route(path: str) -> str:

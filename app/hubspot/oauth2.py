@@ -10,6 +10,7 @@ HubSpot wants the client credentials in the form body (`client_secret_post`).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,9 +122,7 @@ def error_body(response: httpx.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-def raise_for_token_error(
-    response: httpx.Response, *, refresh: bool = False, portal_id: int | None = None
-) -> None:
+def raise_for_token_error(response: httpx.Response, *, refresh: bool = False) -> None:
     """Classify a failed token-endpoint answer into the error tree."""
     if response.is_success:
         return
@@ -131,7 +130,6 @@ def raise_for_token_error(
     error = str(body.get("error") or "")
     status_word = str(body.get("status") or "")
     context: dict[str, Any] = {
-        "portal_id": portal_id,
         "status_code": response.status_code,
         "category": error or status_word or None,
         "correlation_id": body.get("correlationId"),
@@ -139,7 +137,7 @@ def raise_for_token_error(
     if response.status_code == 429:
         raise HubSpotRateLimited(
             "HubSpot's OAuth endpoint is rate limiting",
-            retry_after=_retry_after(response),
+            retry_after=retry_after(response),
             **context,
         )
     if response.status_code >= 500:
@@ -156,11 +154,20 @@ def raise_for_token_error(
     )
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+# The longest Retry-After taken at its word: a larger one (or "inf") is a misreading, and
+# waiting it out would hold the portal's events for good (a date overflows the schedule).
+MAX_RETRY_AFTER = 3600.0
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """The seconds an answer's Retry-After asks for, at most an hour; None when it asks none."""
     try:
-        return float(response.headers["Retry-After"])
-    except (KeyError, ValueError):
+        seconds = float(response.headers["Retry-After"])
+    except (KeyError, ValueError):  # absent, or an HTTP date: the backoff decides instead
         return None
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def _as_token_response(token: Any) -> TokenResponse:
