@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from sqlmodel import col
 from app import identity
 from app.db import DATABASE_ERRORS, schema_trouble, transaction
 from app.errors import CryptoError, HandlerError, HublineError, HubSpotError
+from app.hubspot.client import before_write
 from app.inbox import (
     Done,
     EventView,
@@ -614,6 +616,17 @@ class Worker:
         )
         return renewed.scalar_one_or_none() is not None
 
+    async def _confirm_lease(self, portal_id: int) -> None:
+        """Renew our lease on the portal before a HubSpot write; LeaseLost if it may be lost."""
+        started = time.monotonic()
+        async with transaction(self.services.sessions) as session:
+            held = await self._hold_portal(portal_id, session=session)
+        # Renewed, the lease holds a full term from `started`: a write sent now is over (or
+        # timed out) before another worker may take the portal. A pause that took a third
+        # of the term (a stopped process, a stalled loop) may not leave that margin.
+        if not held or time.monotonic() - started > self.lease.total_seconds() / 3:
+            raise LeaseLost(f"portal {portal_id}")
+
     async def _recover_abandoned(self, portal_id: int, *, session: AsyncSession) -> None:
         """Put back events a crashed worker left in progress; we hold the portal's lease now."""
         abandoned = sa.and_(
@@ -683,6 +696,8 @@ class Worker:
 
     async def _run_batch(self, batch: _Batch, context: HandlerContext) -> bool:
         """Run the handler and record its outcomes; False when the portal must not be served on."""
+        # This task's own context (and its children's): other batches set their own.
+        before_write.set(functools.partial(self._confirm_lease, batch.portal_id))
         cipher = self.services.cipher
         views: list[EventView] = []
         outcomes: dict[int, Outcome] = {}
@@ -698,13 +713,18 @@ class Worker:
             if views:
                 try:
                     outcomes.update(await batch.spec.handle(context, views) or {})
-                except asyncio.CancelledError:
+                except (asyncio.CancelledError, LeaseLost):
                     raise
                 except Exception as error:
                     outcomes.update(await self._isolate(batch.spec, context, views, error))
         except asyncio.CancelledError:
             await asyncio.shield(self._release_batch(batch))
             raise
+        except LeaseLost:
+            # Another worker may be serving these events now: nothing more of the batch
+            # goes to HubSpot, and its outcomes are not ours to record.
+            log.warning("lost the lease of a portal mid-batch; stopping the batch")
+            return False
         # The handler's work is done (HubSpot has it): a cancellation now (the grace period
         # over, a lost lease) waits for the record rather than drop it, or the events would
         # stay in progress and their work be done again.
@@ -737,7 +757,7 @@ class Worker:
         for half in (views[:middle], views[middle:]):
             try:
                 halves.append((half, await spec.handle(alone, half) or {}))
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, LeaseLost):
                 raise
             except Exception as half_error:
                 halves.append((half, half_error))

@@ -24,7 +24,15 @@ from app.db import transaction
 from app.hubspot.runtime import Backoff
 from app.inbox import retry_events
 from app.main import close_services, open_services
-from app.models import EngagementRecord, EventStatus, InboxEvent, Portal, PortalProblem, utcnow
+from app.models import (
+    EngagementRecord,
+    EventStatus,
+    InboxEvent,
+    Portal,
+    PortalLease,
+    PortalProblem,
+    utcnow,
+)
 from app.retry import RetryPolicy
 from app.sandbox.limits import Fault
 from app.sandbox.objects import archive_object, update_object
@@ -1239,3 +1247,57 @@ async def test_a_second_person_sharing_a_phone_is_not_indexed_under_the_first(
     assert set(by_email) == {"alice@example.com", "bob@example.com"}
     assert not by_email["alice@example.com"].properties["ai_call_summary"].startswith("Bob's chat")
     assert by_email["bob@example.com"].properties["ai_call_summary"].startswith("Bob's chat")
+
+
+class Stall(httpx.AsyncBaseTransport):
+    """The sandbox, except that the worker stalls once its first request to `path` is
+    answered, before the answer gets back to it."""
+
+    def __init__(self, app: Any, path: str) -> None:
+        self.inner = httpx.ASGITransport(app=app)
+        self.path = path
+        self.stalled = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        answer = await self.inner.handle_async_request(request)
+        if request.url.path == self.path and not self.stalled.is_set():
+            self.stalled.set()
+            await self.go_on.wait()
+        return answer
+
+
+async def test_a_worker_that_stalled_past_its_lease_writes_nothing_more(
+    client: Any,
+    install_portal: Any,
+    services: Any,
+    sandbox: Any,
+    sandbox_app: Any,
+    settings: Settings,
+) -> None:
+    # Worker A stalls mid-batch (a stopped process, a stalled loop, a database its
+    # renewals could not reach); its lease runs out and worker B syncs the event. When A
+    # goes on, it used to make the contact or the call again: each write now first renews
+    # A's lease, which B holds.
+    portal = await install_portal(1001)
+    await drain(services)
+    await post_event(client, portal, call(caller={"name": "Bob", "phone": "+14155550199"}))
+    # A's search finds no contact for the caller; A stalls before creating one.
+    stall = Stall(sandbox_app, "/crm/v3/objects/contacts/search")
+    stalled = await open_services(settings, transport=stall)
+    try:
+        a = Worker(stalled, poll_seconds=0.01, worker_id="worker-a")
+        a_drains = asyncio.create_task(a.drain(timeout=30))
+        await asyncio.wait_for(stall.stalled.wait(), timeout=20)
+        async with transaction(services.sessions) as session:  # A's renewals stopped
+            await session.execute(
+                sa.update(PortalLease).values(expires_at=utcnow() - timedelta(seconds=1))
+            )
+        await drain(services, worker_id="worker-b")
+        assert (len(sandbox.contacts(1001)), len(sandbox.calls(1001))) == (1, 1)
+        stall.go_on.set()
+        await asyncio.wait_for(a_drains, timeout=30)
+    finally:
+        await close_services(stalled)
+    assert (len(sandbox.contacts(1001)), len(sandbox.calls(1001))) == (1, 1)
+    assert await events_by_status(services) == {EventStatus.done: 2}  # and provisioning

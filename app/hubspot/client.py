@@ -9,6 +9,8 @@ with the portal id, status, category and HubSpot's correlationId.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -46,6 +48,13 @@ REPEATABLE_POST_SUFFIXES = (
 )
 # HubSpot asks for at least two seconds after a 423 (a record is locked).
 LOCKED_MINIMUM_WAIT = 2.0
+# Set by the worker for a batch's task (and the tasks it starts): awaited right before each
+# HubSpot write goes out, it raises when the worker no longer holds the portal. A worker
+# that stalled past its lease would otherwise make again what another worker has since
+# made in its stead: HubSpot takes a create from anyone holding the token.
+before_write: ContextVar[Callable[[], Awaitable[None]] | None] = ContextVar(
+    "hubspot_before_write", default=None
+)
 # Without Retry-After, a 429 waits at least this long before the portal sends again.
 RATE_LIMITED_MINIMUM_WAIT = 1.0
 # A 429 asking for a longer wait ends the call: its events wait in the inbox for their
@@ -84,8 +93,13 @@ class HubSpotClient:
             settings.hubspot_searches_per_second if search else settings.hubspot_requests_per_10s
         )
 
+        reads = method == "GET" or search or path.split("?", 1)[0].endswith("/batch/read")
+        guard = None if reads else before_write.get()
+
         async def pace() -> None:
             await self._runtime.budget.acquire(self.portal_id, limit=limit, search=search)
+            if guard is not None:  # after the budget's wait, which may be long
+                await guard()
 
         auth = PortalAuth(self._refresher, self.portal_id, pace=pace)
         # A create that HubSpot may have carried out is never sent twice from here: the
