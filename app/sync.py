@@ -118,6 +118,8 @@ IN_LIMIT = 100
 MAX_FILTER_GROUPS = 5
 SEARCH_PAGE = 200
 CALL_TITLE = "AI receptionist call"
+# Engagement ids per lookup of the ones recorded (far below the drivers' parameter limits).
+_ENGAGEMENTS_PER_QUERY = 500
 # Times an engagement create that may or may not have happened is settled within one attempt.
 AMBIGUOUS_CREATE_ROUNDS = 3
 NOTE_HEADINGS = {TEXT: "AI receptionist text", CHAT: "AI receptionist chat"}
@@ -1439,6 +1441,32 @@ class BatchSync:
             )
         return found
 
+    async def _made_for_other_events(
+        self, engagement_ids: Iterable[str], items: list[Item]
+    ) -> set[str]:
+        """Of these engagements, those recorded as made for events other than `items`.
+
+        What tells an earlier attempt's engagement (the caller's contact, the time to the
+        second, Hubline's title or heading) fits another message of the caller's sent in
+        the same second too: taken for this one, this one's would never be made.
+        """
+        wanted = sorted(set(engagement_ids))
+        ours = {item.id for item in items}
+        others: set[str] = set()
+        async with self.services.sessions() as session:
+            for start in range(0, len(wanted), _ENGAGEMENTS_PER_QUERY):
+                rows = await session.execute(
+                    sa.select(col(EngagementRecord.engagement_id), col(EngagementRecord.event_id))
+                    .where(col(EngagementRecord.portal_id) == self.portal_id)
+                    .where(
+                        col(EngagementRecord.engagement_id).in_(
+                            wanted[start : start + _ENGAGEMENTS_PER_QUERY]
+                        )
+                    )
+                )
+                others.update(engagement for engagement, event in rows if event not in ours)
+        return others
+
     @staticmethod
     def _is_ours(item: Item, values: dict[str, Any]) -> bool:
         if millis(values.get("hs_timestamp")) != item.timestamp_ms:
@@ -1464,7 +1492,7 @@ class BatchSync:
                 for engagement_id in engagement_ids:
                     owned[engagement_id] = contact_id
             records = await self._read_objects(object_type, sorted(owned))
-            claimed: set[str] = set()
+            claimed = await self._made_for_other_events(records, wanted)
             for item in wanted:
                 for engagement_id, values in sorted(records.items(), key=lambda r: int(r[0])):
                     if (
@@ -1603,12 +1631,16 @@ class BatchSync:
                 results = await self._search_all(
                     f"/crm/v3/objects/{object_type}/search", groups, self._read_names(object_type)
                 )
+                others = await self._made_for_other_events(
+                    [str(r.get("id")) for r in results], group_items
+                )
                 for item in group_items:
                     hit = next(
                         (
                             str(r.get("id"))
                             for r in sorted(results, key=lambda r: int(str(r.get("id"))))
-                            if self._is_ours(item, r.get("properties") or {})
+                            if str(r.get("id")) not in others
+                            and self._is_ours(item, r.get("properties") or {})
                         ),
                         None,
                     )

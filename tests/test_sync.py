@@ -483,6 +483,36 @@ async def test_an_engagement_create_answered_503_is_settled_within_the_attempt(
     assert attempts == 1, "the lost answer was settled without another attempt"
 
 
+@pytest.mark.parametrize("kind", ["call.completed", "text.received"])
+async def test_a_lost_create_is_not_settled_with_the_same_seconds_other_message(
+    client: Any,
+    install_portal: Any,
+    services: Any,
+    sandbox: Any,
+    sandbox_app: Any,
+    settings: Settings,
+    kind: str,
+) -> None:
+    # Two messages of one caller stamped in the same second (a platform writing whole
+    # seconds; a text split in two). The second one's create is answered 503, not made:
+    # the settling found the first one's engagement (same contact, time and title) and
+    # took it for the second's, which was never made.
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    caller = {"name": "Bob", "phone": "+14155550199"}
+    second = "2026-03-02T14:30:07Z"
+    await post_event(client, portal, call(type=kind, caller=caller, occurred_at=second))
+    await drain(services)
+    await post_event(client, portal, call(type=kind, caller=caller, occurred_at=second))
+    object_type = "calls" if kind == "call.completed" else "notes"
+    path = f"/crm/v3/objects/{object_type}/batch/create"
+    await drain_through(settings, LostAnswerTransport(sandbox_app, made=False, path=path))
+    made = sandbox.calls(1001) if object_type == "calls" else sandbox.notes(1001)
+    assert len(made) == 2
+    records = await engagement_rows(services)
+    assert sorted(r.engagement_id for r in records) == sorted(e.id for e in made)
+
+
 async def test_300_events_sync_with_few_requests_and_no_429(
     client: Any, install_portal: Any, services: Any, sandbox: Any
 ) -> None:
