@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,7 @@ from app.errors import (
 from app.hubspot.client import HubSpotClient, error_from_response
 from app.hubspot.oauth2 import APP_UNINSTALL_PATH, JOURNAL_SCOPE, HubSpotOAuth, TokenResponse
 from app.hubspot.runtime import AppToken
+from app.hubspot.times import moment
 from app.inbox import (
     Done,
     EventView,
@@ -307,7 +308,7 @@ async def handle_uninstall(ctx: HandlerContext, events: list[EventView]) -> dict
     outcomes: dict[int, Outcome] = {}
     for event in events:
         generation = event.payload.get("install_generation")
-        occurred = _parse_when(event.payload.get("occurred_at"))
+        occurred = moment(event.payload.get("occurred_at"))
         async with transaction(ctx.services.sessions) as session:
             outcome = await apply_uninstall(
                 event.portal_id,
@@ -484,7 +485,7 @@ async def _record_entry(
         portal_id = _first_int(event, "portalId", "portal_id", "hubId", "installPortalId")
         if portal_id is None or not _is_uninstall(event):
             continue
-        occurred = _parse_when(event.get("occurredAt") or event.get("occurred_at"))
+        occurred = moment(event.get("occurredAt") or event.get("occurred_at"))
         known = await session.get(Portal, portal_id)
         if known is not None and occurred is None:
             # Without a time it cannot be told from a signal predating a reinstall;
@@ -534,19 +535,6 @@ def _first_int(entry: dict[str, Any], *names: str) -> int | None:
         except (KeyError, TypeError, ValueError):
             continue
     return None
-
-
-def _parse_when(value: Any) -> datetime | None:
-    """An epoch-milliseconds number or an ISO 8601 string, as UTC."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, int | float) or (isinstance(value, str) and value.isdigit()):
-        return datetime.fromtimestamp(float(value) / 1000, UTC)
-    try:
-        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 async def _any_portal_installed(services: Services) -> bool:

@@ -49,7 +49,7 @@ import re
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import phonenumbers
@@ -73,6 +73,7 @@ from app.errors import (
     UnrecordedWrite,
 )
 from app.hubspot import HubSpotClient, hubspot_client
+from app.hubspot.times import millis, stamp
 from app.inbox import (
     Done,
     EventView,
@@ -176,27 +177,6 @@ def phone_search_digits(e164: str) -> list[str]:
     national = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
     written = "".join(c for c in national if c.isascii() and c.isdigit())
     return list(dict.fromkeys(d for d in (str(number.national_number), written) if d))
-
-
-def stamp(moment: datetime) -> str:
-    """A UTC timestamp with milliseconds, as HubSpot stores `hs_timestamp`."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def millis(value: Any) -> int | None:
-    """Epoch milliseconds from HubSpot's datetime values (ISO 8601 or epoch ms)."""
-    if value is None or value == "":
-        return None
-    text = str(value).strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return round(moment.timestamp() * 1000)
 
 
 def number_text(value: float) -> str:

@@ -5,15 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from app.errors import HubSpotValidationError
+from app.hubspot.times import millis, moment, stamp
 from app.sync import (
     MAX_TEXT,
     engagement_body,
-    millis,
     phone_search_digits,
     property_errors,
     reason_of,
     split_name,
-    stamp,
 )
 
 
@@ -38,6 +37,17 @@ def test_timestamps_keep_milliseconds_and_compare_exactly() -> None:
     assert millis(stamp(moment)) == millis("1772461800123") == 1772461800123
     assert millis("2026-03-02T14:30:00Z") == 1772461800000
     assert millis(None) is None
+
+
+def test_a_hubspot_time_out_of_any_range_is_no_time() -> None:
+    # The journal's occurredAt read as epoch milliseconds: one past year 9999 failed the
+    # whole poll (fromtimestamp raised), and a float or an ISO string read differently
+    # from the engagements' times.
+    assert moment("1772461800123") == datetime(2026, 3, 2, 14, 30, 0, 123000, tzinfo=UTC)
+    assert moment(1772461800123) == moment(1772461800123.0) == moment("2026-03-02T14:30:00.123Z")
+    assert moment(" 1772461800123 ") == moment("1772461800123")
+    for nonsense in ("99999999999999999999", -(10**15), float("nan"), float("inf"), True, "x"):
+        assert moment(nonsense) is None
     assert millis("soon") is None
 
 
