@@ -511,11 +511,9 @@ _EVENT_LISTS = ("journalEvents", "events", "results")
 
 
 def _journal_events(entry: dict[str, Any]) -> list[dict[str, Any]]:
-    """The events of a downloaded journal entry.
-
-    HubSpot does not document the entry's shape: it may be the event itself, or hold a
-    list of them (integrations have met `{"journalEvents": [...]}`). Both are read.
-    """
+    """The events of a downloaded journal entry."""
+    # HubSpot does not document the entry's shape: it may be the event itself, or hold a
+    # list of them (integrations have met `{"journalEvents": [...]}`). Both are read.
     for name in _EVENT_LISTS:
         listed = entry.get(name)
         if isinstance(listed, list):

@@ -869,11 +869,9 @@ class BatchSync:
         *,
         creating: bool = False,
     ) -> bool:
-        """Take the values HubSpot refused out of a single record; fail the events behind them.
-
-        Answers whether the record is worth sending again: it keeps a caller (a new contact)
-        or something to say (an update, which then carries the reason).
-        """
+        """Take the values HubSpot refused out of a single record; fail the events behind them."""
+        # Answers whether the record is worth sending again: it keeps a caller (a new
+        # contact) or something to say (an update, which then carries the reason).
         named = {p.name for p in property_errors(error)} & set(values)
         if not named:
             return False
@@ -908,12 +906,11 @@ class BatchSync:
                     item.retry = ContactGone("the contact HubSpot named could not be read")
 
     async def _index_created(self, plans: list[NewContact]) -> None:
-        """Index the contacts a create just made, before anything else can fail the batch.
-
-        A step running alongside (known contacts' updates) may fail the attempt, and its
-        quick retry would look for these callers where HubSpot's search does not show new
-        contacts for seconds yet: it would create them again. The index shows them at once.
-        """
+        """Index the contacts a create just made, before anything else can fail the batch."""
+        # A step running alongside (known contacts' updates) may fail the attempt, and its
+        # quick retry would look for these callers where HubSpot's search does not show
+        # new contacts for seconds yet: it would create them again. The index shows them
+        # at once.
         identities = {plan.contact_id: _sent_identity(plan) for plan in plans if plan.contact_id}
         if not identities:
             return
@@ -1020,9 +1017,10 @@ class BatchSync:
             plans = retry
 
     async def _name_contacts_on_events(self) -> None:
-        """Record each event's contact on its row, still in progress, before the portal's
-        next batch may start: that batch counts them among its contacts' newest events
-        (`_newest_synced`), so an older event in it does not overwrite this batch's values."""
+        """Record each event's contact on its row, still in progress."""
+        # Before the portal's next batch may start: that batch counts them among its
+        # contacts' newest events (`_newest_synced`), so an older event in it does not
+        # overwrite this batch's values.
         rows = [
             {"b_id": item.id, "b_contact_id": item.contact_id}
             for item in self.items
@@ -1041,9 +1039,10 @@ class BatchSync:
     async def _newest_synced(
         self, contact_ids: list[str], batch_event_ids: list[int]
     ) -> dict[str, datetime]:
-        """When each contact's newest event outside this batch happened, among those synced
-        (and so whose values the contact was given; a text's note may still be queued), and
-        those of a batch still in flight that has written its contacts."""
+        """When each contact's newest event outside this batch happened."""
+        # Among those synced (and so whose values the contact was given; a text's note may
+        # still be queued), and those of a batch still in flight that has written its
+        # contacts.
         if not contact_ids:
             return {}
         async with self.services.sessions() as session:
@@ -1139,14 +1138,12 @@ class BatchSync:
     async def _fix_portal_properties(
         self, error: HubSpotError, chunk: list[WriteInput], resent: frozenset[str]
     ) -> frozenset[str] | None:
-        """A refusal caused by the portal, not the record: adapt the chunk to send it again.
-
-        Answers None when there is nothing to adapt, else the dropdowns whose repair (and
-        the deleted properties whose recreation) the chunk is sent again for. Creates and
-        updates run together, so both can be refused for the same removed option: the one
-        that comes second finds it repaired and is sent again with the repaired options
-        (once; a value refused after that is the record's).
-        """
+        """A refusal caused by the portal, not the record: adapt the chunk to send it again."""
+        # Answers None when there is nothing to adapt, else the dropdowns whose repair
+        # (and the deleted properties whose recreation) the chunk is sent again for.
+        # Creates and updates run together, so both can be refused for the same removed
+        # option: the one that comes second finds it repaired and is sent again with the
+        # repaired options (once; a value refused after that is the record's).
         async with self._fixing:
             return await self._fix_portal_properties_alone(error, chunk, resent)
 
@@ -1271,9 +1268,10 @@ class BatchSync:
             await self._forget_intents(rejected)
 
     async def _create_engagements_settled(self, object_type: str, items: list[Item]) -> list[Item]:
-        """Create engagements; after an answer that leaves open whether HubSpot made them,
-        look at the contacts' associations (current at once, unlike search) and create
-        only what is missing, so a flaky HubSpot does not cost the whole attempt."""
+        """Create engagements, settling any answer that leaves open whether HubSpot made them."""
+        # After such an answer, look at the contacts' associations (current at once,
+        # unlike search) and create only what is missing, so a flaky HubSpot does not cost
+        # the whole attempt.
         for round_number in range(1, AMBIGUOUS_CREATE_ROUNDS + 1):
             try:
                 return await self._create_engagements(object_type, items)
@@ -1424,12 +1422,10 @@ class BatchSync:
     async def _made_for_other_events(
         self, engagement_ids: Iterable[str], items: list[Item]
     ) -> set[str]:
-        """Of these engagements, those recorded as made for events other than `items`.
-
-        What tells an earlier attempt's engagement (the caller's contact, the time to the
-        second, Hubline's title or heading) fits another message of the caller's sent in
-        the same second too: taken for this one, this one's would never be made.
-        """
+        """Of these engagements, those recorded as made for events other than `items`."""
+        # What tells an earlier attempt's engagement (the caller's contact, the time to
+        # the second, Hubline's title or heading) fits another message of the caller's
+        # sent in the same second too: taken for this one, this one's would never be made.
         wanted = sorted(set(engagement_ids))
         ours = {item.id for item in items}
         others: set[str] = set()
@@ -1488,13 +1484,11 @@ class BatchSync:
     async def _associated_many(
         self, contact_ids: list[str], object_type: str
     ) -> dict[str, list[str]]:
-        """Each contact's associated engagements of `object_type`, a thousand contacts a
-        request (a lost answer on a full batch is settled in one, not a hundred).
-
-        A contact is settled by its last page of results or by HubSpot's "no associations"
-        entry; one the answer leaves unsettled any other way is read on its own, since
-        taking it for "none" could make its engagement twice.
-        """
+        """Each contact's associated engagements of `object_type`, a thousand contacts a request."""
+        # A lost answer on a full batch is settled in one request, not a hundred. A
+        # contact is settled by its last page of results or by HubSpot's "no associations"
+        # entry; one the answer leaves unsettled any other way is read on its own, since
+        # taking it for "none" could make its engagement twice.
         found: dict[str, list[str]] = {contact_id: [] for contact_id in contact_ids}
         settled: set[str] = set()
         pending: list[dict[str, str]] = [{"id": contact_id} for contact_id in contact_ids]
@@ -1712,8 +1706,8 @@ _EVENTS: sa.Table = InboxEvent.__table__  # type: ignore[attr-defined]
 def _record_engagements(
     portal_id: int, items: list[Item], postgres: bool, cipher: TokenCipher
 ) -> Write:
-    """One statement mapping every synced event of a batch to its engagement (and the
-    attendances left for later, queued in the same transaction)."""
+    """One statement mapping a batch's synced events to their engagements."""
+    # The attendances left for later are queued in the same transaction.
     later = [i.attendance_later for i in items if i.attendance_later is not None]
     notes = [_note_later(portal_id, i) for i in items if i.note_later]
     rows = [

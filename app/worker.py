@@ -102,9 +102,10 @@ PeriodicJob = Callable[["Services"], Awaitable[None]]
 
 
 class _FailureLog:
-    """A loop's failures, logged without a flood: an error that repeats turn after turn
-    (the database down for a minute) is logged once, with its traceback (HubSpot's errors
-    in one line), and so is its end."""
+    """A loop's failures, logged without a flood."""
+
+    # An error that repeats turn after turn (the database down for a minute) is logged
+    # once, with its traceback (HubSpot's errors in one line), and so is its end.
 
     def __init__(self, doing: str) -> None:
         self.doing = doing
@@ -281,12 +282,10 @@ class Worker:
             log.info("worker stopped", extra={"worker_id": self.worker_id})
 
     async def _wait_for_database(self) -> None:
-        """Return once the database answers with a schema this code can use (or on `stop()`).
-
-        A rolling deploy may start workers before `hubline migrate` has run, and a worker
-        may start while the database is down: until then it says once why it waits,
-        instead of failing every turn of its loops.
-        """
+        """Return once the database answers with a schema this code can use (or on `stop()`)."""
+        # A rolling deploy may start workers before `hubline migrate` has run, and a
+        # worker may start while the database is down: until then it says once why it
+        # waits, instead of failing every turn of its loops.
         told: str | None = None
         while not self._stopping.is_set():
             trouble = await schema_trouble(self.services.engine)
@@ -474,12 +473,10 @@ class Worker:
     async def _claim_batch(
         self, portal_id: int, *, recover: bool = False, only: HandlerSpec | None = None
     ) -> _Batch | None:
-        """Mark the portal's next run of due events of one handler as ours; None when idle.
-
-        `recover` first puts back what a crashed worker left in progress: needed once, on the
-        first claim after taking the portal's lease. With `only`, the run is claimed only
-        if that handler takes it (None otherwise).
-        """
+        """Mark the portal's next run of due events of one handler as ours; None when idle."""
+        # `recover` first puts back what a crashed worker left in progress: needed once,
+        # on the first claim after taking the portal's lease. With `only`, the run is
+        # claimed only if that handler takes it (None otherwise).
         while True:
             now = utcnow()
             async with transaction(self.services.sessions) as session:
@@ -572,9 +569,9 @@ class Worker:
     async def _filled_run(
         self, portal_id: int, now: datetime, others: list[InboxEvent], *, session: AsyncSession
     ) -> list[InboxEvent]:
-        """Due events of a handler that waits to fill its batches, if they should run now:
-        a whole batch of them is due, the oldest has waited long enough, or nothing else
-        of the portal's is due (`others`). Empty otherwise."""
+        """Due events of a handler that fills its batches, if they should run now; else empty."""
+        # They run when a whole batch of them is due, the oldest has waited long enough,
+        # or nothing else of the portal's is due (`others`).
         query = self._due(portal_id, now).where(
             col(InboxEvent.type).in_(self.registry.filling_types)
         )
@@ -596,13 +593,11 @@ class Worker:
         return []
 
     async def _hold_portal(self, portal_id: int, *, session: AsyncSession) -> bool:
-        """Renew our lease on the portal in the caller's transaction; False when we lost it.
-
-        Claims and records check this themselves: the heartbeat notices a lost lease only
-        every third of a lease, and in between another worker may serve the portal. Called
-        before the events are locked, as the heartbeat locks leases before events, so the
-        two never wait on each other in opposite orders.
-        """
+        """Renew our lease on the portal in the caller's transaction; False when we lost it."""
+        # Claims and records check this themselves: the heartbeat notices a lost lease
+        # only every third of a lease, and in between another worker may serve the portal.
+        # Called before the events are locked, as the heartbeat locks leases before
+        # events, so the two never wait on each other in opposite orders.
         now = utcnow()
         renewed = await session.execute(
             sa.update(PortalLease)
@@ -657,9 +652,10 @@ class Worker:
     async def _set_aside_unhandled(
         self, run: list[InboxEvent], now: datetime, *, session: AsyncSession
     ) -> None:
-        """Events no handler here takes. HubSpot's are subscriptions Hubline does not use, and
-        are skipped. Any other was made or accepted by a newer Hubline than this worker (a
-        rolling deploy, or a rollback): it waits for a worker that knows its type, unlost."""
+        """Skip or put off events no handler here takes."""
+        # HubSpot's are subscriptions Hubline does not use, and are skipped. Any other was
+        # made or accepted by a newer Hubline than this worker (a rolling deploy, or a
+        # rollback): it waits for a worker that knows its type, unlost.
         ignored = [row.id for row in run if row.source == SKIPPED_WHEN_UNHANDLED]
         newer = [row for row in run if row.source != SKIPPED_WHEN_UNHANDLED]
         if ignored:
@@ -739,15 +735,14 @@ class Worker:
     async def _isolate(
         self, spec: HandlerSpec, context: HandlerContext, views: list[EventView], error: Exception
     ) -> dict[int, Outcome]:
-        """The outcomes of a batch whose handler raised `error`: the batch's halves are
-        handled apart, and the failing half's again, so one event whose data trips a bug
-        fails alone instead of taking the batch's other events with it.
-
-        Handlers are safe to run again (a retry never duplicates). Not for the failures a
-        handler expects (HubSpot's answers, the network, the database): every event is
-        retried for those. When both halves fail, the cause is something they share, and
-        every event is retried too, so a fault of the whole batch costs two more runs.
-        """
+        """The outcomes of a batch whose handler raised `error`; the event at fault is found."""
+        # The batch's halves are handled apart, and the failing half's again, so one event
+        # whose data trips a bug fails alone instead of taking the batch's other events
+        # with it. Handlers are safe to run again (a retry never duplicates). Not for the
+        # failures a handler expects (HubSpot's answers, the network, the database): every
+        # event is retried for those. When both halves fail, the cause is something they
+        # share, and every event is retried too, so a fault of the whole batch costs two
+        # more runs.
         if len(views) == 1 or isinstance(error, EXPECTED_FAILURES):
             return {view.id: error for view in views}
         # The portal's next batch waits for this one whole: a rerun writes contacts again.
@@ -792,13 +787,11 @@ class Worker:
             return await self._record_failure(batch, error)
 
     async def _record_failure(self, batch: _Batch, error: Exception) -> bool:
-        """Record `error` as every event's outcome, after recording the real ones failed.
-
-        Left in progress, the events would be put back by the next claim with no backoff
-        and their attempts would end with a generic error: the handler's side effects
-        repeat at once, and the reason is lost. A fresh transaction, since the failed one
-        may have left its connection unusable.
-        """
+        """Record `error` as every event's outcome, after recording the real ones failed."""
+        # Left in progress, the events would be put back by the next claim with no backoff
+        # and their attempts would end with a generic error: the handler's side effects
+        # repeat at once, and the reason is lost. A fresh transaction, since the failed
+        # one may have left its connection unusable.
         try:
             return await self._record(
                 batch, {row.id: error for row in batch.events if row.id is not None}
@@ -926,12 +919,10 @@ class Worker:
         }
 
     async def _release_batch(self, batch: _Batch) -> None:
-        """Give back a batch we stopped in the middle of; its attempt does not count.
-
-        The handler may have been stopped after HubSpot made a contact and before its id
-        was written down: the events wait as long as after a write whose answer was lost,
-        so that HubSpot's search shows such a contact to the next attempt.
-        """
+        """Give back a batch we stopped in the middle of; its attempt does not count."""
+        # The handler may have been stopped after HubSpot made a contact and before its id
+        # was written down: the events wait as long as after a write whose answer was
+        # lost, so that HubSpot's search shows such a contact to the next attempt.
         ids = [row.id for row in batch.events]
         run_after = utcnow() + timedelta(seconds=self.retry_policy.ambiguous_write_min_delay)
         with contextlib.suppress(Exception):

@@ -64,13 +64,11 @@ class TokenRefresher:
             return await self._refresh_locked(portal_id, rejected)
 
     def _may_force_refresh(self, tokens: TokenSet, rejected: Secret | None) -> bool:
-        """Let a 401 force a refresh of a token that is not expiring at most once a minute;
-        True when this refresh is such a forced one.
-
-        HubSpot: a 401 alone does not mean a new token is needed. One that a token just
-        refreshed meets too has another cause, and refreshing for every such call would
-        only load the token endpoint: the call fails with the 401 instead.
-        """
+        """Let a 401 force a refresh at most once a minute; True when this refresh is forced."""
+        # Only for a token that is not expiring anyway. HubSpot: a 401 alone does not mean
+        # a new token is needed. One that a token just refreshed meets too has another
+        # cause, and refreshing for every such call would only load the token endpoint:
+        # the call fails with the 401 instead.
         skew = self._services.settings.token_refresh_skew_seconds
         if rejected is None or tokens.expires_within(skew):
             return False
@@ -164,14 +162,13 @@ class TokenRefresher:
         raise rejection
 
     async def _refresh_outside_transaction(self, portal_id: int, rejected: Secret | None) -> Secret:
-        """SQLite's refresh, which holds no transaction while HubSpot's token endpoint answers.
-
-        SQLite's only lock is the whole database's, which intake, lease renewals and every
-        worker need within seconds; a token endpoint that hangs would hold it through
-        every retry (three tries of up to 10 s). Within the process the refresh lock keeps
-        this to one refresh; a process refreshing at the same moment costs one refresh
-        more, and the compare-and-swap on the row's version keeps the tokens stored first.
-        """
+        """SQLite's refresh, which holds no transaction while HubSpot's token endpoint answers."""
+        # SQLite's only lock is the whole database's, which intake, lease renewals and
+        # every worker need within seconds; a token endpoint that hangs would hold it
+        # through every retry (three tries of up to 10 s). Within the process the refresh
+        # lock keeps this to one refresh; a process refreshing at the same moment costs
+        # one refresh more, and the compare-and-swap on the row's version keeps the tokens
+        # stored first.
         cipher = self._services.cipher
         async with self._services.sessions() as session:
             tokens = await load_tokens(portal_id, session=session, cipher=cipher)
@@ -267,12 +264,10 @@ class TokenRefresher:
         raise AssertionError("unreachable")
 
     async def _record_rejection(self, tokens: TokenSet, *, session: AsyncSession) -> None:
-        """invalid_grant: signal the uninstall, and apply it now in this locked transaction.
-
-        Applying it here (with the handler's own function) matters: the worker parks a
-        portal's pending events when a handler raises RefreshRejected, which would park
-        the signal itself before the uninstall handler could run.
-        """
+        """invalid_grant: signal the uninstall, and apply it now in this locked transaction."""
+        # Applying it here (with the handler's own function) matters: the worker parks a
+        # portal's pending events when a handler raises RefreshRejected, which would park
+        # the signal itself before the uninstall handler could run.
         from app.lifecycle import UninstallReason, apply_uninstall, signal_uninstall
 
         log.warning(
