@@ -231,11 +231,9 @@ async def _record_chunk(
 
 
 def _not_recorded(chunk: list[Attendance], answer: Any) -> list[Attendance]:
-    """The attendances a 2xx answer leaves out: with errors in it, those absent from its results.
-
-    HubSpot answers a batch it took in part with 207, the contacts it recorded in
-    `results` and what went wrong in `errors`.
-    """
+    """The attendances a 2xx answer leaves out: with errors in it, those absent from its results."""
+    # HubSpot answers a batch it took in part with 207, the contacts it recorded in
+    # `results` and what went wrong in `errors`.
     if not isinstance(answer, dict) or not (answer.get("errors") or answer.get("numErrors")):
         return []
     recorded = {

@@ -250,12 +250,10 @@ def run_async(work: Coroutine[Any, Any, _T]) -> _T:
 
 
 async def _sqlite_threads_ended() -> None:
-    """Let aiosqlite's connection threads end before the loop closes (a second at most each).
-
-    aiosqlite stops a connection that failed to open without awaiting the stop: its
-    thread answers on this loop afterwards, and finding the loop closed it prints a
-    traceback under the command's own one-line error.
-    """
+    """Let aiosqlite's connection threads end before the loop closes (a second at most each)."""
+    # aiosqlite stops a connection that failed to open without awaiting the stop: its
+    # thread answers on this loop afterwards, and finding the loop closed it prints a
+    # traceback under the command's own one-line error.
     for thread in threading.enumerate():
         if thread.name.endswith("(_connection_worker_thread)"):
             await asyncio.to_thread(thread.join, 1.0)
@@ -302,8 +300,8 @@ def _missing_database() -> str | None:
 
 
 def _database_trouble(args: argparse.Namespace, error: Exception) -> str | None:
-    """One line on why the database failed the command, when it is the database's state
-    (unreachable, schema missing or behind) rather than a fault a traceback should show."""
+    """One line on why the database failed the command, if it is the database's state."""
+    # Unreachable, or its schema missing or behind: not a fault a traceback should show.
     from app import db
 
     if not isinstance(error, db.DATABASE_ERRORS):

@@ -169,8 +169,10 @@ class Settings(BaseSettings):
 
 
 class _GivenSettings(Settings):
-    """Settings from the values given alone: no environment, no .env file (a developer's
-    own .env or exported variables must not change what a test or a caller asked for)."""
+    """Settings from the values given alone: no environment, no .env file."""
+
+    # A developer's own .env or exported variables must not change what a test or a caller
+    # asked for.
 
     @classmethod
     def settings_customise_sources(

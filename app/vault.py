@@ -243,12 +243,10 @@ def _rekeyed_idempotency_hash(
     old_hash: str,
     payload: bytes | None,
 ) -> str:
-    """The event's idempotency hash under the primary key.
-
-    Receptionist and HubSpot events (the ones senders redeliver) carry their key in the
-    payload; it is checked against the old hash before use. Any other event gets a
-    unique hash under the new key: only its deduplication is given up, never its data.
-    """
+    """The event's idempotency hash under the primary key."""
+    # Receptionist and HubSpot events (the ones senders redeliver) carry their key in the
+    # payload; it is checked against the old hash before use. Any other event gets a
+    # unique hash under the new key: only its deduplication is given up, never its data.
     if old_hash.startswith(f"{cipher.primary_key_id}:"):
         return old_hash
     from app.inbox import NewEvent, idempotency_hashes  # the inbox builds on this module
