@@ -164,6 +164,19 @@ class _Decided:
 
 
 @dataclass
+class _Record:
+    """A batch's outcomes as the record writes them, then logs and counts them."""
+
+    done: list[dict[str, Any]] = field(default_factory=list)  # _MARK_DONE's parameters
+    decided: list[_Decided] = field(default_factory=list)
+    # A handler may give many events one write (a batch's records in one statement):
+    # each distinct write runs once.
+    writes: dict[Write, None] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)  # receipt to synced, of the done
+    keep_serving: bool = True
+
+
+@dataclass
 class _Running:
     """A batch being handled, and the context its handler signals through."""
 
@@ -808,53 +821,19 @@ class Worker:
     async def _record(self, batch: _Batch, outcomes: dict[int, Outcome]) -> bool:
         """Record the outcomes in one transaction; LeaseLost when the portal or events are lost."""
         now = utcnow()
-        keep_serving = True
-        latencies: list[float] = []  # receipt to synced, of the events done
-        done: list[dict[str, Any]] = []
-        others: list[_Decided] = []
-        # A handler may give many events one write (a batch's records in one statement):
-        # each distinct write runs once.
-        writes: dict[Write, None] = {}
-        for row in batch.events:
-            assert row.id is not None
-            outcome = outcomes.get(row.id, Done())
-            if isinstance(outcome, Done):
-                done.append(
-                    {
-                        "b_id": row.id,
-                        "b_result": json.dumps(outcome.result) if outcome.result else None,
-                        "b_contact_id": outcome.contact_id,
-                    }
-                )
-                if outcome.write is not None:
-                    writes.setdefault(outcome.write)
-                latencies.append((now - row.received_at).total_seconds())
-                continue
-            values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
-            decision = self.retry_policy.decide(outcome, row.attempts)
-            values["last_error"] = describe_error(outcome)
-            if decision.action is Action.retry:
-                values |= {
-                    "status": EventStatus.pending,
-                    "run_after": now + timedelta(seconds=decision.delay),
-                }
-            elif decision.action is Action.fail:
-                values |= {"status": EventStatus.failed, "finished_at": now}
-            else:
-                # The portal cannot be served now: waiting is not an attempt.
-                values |= {"status": EventStatus.parked, "attempts": row.attempts - 1}
-                keep_serving = False
-            others.append(_Decided(row, outcome, decision.action, values))
+        record = self._decide(batch, outcomes, now)
         ids = [row.id for row in batch.events]
         async with transaction(self.services.sessions) as session:
             if not await self._hold_portal(batch.portal_id, session=session):
                 raise LeaseLost(f"portal {batch.portal_id}")
-            if not keep_serving and await _portal_is_active(batch.portal_id, session=session):
+            if not record.keep_serving and await _portal_is_active(
+                batch.portal_id, session=session
+            ):
                 # Reinstalled while this batch ran: the install un-parked what was parked
                 # then, which these events were not yet (locked before them, as the install
                 # locks it before un-parking). They are retried instead.
-                keep_serving = True
-                for decided in others:
+                record.keep_serving = True
+                for decided in record.decided:
                     if decided.action is Action.park:
                         decided.action = Action.retry
                         decided.values |= self._retry_values(decided.row.attempts, now)
@@ -872,41 +851,59 @@ class Worker:
             lost = set(ids) - set(held.scalars())
             if lost:
                 raise LeaseLost(f"event {min(i for i in lost if i is not None)}")
-            if done:
+            if record.done:
                 # On the connection: the session would read a list of parameter sets as an
                 # ORM bulk update by primary key.
                 connection = await session.connection()
-                await connection.execute(_MARK_DONE.values(finished_at=now), done)
-            for decided in others:
+                await connection.execute(_MARK_DONE.values(finished_at=now), record.done)
+            for decided in record.decided:
                 await session.execute(
                     sa.update(InboxEvent)
                     .where(col(InboxEvent.id) == decided.row.id)
                     .values(**decided.values)
                     .execution_options(synchronize_session=False)
                 )
-            for write in writes:
+            for write in record.writes:
                 await write(session)
-            if not keep_serving:
+            if not record.keep_serving:
                 await park_portal_events(batch.portal_id, session=session)
-        # Logged and counted once recorded, with the action the record took (a park can
-        # turn into a retry above).
-        for decided in others:
-            log.warning(
-                "event %s %s: %s",
-                decided.row.id,
-                decided.action,
-                decided.values["last_error"],
-                extra={
-                    "event_type": decided.row.type,
-                    "attempt": decided.row.attempts,
-                    **hubspot_error_fields(decided.error),
-                },
-            )
-            EVENTS_HANDLED.labels(outcome=str(decided.action)).inc()
-        for latency in latencies:
-            EVENTS_HANDLED.labels(outcome="done").inc()
-            RECEIPT_TO_SYNCED.observe(latency)
-        return keep_serving
+        _report(record)
+        return record.keep_serving
+
+    def _decide(self, batch: _Batch, outcomes: dict[int, Outcome], now: datetime) -> _Record:
+        """What the record writes for each event: done, or the retry policy's decision."""
+        record = _Record()
+        for row in batch.events:
+            assert row.id is not None
+            outcome = outcomes.get(row.id, Done())
+            if isinstance(outcome, Done):
+                record.done.append(
+                    {
+                        "b_id": row.id,
+                        "b_result": json.dumps(outcome.result) if outcome.result else None,
+                        "b_contact_id": outcome.contact_id,
+                    }
+                )
+                if outcome.write is not None:
+                    record.writes.setdefault(outcome.write)
+                record.latencies.append((now - row.received_at).total_seconds())
+                continue
+            values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
+            decision = self.retry_policy.decide(outcome, row.attempts)
+            values["last_error"] = describe_error(outcome)
+            if decision.action is Action.retry:
+                values |= {
+                    "status": EventStatus.pending,
+                    "run_after": now + timedelta(seconds=decision.delay),
+                }
+            elif decision.action is Action.fail:
+                values |= {"status": EventStatus.failed, "finished_at": now}
+            else:
+                # The portal cannot be served now: waiting is not an attempt.
+                values |= {"status": EventStatus.parked, "attempts": row.attempts - 1}
+                record.keep_serving = False
+            record.decided.append(_Decided(row, outcome, decision.action, values))
+        return record
 
     def _retry_values(self, attempts: int, now: datetime) -> dict[str, Any]:
         # Counted as an attempt and backed off: should the portal still be unusable
@@ -1059,6 +1056,27 @@ async def _portal_is_active(portal_id: int, *, session: AsyncSession) -> bool:
         sa.select(col(Portal.status)).where(col(Portal.portal_id) == portal_id).with_for_update()
     )
     return status == PortalStatus.active
+
+
+def _report(record: _Record) -> None:
+    """Log and count a batch's recorded outcomes, with the action each record took."""
+    # Once recorded: a park can turn into a retry in the record.
+    for decided in record.decided:
+        log.warning(
+            "event %s %s: %s",
+            decided.row.id,
+            decided.action,
+            decided.values["last_error"],
+            extra={
+                "event_type": decided.row.type,
+                "attempt": decided.row.attempts,
+                **hubspot_error_fields(decided.error),
+            },
+        )
+        EVENTS_HANDLED.labels(outcome=str(decided.action)).inc()
+    for latency in record.latencies:
+        EVENTS_HANDLED.labels(outcome="done").inc()
+        RECEIPT_TO_SYNCED.observe(latency)
 
 
 def describe_error(error: BaseException) -> str:
