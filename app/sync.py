@@ -638,20 +638,30 @@ class BatchSync:
         found: dict[str, Contact] = {}
         if unknown:
             found.update(await self._search(unknown, set(known.values())))
-        missing = set(known.values()) - set(found)
-        if missing:
-            read = await self._read_contacts(sorted(missing))
+        # An index entry is a hint its contact must confirm: the contact may have been
+        # deleted since, or lost the phone or email (changed while the app was
+        # uninstalled, or with no webhook to tell). Contacts the search did not show, or
+        # showed without the indexed value (search results lag behind a contact's latest
+        # values), are read by id, which does not lag.
+        unconfirmed = {
+            contact_id
+            for key, contact_id in known.items()
+            if contact_id not in found or key not in found[contact_id].keys(self.region)
+        }
+        if unconfirmed:
+            read = await self._read_contacts(sorted(unconfirmed))
             again: list[Key] = []
             for key, contact_id in list(known.items()):
-                if contact_id not in missing:
+                if contact_id not in unconfirmed:
                     continue
                 contact = read.get(contact_id)
-                if contact is None:
-                    del known[key]  # deleted since it was indexed
+                if contact is not None:
+                    found[contact.id] = contact  # merged contacts answer as the survivor
+                if contact is None or key not in contact.keys(self.region):
+                    del known[key]  # searched for as a caller the index does not know
                     again.append(key)
                 else:
-                    known[key] = contact.id  # merged contacts answer as the survivor
-                    found[contact.id] = contact
+                    known[key] = contact.id
             if again:
                 found.update(await self._search(again, set()))
         self.contacts = found

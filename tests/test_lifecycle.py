@@ -39,14 +39,18 @@ from app.models import (
     OAuthToken,
     Portal,
     PortalProblem,
+    PortalStatus,
     utcnow,
 )
 from app.portals import list_problems, record_problem
 from app.sandbox.limits import Fault
+from app.sandbox.objects import update_object
+from app.sandbox.state import UI_SOURCE
 from app.tokens import load_tokens
 from app.worker import Worker
 from tests.conftest import HUBLINE_URL, SANDBOX_URL, approve_in_sandbox, settings_page_value
 from tests.support_hubline import fast_backoff
+from tests.sync_support import call, person_contact, post_event
 
 CONTACTS = "/crm/v3/objects/contacts"
 PROBE = "test.lifecycle_probe"
@@ -545,3 +549,31 @@ async def test_the_logs_of_install_refresh_and_uninstall_hold_no_secret(
         for secret in secrets:
             assert secret not in line, f"a secret in a log line of {record.name}"
     assert checked > 5
+
+
+async def test_after_a_reinstall_a_number_that_changed_hands_meanwhile_finds_its_new_holder(
+    install_portal: Any, services: Any, sandbox: Any, sandbox_app: Any, client: Any
+) -> None:
+    # While the app was uninstalled HubSpot told it nothing: Ada's number moved to Grace.
+    # The caller index still named Ada, and the first call after the reinstall went on
+    # her contact (her AI properties overwritten with Grace's call). An index entry is
+    # now a hint the contact must confirm.
+    ada_phone = {"name": "Ada Lovelace", "phone": "+1 415 555 0100"}
+    portal = await install_portal(1001)
+    await post_event(client, portal, call(caller=ada_phone))
+    await drain(services)
+    [ada] = sandbox.contacts(1001)
+    await uninstall_in_sandbox(sandbox_app, 1001)
+    await poll_journal(services)
+    await drain(services)
+    assert (await portal_state(services, 1001))[0] == PortalStatus.uninstalled
+    world = sandbox.portal(1001)
+    update_object(sandbox, world, ada, {"phone": "+1 415 555 0199"}, UI_SOURCE)
+    grace = person_contact(sandbox, 1001, firstname="Grace", phone="+14155550100")
+
+    portal = await install_portal(1001)
+    await post_event(client, portal, call(caller=ada_phone | {"name": "Grace Hopper"}))
+    await drain(services)
+    last_call = sandbox.calls(1001)[-1]
+    assert world.associated("calls", last_call.id, "contacts") == [grace.id]
+    assert len(sandbox.contacts(1001)) == 2
