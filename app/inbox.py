@@ -24,7 +24,7 @@ from sqlmodel import col
 
 from app.crypto import TokenCipher
 from app.db import SessionFactory, rowcount, transaction
-from app.models import EventSource, EventStatus, InboxEvent, utcnow
+from app.models import PRIVACY_DELETION, EventSource, EventStatus, InboxEvent, utcnow
 from app.vault import payload_context
 
 if TYPE_CHECKING:
@@ -301,15 +301,18 @@ def read_payload(event: InboxEvent, cipher: TokenCipher) -> dict[str, Any]:
 async def park_portal_events(portal_id: int, *, session: AsyncSession) -> int:
     """Park a portal's pending events (it cannot be served now); returns how many.
 
-    Lifecycle signals are never parked: an uninstall must be handled precisely when
-    the portal cannot be served.
+    Uninstall signals (from Hubline or the app journal) are never parked: an uninstall
+    must be handled precisely when the portal cannot be served. Nor are privacy
+    deletions, which need no HubSpot call: parked, an erasure would wait on a re-consent
+    that may never come, and then be deleted with the parked events, unapplied.
     """
     result = await session.execute(
         sa.update(InboxEvent)
         .where(
             col(InboxEvent.portal_id) == portal_id,
             col(InboxEvent.status) == EventStatus.pending,
-            col(InboxEvent.source) != EventSource.lifecycle,
+            col(InboxEvent.source).not_in([EventSource.lifecycle, EventSource.journal]),
+            col(InboxEvent.type) != PRIVACY_DELETION,
         )
         .values(status=EventStatus.parked)
         .execution_options(synchronize_session=False)

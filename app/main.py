@@ -153,12 +153,13 @@ def all_routes() -> list[BaseRoute]:
     from app.metrics import metrics_endpoint
 
     return [
+        # First: the router tries routes in order, and webhooks are nearly every request.
+        *webhooks.routes,
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
         *oauth.routes,
         *settings_page.routes,
-        *webhooks.routes,
         *admin.routes,
         *console.routes,
     ]

@@ -30,7 +30,7 @@ from app.errors import EventRejected
 from app.inbox import NewEvent, enqueue
 from app.main import Services, services
 from app.metrics import counted
-from app.models import EventSource, EventStatus, Portal, PortalStatus, utcnow
+from app.models import PRIVACY_DELETION, EventSource, EventStatus, Portal, PortalStatus, utcnow
 from app.portals import KnownPortal
 from app.receptionist import parse_event
 from app.signatures import (
@@ -191,7 +191,13 @@ class IntakeCounts:
 async def store_hubspot_events(
     events: list[HubSpotEvent], *, session: AsyncSession, cipher: TokenCipher, app_id: str
 ) -> IntakeCounts:
-    """Enqueue the events of installed portals (parked while a portal needs re-authorization)."""
+    """Enqueue the events of installed portals (parked while a portal needs re-authorization).
+
+    A privacy deletion is stored for any portal Hubline knows, uninstalled or waiting for
+    re-consent: it needs no HubSpot call, and the caller details it erases are kept (in
+    parked events) until then. HubSpot still sends it where the app stays installed on
+    its side (a revoked grant, a disconnect forced here).
+    """
     counts = IntakeCounts()
     # An id past BIGINT names no portal (and the database could not compare it): ignored.
     portal_ids = {event.portal_id for event in events if fits_bigint(event.portal_id)}
@@ -203,8 +209,10 @@ async def store_hubspot_events(
     statuses = dict(found.all())
     for event in events:
         status = statuses.get(event.portal_id)
+        erasure = event.subscription_type == PRIVACY_DELETION
         # HubSpot retries every 4xx for a day: what is not ours is acknowledged and dropped.
-        if status in (None, PortalStatus.uninstalled) or (app_id and event.app_id != app_id):
+        unserved = status is None or (status == PortalStatus.uninstalled and not erasure)
+        if unserved or (app_id and event.app_id != app_id):
             counts.ignored += 1
             continue
         enqueued = await enqueue(
@@ -219,7 +227,7 @@ async def store_hubspot_events(
             session=session,
             cipher=cipher,
             status=EventStatus.parked
-            if status == PortalStatus.needs_reauth
+            if status == PortalStatus.needs_reauth and not erasure
             else EventStatus.pending,
         )
         if enqueued.created:

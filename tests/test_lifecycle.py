@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from asgi_lifespan import LifespanManager
 from sqlmodel import col
 
+from app import identity
 from app.crypto import generate_key
 from app.db import transaction
 from app.errors import (
@@ -32,6 +33,7 @@ from app.lifecycle import (
 )
 from app.main import close_services, create_app, open_services
 from app.models import (
+    PRIVACY_DELETION,
     AppState,
     EventSource,
     EventStatus,
@@ -44,13 +46,20 @@ from app.models import (
 )
 from app.portals import list_problems, record_problem
 from app.sandbox.limits import Fault
-from app.sandbox.objects import update_object
+from app.sandbox.objects import privacy_delete_contact, update_object
 from app.sandbox.state import UI_SOURCE
 from app.tokens import load_tokens
 from app.worker import Worker
-from tests.conftest import HUBLINE_URL, SANDBOX_URL, approve_in_sandbox, settings_page_value
+from tests.conftest import (
+    HUBLINE_URL,
+    SANDBOX_URL,
+    TEST_CLIENT_SECRET,
+    approve_in_sandbox,
+    settings_page_value,
+)
 from tests.support_hubline import fast_backoff
 from tests.sync_support import call, person_contact, post_event
+from tests.webhook_support import post_hubspot
 
 CONTACTS = "/crm/v3/objects/contacts"
 PROBE = "test.lifecycle_probe"
@@ -577,3 +586,87 @@ async def test_after_a_reinstall_a_number_that_changed_hands_meanwhile_finds_its
     last_call = sandbox.calls(1001)[-1]
     assert world.associated("calls", last_call.id, "contacts") == [grace.id]
     assert len(sandbox.contacts(1001)) == 2
+
+
+async def erase_in_hubspot(sandbox: Any, client: Any, contact: Any) -> httpx.Response:
+    """A privacy deletion of portal 1001's `contact`, and HubSpot's webhook delivering it."""
+    before = len(sandbox.webhook_events)
+    privacy_delete_contact(sandbox, sandbox.portal(1001), contact, UI_SOURCE)
+    sent = list(sandbox.webhook_events)[before:]
+    assert PRIVACY_DELETION in [event["subscriptionType"] for event in sent]
+    return await post_hubspot(client, TEST_CLIENT_SECRET, sent)
+
+
+async def caller_details_kept(services: Any, phone: str) -> tuple[str | None, int]:
+    """Where the index still points `phone`, and how many receptionist payloads are kept."""
+    async with services.sessions() as session:
+        indexed = await identity.lookup(
+            1001, identity.PHONE, phone, session=session, cipher=services.cipher
+        )
+        payloads = await session.scalar(
+            sa.select(sa.func.count()).where(
+                col(InboxEvent.source) == EventSource.receptionist,
+                col(InboxEvent.payload_ct).is_not(None),
+            )
+        )
+    return indexed, int(payloads or 0)
+
+
+async def test_a_privacy_deletion_sent_while_uninstalled_here_still_erases_the_caller(
+    install_portal: Any, services: Any, sandbox: Any, client: Any
+) -> None:
+    # HubSpot revoked the grant without uninstalling the app (or a disconnect was forced
+    # here): Hubline counts the portal uninstalled and parks the caller's next call, while
+    # HubSpot still sends the app the caller's privacy deletion. It was ignored, and the
+    # parked call made the erased person again on the reinstall.
+    ada = {"name": "Ada Lovelace", "phone": "+1 415 555 0100", "email": "ada@example.com"}
+    portal = await install_portal(1001)
+    await post_event(client, portal, call(caller=ada))
+    await drain(services)
+    [contact] = sandbox.contacts(1001)
+    sandbox.revoke_portal_tokens(1001)
+    sandbox.expire_portal_tokens(1001)
+    await post_event(client, portal, call(caller=ada))
+    await drain(services)
+    assert await portal_state(services, 1001) == (PortalStatus.uninstalled, False)
+
+    answer = await erase_in_hubspot(sandbox, client, contact)
+    assert answer.json()["stored"] == 1  # the erasure; the contact's deletion is ignored
+    await drain(services)
+    assert await caller_details_kept(services, "+14155550100") == (None, 0)
+    await install_portal(1001)
+    await drain(services)
+    assert sandbox.contacts(1001) == []
+
+
+async def test_a_privacy_deletion_for_a_portal_awaiting_re_consent_erases_at_once(
+    install_portal: Any, wider_app: Any, sandbox: Any, client: Any, services: Any
+) -> None:
+    # Parked with the portal's other events, the erasure waited for a re-consent that
+    # may never come, and was then deleted with them, unapplied.
+    portal = await install_portal(1001)
+    await post_event(client, portal, call(caller={"name": "Ada", "phone": "+1 415 555 0100"}))
+    await drain(services)
+    [contact] = sandbox.contacts(1001)
+    newer = wider_app.state.services  # the next version requires one scope more
+    assert await check_scopes(newer) == 1
+    assert (await portal_state(newer, 1001))[0] == PortalStatus.needs_reauth
+    answer = await erase_in_hubspot(sandbox, client, contact)
+    assert answer.json()["stored"] == 2  # the deletion, parked; the erasure, not
+    await drain(newer)
+    assert await caller_details_kept(newer, "+14155550100") == (None, 0)
+
+
+async def test_a_journal_uninstall_is_applied_to_a_portal_awaiting_re_consent(
+    install_portal: Any, wider_app: Any, sandbox_app: Any
+) -> None:
+    # The portal's first batch after the upgrade finds it needs re-consent and parks its
+    # events: the journal's uninstall signal among them, never applied (tokens kept, the
+    # portal shown as waiting for a re-consent that had become an uninstall).
+    await install_portal(1001)
+    newer = wider_app.state.services  # the next version requires one scope more
+    await enqueue_probe(newer, 1001, "backlog")
+    await uninstall_in_sandbox(sandbox_app, 1001)
+    assert await poll_journal(newer) >= 1
+    await drain(newer)
+    assert await portal_state(newer, 1001) == (PortalStatus.uninstalled, False)
