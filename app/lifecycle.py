@@ -393,6 +393,11 @@ async def disconnect(services: Services, portal_id: int, *, force: bool = False)
             session=session,
             cipher=services.cipher,
         )
+        # Applied at once, not when the worker reaches the signal behind the portal's
+        # earlier events: until then it would sync them with the tokens just revoked.
+        await apply_uninstall(
+            portal_id, install_generation=generation, occurred_at=None, session=session
+        )
     return Disconnected(event_id, uninstalled_on_hubspot=uninstalled, revoked=revoked)
 
 

@@ -670,3 +670,27 @@ async def test_a_journal_uninstall_is_applied_to_a_portal_awaiting_re_consent(
     assert await poll_journal(newer) >= 1
     await drain(newer)
     assert await portal_state(newer, 1001) == (PortalStatus.uninstalled, False)
+
+
+async def test_a_disconnect_is_applied_at_once_and_no_call_for_the_portal_follows(
+    install_portal: Any, services: Any, sandbox: Any, client: Any
+) -> None:
+    # The uninstall signal was applied when the worker reached it, behind the portal's
+    # earlier events: meanwhile the tokens were kept and the worker synced those events
+    # with the revoked token (a 401, then a refused refresh).
+    portal = await install_portal(1001)
+    await drain(services)
+    await post_event(client, portal, call())  # not synced yet when the operator disconnects
+    outcome = await disconnect(services, 1001)
+    assert (outcome.uninstalled_on_hubspot, outcome.revoked) == (True, True)
+    assert await portal_state(services, 1001) == (PortalStatus.uninstalled, False)
+    logged = len(sandbox.request_log)
+    await drain(services)
+    assert [r.endpoint for r in list(sandbox.request_log)[logged:]] == []
+    async with services.sessions() as session:
+        waiting = await session.scalar(
+            sa.select(col(InboxEvent.status)).where(
+                col(InboxEvent.source) == EventSource.receptionist
+            )
+        )
+    assert waiting == EventStatus.parked  # for a reinstall
