@@ -39,7 +39,7 @@ from app.errors import (
 from app.hubspot import HubSpotClient, hubspot_client
 from app.inbox import Done, EventView, HandlerContext, NewEvent, Outcome, enqueue_many, registry
 from app.models import AppState, EventSource, Portal, utcnow
-from app.portals import problem_codes, record_problem
+from app.portals import clear_problem, problem_codes, record_problem
 
 if TYPE_CHECKING:
     from app.main import Services
@@ -170,6 +170,12 @@ async def record_attendance(
             except HubSpotError as error:
                 _later(recording, chunk, error)
             else:
+                if SCOPE_PROBLEM in known_problems:
+                    # Recorded, so the scope is granted now (a re-consent after an
+                    # upgrade): the portal's notice that it is missing goes.
+                    async with transaction(services.sessions) as session:
+                        await clear_problem(portal_id, SCOPE_PROBLEM, session=session)
+                    known_problems.discard(SCOPE_PROBLEM)
                 if refused:
                     log.warning(
                         "marketing events: HubSpot recorded no attendance for %d of %d "

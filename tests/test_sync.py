@@ -34,6 +34,7 @@ from app.models import (
     utcnow,
 )
 from app.retry import RetryPolicy
+from app.sandbox.config import ALL_SCOPES
 from app.sandbox.limits import Fault
 from app.sandbox.objects import archive_object, update_object
 from app.sandbox.properties import options
@@ -682,6 +683,23 @@ async def problem_codes(services: Any, portal_id: int) -> set[str]:
             sa.select(PortalProblem.code).where(PortalProblem.portal_id == portal_id)
         )
         return set(rows.scalars())
+
+
+async def test_the_missing_marketing_scope_notice_goes_once_a_re_consent_grants_it(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    # A starter portal upgrades and consents again: attendance was recorded from then on,
+    # but the settings page and the console kept saying the scope was missing.
+    portal = await install_portal(1003)
+    await post_event(client, portal, call(campaign_id="fall-promo"))
+    await drain(services)
+    assert "marketing_events:scope" in await problem_codes(services, 1003)
+    sandbox.portal(1003).portal.scopes = ALL_SCOPES
+    portal = await install_portal(1003)
+    await post_event(client, portal, call(campaign_id="fall-promo"))
+    await drain(services)
+    assert len(sandbox.portal(1003).attendance) == 1
+    assert "marketing_events:scope" not in await problem_codes(services, 1003)
 
 
 async def test_campaigns_become_marketing_event_attendance_where_the_scope_is_granted(
