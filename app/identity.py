@@ -34,7 +34,7 @@ from sqlmodel import col
 
 from app.crypto import TokenCipher
 from app.db import rowcount
-from app.models import IdentityEntry
+from app.models import EventStatus, IdentityEntry, InboxEvent, Portal, PortalStatus
 
 PHONE = "phone"
 EMAIL = "email"
@@ -432,6 +432,27 @@ async def purge_removed(*, session: AsyncSession, before: datetime) -> int:
     result = await session.execute(
         sa.delete(IdentityEntry)
         .where(col(IdentityEntry.removed_at) < before)
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(result)
+
+
+async def purge_uninstalled(*, session: AsyncSession, before: datetime) -> int:
+    """Delete the entries of portals uninstalled before `before`, once no event is parked."""
+    # Kept while the portal's parked calls are (a privacy deletion finds their callers
+    # through it); with those gone it serves nothing, and a reinstall searches afresh.
+    parked = sa.select(col(InboxEvent.id)).where(
+        col(InboxEvent.portal_id) == col(Portal.portal_id),
+        col(InboxEvent.status) == EventStatus.parked,
+    )
+    long_gone = sa.select(col(Portal.portal_id)).where(
+        col(Portal.status) == PortalStatus.uninstalled,
+        col(Portal.uninstalled_at) < before,
+        ~sa.exists(parked),
+    )
+    result = await session.execute(
+        sa.delete(IdentityEntry)
+        .where(col(IdentityEntry.portal_id).in_(long_gone))
         .execution_options(synchronize_session=False)
     )
     return rowcount(result)

@@ -1111,5 +1111,8 @@ async def _retention(services: Services) -> None:
         await identity.purge_removed(
             session=session, before=utcnow() - timedelta(days=settings.event_retention_days)
         )
+        await identity.purge_uninstalled(
+            session=session, before=utcnow() - timedelta(days=settings.parked_retention_days)
+        )
     if payloads or parked:
         log.info("retention: deleted %d payloads and %d parked events", payloads, parked)

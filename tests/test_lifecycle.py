@@ -37,6 +37,7 @@ from app.models import (
     AppState,
     EventSource,
     EventStatus,
+    IdentityEntry,
     InboxEvent,
     OAuthToken,
     Portal,
@@ -49,7 +50,7 @@ from app.sandbox.limits import Fault
 from app.sandbox.objects import privacy_delete_contact, update_object
 from app.sandbox.state import UI_SOURCE
 from app.tokens import load_tokens
-from app.worker import Worker
+from app.worker import Worker, _retention
 from tests.conftest import (
     HUBLINE_URL,
     SANDBOX_URL,
@@ -694,3 +695,42 @@ async def test_a_disconnect_is_applied_at_once_and_no_call_for_the_portal_follow
             )
         )
     assert waiting == EventStatus.parked  # for a reinstall
+
+
+async def test_an_uninstalled_portals_caller_index_goes_with_its_parked_events(
+    install_portal: Any, services: Any, sandbox_app: Any, client: Any
+) -> None:
+    # Kept for good before: keyed hashes of every caller's phone and email, mapped to
+    # contacts, of a portal gone for years. It goes once the portal has been uninstalled
+    # for the parked retention and none of its calls is parked any longer (a privacy
+    # deletion finds a parked call's caller through it).
+    portals = [await install_portal(portal_id) for portal_id in (1001, 1002)]
+    for portal in portals:
+        await post_event(client, portal, call(caller={"name": "Ada", "phone": "+1 415 555 0100"}))
+    await drain(services)
+    await uninstall_in_sandbox(sandbox_app, 1001)
+    await poll_journal(services)
+    await drain(services)
+    await post_event(client, portals[0], call())
+    await drain(services)  # parked: the portal is uninstalled
+    long_ago = utcnow() - timedelta(days=services.settings.parked_retention_days, hours=1)
+    async with transaction(services.sessions) as session:
+        await session.execute(
+            sa.update(Portal).where(col(Portal.portal_id) == 1001).values(uninstalled_at=long_ago)
+        )
+    await _retention(services)
+    assert await caller_index_size(services) == {1001: 1, 1002: 1}
+    async with transaction(services.sessions) as session:
+        await session.execute(sa.update(InboxEvent).values(received_at=long_ago))
+    await _retention(services)  # the parked call goes, and the index with it
+    assert await caller_index_size(services) == {1002: 1}
+
+
+async def caller_index_size(services: Any) -> dict[int, int]:
+    async with services.sessions() as session:
+        rows = await session.execute(
+            sa.select(col(IdentityEntry.portal_id), sa.func.count()).group_by(
+                col(IdentityEntry.portal_id)
+            )
+        )
+    return dict(rows.all())
