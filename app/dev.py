@@ -32,7 +32,7 @@ from app import cli, db
 from app.crypto import TokenCipher, generate_key
 from app.models import Portal, PortalStatus, utcnow
 from app.portals import current_secret
-from app.settings import Settings
+from app.settings import Settings, configured_environment
 
 DEV_FILE = ".hubline-dev.env"
 # Where a running dev stack is: rewritten at each start, never read back by `hubline dev`.
@@ -131,14 +131,18 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     dev = load_or_create_dev_values(Path(args.dev_file))
     hubline_url = f"http://{args.host}:{args.port}"
     sandbox_url = f"http://{args.host}:{args.sandbox_port}"
+    # What `hubline serve` and the other commands in this folder read (a `.env` too), so
+    # they see what the dev stack does; the generated credentials and the stack's own
+    # addresses win.
+    given = configured_environment()
     environ = {
-        **os.environ,
+        **given,
         **dev,
         "HUBSPOT_API_URL": sandbox_url,
         "HUBSPOT_AUTH_URL": sandbox_url,
         "PUBLIC_URL": hubline_url,
-        "DATABASE_URL": os.environ.get("DATABASE_URL", DEV_DATABASE),
-        "JOURNAL_POLL_SECONDS": os.environ.get("JOURNAL_POLL_SECONDS", "5"),
+        "DATABASE_URL": given.get("DATABASE_URL", DEV_DATABASE),
+        "JOURNAL_POLL_SECONDS": given.get("JOURNAL_POLL_SECONDS", "5"),
     }
     settings = load_settings(environ)
     sandbox_config = SandboxConfig(
@@ -314,13 +318,10 @@ async def cmd_sandbox(args: argparse.Namespace) -> int:
     # The sandbox alone never invents credentials, nor touches the dev file: it reuses
     # what `hubline dev` made, if anything, and the settings Hubline itself reads.
     dev = read_dev_values(dev_file)
-    client_id = (
-        args.client_id or os.environ.get("HUBSPOT_CLIENT_ID") or dev.get("HUBSPOT_CLIENT_ID")
-    )
+    given = configured_environment()
+    client_id = args.client_id or given.get("HUBSPOT_CLIENT_ID") or dev.get("HUBSPOT_CLIENT_ID")
     client_secret = (
-        args.client_secret
-        or os.environ.get("HUBSPOT_CLIENT_SECRET")
-        or dev.get("HUBSPOT_CLIENT_SECRET")
+        args.client_secret or given.get("HUBSPOT_CLIENT_SECRET") or dev.get("HUBSPOT_CLIENT_SECRET")
     )
     config = SandboxConfig(public_url=f"http://{args.host}:{args.port}")
     if client_id:
@@ -328,7 +329,7 @@ async def cmd_sandbox(args: argparse.Namespace) -> int:
     if client_secret:
         config.client_secret = client_secret
     # Signed with another app id, every webhook would be ignored by a Hubline that checks it.
-    app_id = os.environ.get("HUBSPOT_APP_ID") or dev.get("HUBSPOT_APP_ID") or ""
+    app_id = given.get("HUBSPOT_APP_ID") or dev.get("HUBSPOT_APP_ID") or ""
     if app_id.strip().isascii() and app_id.strip().isdigit():
         config.app_id = int(app_id)
     if args.webhook_target:

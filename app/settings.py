@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import phonenumbers
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from sqlalchemy.engine import make_url
@@ -184,6 +186,14 @@ class _GivenSettings(Settings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings,)
+
+
+def configured_environment(env_file: str | Path = ".env") -> dict[str, str]:
+    """The variables as `load_settings()` reads them: the environment over the `.env` file."""
+    from_file = dotenv_values(env_file) if Path(env_file).is_file() else {}
+    values = {key.upper(): value for key, value in from_file.items() if value is not None}
+    values.update((key.upper(), value) for key, value in os.environ.items())
+    return values
 
 
 def load_settings(

@@ -143,6 +143,53 @@ def test_the_sandbox_alone_reads_the_dev_file_and_never_writes_it(tmp_path: Path
     assert (settings["client_id"], settings["app_id"]) == ("mine", 777)
 
 
+def test_the_sandbox_and_dev_read_the_dotenv_file_as_the_other_commands_do(
+    tmp_path: Path,
+) -> None:
+    # `hubline serve` reads .env; the sandbox beside it did not, so a client id set there
+    # met another in the sandbox and installs failed. `hubline dev` ran with settings the
+    # other commands in the same folder refused.
+    (tmp_path / ".env").write_text("HUBSPOT_CLIENT_ID=from-dotenv\nHUBSPOT_APP_ID=515\n")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("HUBSPOT_")},
+        "PYTHONPATH": str(ROOT),
+    }
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "sandbox", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        settings = wait_for_json(f"http://127.0.0.1:{port}/_sandbox/settings")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert (settings["client_id"], settings["app_id"]) == ("from-dotenv", 515)
+
+    (tmp_path / ".env").write_text("DEFAULT_PHONE_REGION=XX\n")
+    refused = [
+        subprocess.run(
+            [sys.executable, "-m", "app", *command],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        for command in (
+            ["dev", "--port", str(free_port()), "--sandbox-port", str(free_port())],
+            ["portals", "list"],
+        )
+    ]
+    for result in refused:
+        assert result.returncode == 2, result.stderr
+        assert "DEFAULT_PHONE_REGION is invalid" in result.stderr
+
+
 def wait_for_json(url: str) -> Any:
     deadline = time.monotonic() + 30
     while True:

@@ -8,7 +8,7 @@ import pytest
 
 from app.crypto import generate_key
 from app.errors import ConfigurationError
-from app.settings import load_settings
+from app.settings import configured_environment, load_settings
 
 GOOD = {
     "HUBSPOT_CLIENT_ID": "id",
@@ -111,3 +111,14 @@ def test_settings_given_as_a_mapping_read_nothing_else(
     )
     assert from_environment.hubspot_searches_per_second == 2
     assert from_environment.default_phone_region == "GB"
+
+
+def test_the_configured_environment_is_the_environment_over_the_dotenv_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("lead_source_label=From the file\nDEFAULT_PHONE_REGION=GB\n")
+    monkeypatch.setenv("DEFAULT_PHONE_REGION", "FR")
+    given = configured_environment(dotenv)
+    assert (given["LEAD_SOURCE_LABEL"], given["DEFAULT_PHONE_REGION"]) == ("From the file", "FR")
+    assert "LEAD_SOURCE_LABEL" not in configured_environment(tmp_path / "missing.env")
