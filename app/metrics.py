@@ -103,6 +103,7 @@ def counted(source: str, endpoint: Endpoint) -> Endpoint:
             count_webhook(source, "accepted", amount=int(body.get("stored", 0)))
             count_webhook(source, "duplicate", amount=int(body.get("duplicates", 0)))
             count_webhook(source, "ignored", amount=int(body.get("ignored", 0)))
+            count_webhook(source, "rejected", "unreadable", amount=int(body.get("unreadable", 0)))
         else:
             count_webhook(source, str(body.get("status", "accepted")))
         return response

@@ -264,7 +264,7 @@ def hubspot_endpoint(clock: Clock = time.time) -> Endpoint:
         if not parsed:
             return error_response(400, "malformed_json", "the body is not JSON")
         events, problems = parse_hubspot_batch(data)
-        if problems:
+        if problems and not events:
             return error_response(400, "malformed_events", problems)
         try:
             async with transaction(resources.sessions) as session:
@@ -274,14 +274,23 @@ def hubspot_endpoint(clock: Clock = time.time) -> Endpoint:
         except DATABASE_ERRORS as error:
             return database_unavailable(error)
         log.info(
-            "hubspot webhook: %d stored, %d duplicates, %d ignored",
+            "hubspot webhook: %d stored, %d duplicates, %d ignored, %d unreadable",
             counts.stored,
             counts.duplicates,
             counts.ignored,
+            len(data) - len(events),
         )
-        return JSONResponse(
-            {"stored": counts.stored, "duplicates": counts.duplicates, "ignored": counts.ignored}
-        )
+        answer: dict[str, Any] = {
+            "stored": counts.stored,
+            "duplicates": counts.duplicates,
+            "ignored": counts.ignored,
+        }
+        if problems:
+            # HubSpot retries a refused batch for a day and then drops it: refused for an
+            # event it cannot read, its readable events would be lost with it. They are
+            # stored; what cannot be read is told, and dropped (it is refused every time).
+            answer |= {"unreadable": len(data) - len(events), "problems": problems}
+        return JSONResponse(answer)
 
     return hubspot_webhook
 
