@@ -68,7 +68,7 @@ async def cmd_events_list(args: argparse.Namespace) -> int:
 
 async def cmd_events_retry(args: argparse.Namespace) -> int:
     if args.event_id is None and not args.failed:
-        print("hubline events retry: give an event ID or --failed", file=sys.stderr)
+        print("hubline events retry: error: give an event ID or --failed", file=sys.stderr)
         return 2
     settings = cli.settings_from_environment()
     engine = db.create_engine(settings.database_url)
