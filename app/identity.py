@@ -34,7 +34,7 @@ from sqlmodel import col
 
 from app.crypto import TokenCipher
 from app.db import rowcount
-from app.models import EventStatus, IdentityEntry, InboxEvent, Portal, PortalStatus
+from app.models import IdentityEntry, InboxEvent, Portal, PortalStatus
 
 PHONE = "phone"
 EMAIL = "email"
@@ -438,17 +438,18 @@ async def purge_removed(*, session: AsyncSession, before: datetime) -> int:
 
 
 async def purge_uninstalled(*, session: AsyncSession, before: datetime) -> int:
-    """Delete the entries of portals uninstalled before `before`, once no event is parked."""
-    # Kept while the portal's parked calls are (a privacy deletion finds their callers
-    # through it); with those gone it serves nothing, and a reinstall searches afresh.
-    parked = sa.select(col(InboxEvent.id)).where(
+    """Delete the entries of portals uninstalled before `before`, once no event holds a caller."""
+    # Kept while any of the portal's events holds a payload (a parked call, a failed
+    # one within its retention): a privacy deletion finds their callers through it. With
+    # those gone it serves nothing, and a reinstall searches afresh.
+    holding = sa.select(col(InboxEvent.id)).where(
         col(InboxEvent.portal_id) == col(Portal.portal_id),
-        col(InboxEvent.status) == EventStatus.parked,
+        col(InboxEvent.payload_ct).is_not(None),
     )
     long_gone = sa.select(col(Portal.portal_id)).where(
         col(Portal.status) == PortalStatus.uninstalled,
         col(Portal.uninstalled_at) < before,
-        ~sa.exists(parked),
+        ~sa.exists(holding),
     )
     result = await session.execute(
         sa.delete(IdentityEntry)

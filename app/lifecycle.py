@@ -50,7 +50,15 @@ from app.inbox import (
     unpark_portal_events,
 )
 from app.metrics import count_hubspot_request
-from app.models import AppState, EventSource, Portal, PortalProblem, PortalStatus, utcnow
+from app.models import (
+    AppState,
+    EventSource,
+    OAuthToken,
+    Portal,
+    PortalProblem,
+    PortalStatus,
+    utcnow,
+)
 from app.portals import clear_problem, create_secret, current_secret, record_problem
 from app.settings import Settings
 from app.tokens import delete_tokens, load_tokens, store_tokens
@@ -180,7 +188,16 @@ async def record_install(
 
 
 async def _portal_for_update(portal_id: int, *, session: AsyncSession) -> Portal | None:
-    # On SQLite every transaction already holds the single write lock.
+    """The portal's row, locked, after its token row: the order every path takes them in."""
+    # A token refresh holds the token row while HubSpot answers, and on a rejection then
+    # takes the portal row to record the uninstall: taking the portal row first here,
+    # an install or uninstall meeting it would deadlock. On SQLite every transaction
+    # already holds the single write lock.
+    await session.execute(
+        sa.select(col(OAuthToken.portal_id))
+        .where(col(OAuthToken.portal_id) == portal_id)
+        .with_for_update()
+    )
     query = sa.select(Portal).where(col(Portal.portal_id) == portal_id).with_for_update()
     result = await session.execute(query.execution_options(populate_existing=True))
     return result.scalar_one_or_none()

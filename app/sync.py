@@ -638,11 +638,11 @@ class BatchSync:
         found: dict[str, Contact] = {}
         if unknown:
             found.update(await self._search(unknown, set(known.values())))
-        # An index entry is a hint its contact must confirm: the contact may have been
-        # deleted since, or lost the phone or email (changed while the app was
-        # uninstalled, or with no webhook to tell). Contacts the search did not show, or
-        # showed without the indexed value (search results lag behind a contact's latest
-        # values), are read by id, which does not lag.
+        # An index entry is a hint: its contact may have been deleted since, or no longer
+        # hold the phone or email (changed while the app was uninstalled, or with no
+        # webhook to tell). Contacts the search did not show, or showed without the
+        # indexed value (search results lag behind a contact's latest values), are read
+        # by id, which does not lag.
         unconfirmed = {
             contact_id
             for key, contact_id in known.items()
@@ -650,20 +650,30 @@ class BatchSync:
         }
         if unconfirmed:
             read = await self._read_contacts(sorted(unconfirmed))
-            again: list[Key] = []
+            gone: list[Key] = []
+            doubted: dict[Key, str] = {}
             for key, contact_id in list(known.items()):
                 if contact_id not in unconfirmed:
                     continue
                 contact = read.get(contact_id)
-                if contact is not None:
-                    found[contact.id] = contact  # merged contacts answer as the survivor
-                if contact is None or key not in contact.keys(self.region):
-                    del known[key]  # searched for as a caller the index does not know
-                    again.append(key)
-                else:
-                    known[key] = contact.id
-            if again:
-                found.update(await self._search(again, set()))
+                if contact is None:
+                    del known[key]  # deleted since it was indexed
+                    gone.append(key)
+                    continue
+                known[key] = contact.id  # merged contacts answer as the survivor
+                found[contact.id] = contact
+                if key not in contact.keys(self.region):
+                    doubted[key] = contact.id
+            if gone or doubted:
+                searched = await self._search([*gone, *doubted], set())
+                found.update(searched)
+                for key, contact_id in doubted.items():
+                    # Another contact holding the value now is the caller's. With none,
+                    # the hint stands: a merge keeps the survivor's own phone, and a
+                    # region changed since reads a number typed nationally otherwise.
+                    holders = [c for c in searched.values() if key in c.keys(self.region)]
+                    if any(holder.id != contact_id for holder in holders):
+                        del known[key]
         self.contacts = found
         by_key: dict[Key, list[Contact]] = defaultdict(list)
         for contact in found.values():
@@ -1592,6 +1602,9 @@ class BatchSync:
                     requests.append([item])
                 else:
                     slot.append(item)
+            # Two events of one second go to different requests, and each may find both
+            # engagements: one taken by an event is never another's.
+            claimed: set[str] = set()
             for group_items in requests:
                 groups = []
                 for item in group_items:
@@ -1615,7 +1628,7 @@ class BatchSync:
                 results = await self._search_all(
                     f"/crm/v3/objects/{object_type}/search", groups, self._read_names(object_type)
                 )
-                others = await self._made_for_other_events(
+                claimed |= await self._made_for_other_events(
                     [str(r.get("id")) for r in results], group_items
                 )
                 for item in group_items:
@@ -1623,13 +1636,14 @@ class BatchSync:
                         (
                             str(r.get("id"))
                             for r in sorted(results, key=lambda r: int(str(r.get("id"))))
-                            if str(r.get("id")) not in others
+                            if str(r.get("id")) not in claimed
                             and self._is_ours(item, r.get("properties") or {})
                         ),
                         None,
                     )
                     if hit is not None:
                         found[item.id] = hit
+                        claimed.add(hit)
         return found
 
     # --- 5. campaigns and errors ---------------------------------------------------------------

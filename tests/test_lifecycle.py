@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -13,7 +14,7 @@ import sqlalchemy as sa
 from asgi_lifespan import LifespanManager
 from sqlmodel import col
 
-from app import identity
+from app import db, identity
 from app.crypto import generate_key
 from app.db import transaction
 from app.errors import (
@@ -702,8 +703,8 @@ async def test_an_uninstalled_portals_caller_index_goes_with_its_parked_events(
 ) -> None:
     # Kept for good before: keyed hashes of every caller's phone and email, mapped to
     # contacts, of a portal gone for years. It goes once the portal has been uninstalled
-    # for the parked retention and none of its calls is parked any longer (a privacy
-    # deletion finds a parked call's caller through it).
+    # for the parked retention and no event of its holds a caller any longer (a privacy
+    # deletion finds a parked or failed call's caller through it).
     portals = [await install_portal(portal_id) for portal_id in (1001, 1002)]
     for portal in portals:
         await post_event(client, portal, call(caller={"name": "Ada", "phone": "+1 415 555 0100"}))
@@ -722,7 +723,13 @@ async def test_an_uninstalled_portals_caller_index_goes_with_its_parked_events(
     assert await caller_index_size(services) == {1001: 1, 1002: 1}
     async with transaction(services.sessions) as session:
         await session.execute(sa.update(InboxEvent).values(received_at=long_ago))
-    await _retention(services)  # the parked call goes, and the index with it
+        await session.execute(
+            sa.update(InboxEvent)
+            .where(col(InboxEvent.finished_at).is_not(None))
+            .values(finished_at=long_ago)
+        )
+    # The parked call goes, the handled ones' payloads too, and the index with them.
+    await _retention(services)
     assert await caller_index_size(services) == {1002: 1}
 
 
@@ -734,3 +741,49 @@ async def caller_index_size(services: Any) -> dict[int, int]:
             )
         )
     return dict(rows.all())
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_an_uninstall_meeting_a_token_refresh_waits_its_turn_instead_of_deadlocking(
+    install_portal: Any, services: Any
+) -> None:
+    # A refresh holds the token row while HubSpot answers and, refused, takes the portal
+    # row to record the uninstall; a disconnect's uninstall took the portal row first and
+    # then the token row: PostgreSQL ended one of them as a deadlock.
+    await install_portal(1001)
+    engine = db.create_engine(services.settings.database_url, poolclass=sa.NullPool)
+    try:
+        async with engine.connect() as refresh:
+            await refresh.begin()
+            await refresh.execute(
+                sa.select(OAuthToken.portal_id)
+                .where(OAuthToken.portal_id == 1001)
+                .with_for_update()
+            )
+
+            async def uninstall() -> str:
+                async with transaction(services.sessions) as session:
+                    return await apply_uninstall(
+                        1001, install_generation=None, occurred_at=None, session=session
+                    )
+
+            uninstalling = asyncio.create_task(uninstall())
+            for _ in range(200):
+                async with engine.connect() as watcher:
+                    waiting = await watcher.scalar(
+                        sa.text(
+                            "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                        )
+                    )
+                if waiting:
+                    break
+                await asyncio.sleep(0.02)
+            assert waiting == 1, "the uninstall waits on a lock the refresh holds"
+            await refresh.execute(
+                sa.select(Portal.portal_id).where(Portal.portal_id == 1001).with_for_update()
+            )
+            await refresh.commit()
+        assert await asyncio.wait_for(uninstalling, timeout=10) == "uninstalled"
+    finally:
+        await engine.dispose()

@@ -36,7 +36,7 @@ from app.models import (
 from app.retry import RetryPolicy
 from app.sandbox.config import ALL_SCOPES
 from app.sandbox.limits import Fault
-from app.sandbox.objects import archive_object, update_object
+from app.sandbox.objects import archive_object, merge_contacts, update_object
 from app.sandbox.properties import options
 from app.sandbox.state import UI_SOURCE
 from app.settings import Settings
@@ -1334,7 +1334,9 @@ async def test_a_worker_that_stalled_past_its_lease_writes_nothing_more(
     stall = Stall(sandbox_app, "/crm/v3/objects/contacts/search")
     stalled = await open_services(settings, transport=stall)
     try:
-        a = Worker(stalled, poll_seconds=0.01, worker_id="worker-a")
+        # A long lease: A's heartbeat (a third of it) never runs in the test, so it cannot
+        # take back the lease the test expires before B claims the portal.
+        a = Worker(stalled, poll_seconds=0.01, worker_id="worker-a", lease_seconds=600)
         a_drains = asyncio.create_task(a.drain(timeout=30))
         await asyncio.wait_for(stall.stalled.wait(), timeout=20)
         async with transaction(services.sessions) as session:  # A's renewals stopped
@@ -1349,3 +1351,99 @@ async def test_a_worker_that_stalled_past_its_lease_writes_nothing_more(
         await close_services(stalled)
     assert (len(sandbox.contacts(1001)), len(sandbox.calls(1001))) == (1, 1)
     assert await events_by_status(services) == {EventStatus.done: 2}  # and provisioning
+
+
+async def test_a_merged_contacts_indexed_phone_still_finds_the_survivor(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    # A merge keeps the survivor's own phone: read by the merged id, the survivor does
+    # not hold the indexed number. Nobody else does either, so the index's word stands
+    # (taken for a stale entry, it made a second Ada).
+    ada_calls = call(caller={"name": "Ada Lovelace", "phone": "+14155550100"})
+    portal = await install_portal(1001)
+    await drain(services)
+    await post_event(client, portal, ada_calls)
+    await drain(services)
+    [ada] = sandbox.contacts(1001)
+    survivor = person_contact(sandbox, 1001, firstname="Ada", phone="+14155550177")
+    merge_contacts(sandbox, sandbox.portal(1001), survivor.id, ada.id, UI_SOURCE)
+    await post_event(client, portal, ada_calls | {"id": "evt-after-the-merge"})
+    await drain(services)
+    assert [c.id for c in sandbox.contacts(1001) if not c.archived] == [survivor.id]
+
+
+async def test_two_same_second_calls_settled_by_search_keep_both_calls(
+    client: Any,
+    install_portal: Any,
+    services: Any,
+    sandbox: Any,
+    sandbox_app: Any,
+    settings: Settings,
+) -> None:
+    # Settled by search, the two calls went to different requests, and both events took
+    # the lowest id: one call recorded twice, the other never.
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    caller = {"name": "Ada", "phone": "+14155550100"}
+    for _ in range(2):
+        await post_event(client, portal, call(caller=caller, occurred_at="2026-03-02T14:30:07Z"))
+
+    async def before_crash() -> None:
+        assert len(sandbox.calls(1001)) == 2
+        async with transaction(services.sessions) as session:  # old enough to search
+            await session.execute(
+                sa.update(EngagementRecord).values(created_at=utcnow() - 2 * SEARCH_LAG)
+            )
+
+    await drain_through(settings, CrashAfterCallsCreated(sandbox_app, before_crash))
+    made = sorted(c.id for c in sandbox.calls(1001))
+    assert len(made) == 2
+    assert sorted(r.engagement_id for r in await engagement_rows(services)) == made
+
+
+class BusyDatabaseAfterSearch(httpx.AsyncBaseTransport):
+    """The sandbox; once the worker's search is answered, another transaction holds the
+    portal's lease row for `seconds`."""
+
+    def __init__(self, app: Any, sessions: Any, seconds: float) -> None:
+        self.inner = httpx.ASGITransport(app=app)
+        self.sessions = sessions
+        self.seconds = seconds
+        self.busy = asyncio.Event()
+        self.holder: asyncio.Task[None] | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        answer = await self.inner.handle_async_request(request)
+        if request.url.path.endswith("/contacts/search") and self.holder is None:
+            self.holder = asyncio.create_task(self._hold())
+            await self.busy.wait()
+        return answer
+
+    async def _hold(self) -> None:
+        async with transaction(self.sessions) as session:
+            await session.execute(
+                sa.update(PortalLease).values(expires_at=col(PortalLease.expires_at))
+            )
+            self.busy.set()
+            await asyncio.sleep(self.seconds)
+
+
+# PostgreSQL: there only the lease row waits. SQLite's one lock would hold up the sync's
+# other statements too, before the renewal is reached.
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_lease_renewal_slowed_by_a_busy_database_is_tried_again_not_given_up(
+    client: Any, install_portal: Any, services: Any, sandbox: Any, sandbox_app: Any
+) -> None:
+    # The renewal before the contact create waits 1.5 s on another transaction: past a
+    # third of the 3 s lease, too slow to promise the write its margin. Given up, the
+    # batch stopped with its events in progress and its attempt counted, and the next
+    # claim took them up at once: a busy database burned every attempt.
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    await post_event(client, portal, call(caller={"name": "Bob", "phone": "+14155550199"}))
+    busy = BusyDatabaseAfterSearch(sandbox_app, services.sessions, seconds=1.5)
+    services.http._transport = busy
+    await drain(services, lease_seconds=3.0)
+    [event] = await inbox_events(services, "receptionist")
+    assert (event.status, event.attempts) == (EventStatus.done, 1)
+    assert (len(sandbox.contacts(1001)), len(sandbox.calls(1001))) == (1, 1)

@@ -147,10 +147,11 @@ def raise_for_token_error(response: httpx.Response, *, refresh: bool = False) ->
             "HubSpot rejected the refresh token: the app was uninstalled or access revoked",
             **context,
         )
+    # As for every HubSpot error, its own words are the detail, not the text: the
+    # category (`invalid_grant`, `invalid_client`, ...) says what went wrong.
     description = redact_text(str(body.get("error_description") or body.get("message") or ""))
     raise HubSpotAuthError(
-        f"HubSpot's OAuth endpoint refused the request: {description or 'no reason given'}",
-        **context,
+        "HubSpot's OAuth endpoint refused the request", detail=description, **context
     )
 
 
