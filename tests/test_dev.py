@@ -121,22 +121,7 @@ def test_dev_refuses_to_share_a_port(tmp_path: Path) -> None:
 def test_the_sandbox_alone_reads_the_dev_file_and_never_writes_it(tmp_path: Path) -> None:
     dev_file = tmp_path / "notes.env"
     dev_file.write_text("# my notes\nHUBSPOT_CLIENT_ID=mine\nHUBSPOT_APP_ID=777\n")
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app", "sandbox", "--port", str(port), "--dev-file", str(dev_file)],
-        cwd=tmp_path,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("HUBSPOT_")},
-            "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        settings = wait_for_json(f"http://127.0.0.1:{port}/_sandbox/settings")
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    settings = sandbox_settings(tmp_path, "--dev-file", str(dev_file))
     # It invented a secret, an app id, a key and an admin token, and rewrote the file.
     assert dev_file.read_text() == "# my notes\nHUBSPOT_CLIENT_ID=mine\nHUBSPOT_APP_ID=777\n"
     # It signed webhooks as app 424242 whatever the Hubline beside it was told.
@@ -150,23 +135,7 @@ def test_the_sandbox_and_dev_read_the_dotenv_file_as_the_other_commands_do(
     # met another in the sandbox and installs failed. `hubline dev` ran with settings the
     # other commands in the same folder refused.
     (tmp_path / ".env").write_text("HUBSPOT_CLIENT_ID=from-dotenv\nHUBSPOT_APP_ID=515\n")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("HUBSPOT_")},
-        "PYTHONPATH": str(ROOT),
-    }
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app", "sandbox", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        settings = wait_for_json(f"http://127.0.0.1:{port}/_sandbox/settings")
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    settings = sandbox_settings(tmp_path)
     assert (settings["client_id"], settings["app_id"]) == ("from-dotenv", 515)
 
     (tmp_path / ".env").write_text("DEFAULT_PHONE_REGION=XX\n")
@@ -174,7 +143,7 @@ def test_the_sandbox_and_dev_read_the_dotenv_file_as_the_other_commands_do(
         subprocess.run(
             [sys.executable, "-m", "app", *command],
             cwd=tmp_path,
-            env=env,
+            env=without_hubspot_settings(),
             capture_output=True,
             text=True,
             timeout=60,
@@ -188,6 +157,29 @@ def test_the_sandbox_and_dev_read_the_dotenv_file_as_the_other_commands_do(
     for result in refused:
         assert result.returncode == 2, result.stderr
         assert "DEFAULT_PHONE_REGION is invalid" in result.stderr
+
+
+def without_hubspot_settings() -> dict[str, str]:
+    """This environment without HUBSPOT_* variables, running this checkout's `app`."""
+    kept = {k: v for k, v in os.environ.items() if not k.startswith("HUBSPOT_")}
+    return {**kept, "PYTHONPATH": str(ROOT)}
+
+
+def sandbox_settings(folder: Path, *args: str) -> Any:
+    """What `hubline sandbox`, started in `folder` with `args`, says its settings are."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "sandbox", "--port", str(port), *args],
+        cwd=folder,
+        env=without_hubspot_settings(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        return wait_for_json(f"http://127.0.0.1:{port}/_sandbox/settings")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def wait_for_json(url: str) -> Any:
