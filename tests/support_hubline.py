@@ -123,3 +123,24 @@ def hubline_env(database_url: str, **extra: str) -> dict[str, str]:
         "JOURNAL_POLL_SECONDS": "0",
         **extra,
     }
+
+
+async def until_waiting_on_locks(engine: AsyncEngine, count: int, timeout: float = 30) -> int:
+    """Wait until `count` sessions of the database wait on a lock (PostgreSQL); how many do."""
+    waiting = 0
+    for _ in range(int(timeout / 0.05)):
+        # A new connection each time: pg_stat_activity is read once per transaction.
+        async with engine.connect() as watcher:
+            waiting = int(
+                await watcher.scalar(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                )
+                or 0
+            )
+        if waiting >= count:
+            break
+        await asyncio.sleep(0.05)
+    return waiting

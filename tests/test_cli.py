@@ -23,6 +23,7 @@ from app.crypto import generate_key, parse_keys
 from app.main import close_services, open_services
 from app.settings import load_settings
 from tests.conftest import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TEST_KEY
+from tests.support_hubline import until_waiting_on_locks
 from tests.webhook_support import add_portal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,19 +199,7 @@ async def test_deploys_migrating_one_new_database_at_once_all_succeed(
                 )
                 for _ in range(4)
             ]
-            for _ in range(600):
-                # A new connection each time: pg_stat_activity is read once per transaction.
-                async with engine.connect() as watcher:
-                    waiting = await watcher.scalar(
-                        sa.text(
-                            "SELECT count(*) FROM pg_stat_activity "
-                            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                        )
-                    )
-                if waiting == 4:
-                    break
-                await asyncio.sleep(0.05)
-            assert waiting == 4
+            assert await until_waiting_on_locks(engine, 4) == 4
             await transaction.rollback()
         outputs = [
             await asyncio.to_thread(process.communicate, timeout=60) for process in processes

@@ -59,7 +59,7 @@ from tests.conftest import (
     approve_in_sandbox,
     settings_page_value,
 )
-from tests.support_hubline import fast_backoff
+from tests.support_hubline import fast_backoff, until_waiting_on_locks
 from tests.sync_support import call, person_contact, post_event
 from tests.webhook_support import post_hubspot
 
@@ -768,17 +768,7 @@ async def test_an_uninstall_meeting_a_token_refresh_waits_its_turn_instead_of_de
                     )
 
             uninstalling = asyncio.create_task(uninstall())
-            for _ in range(200):
-                async with engine.connect() as watcher:
-                    waiting = await watcher.scalar(
-                        sa.text(
-                            "SELECT count(*) FROM pg_stat_activity "
-                            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                        )
-                    )
-                if waiting:
-                    break
-                await asyncio.sleep(0.02)
+            waiting = await until_waiting_on_locks(engine, 1)
             assert waiting == 1, "the uninstall waits on a lock the refresh holds"
             await refresh.execute(
                 sa.select(Portal.portal_id).where(Portal.portal_id == 1001).with_for_update()
