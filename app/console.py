@@ -366,7 +366,9 @@ async def portal_rows(
                     .where(
                         col(InboxEvent.portal_id).in_(ids),
                         col(InboxEvent.status) == EventStatus.failed,
-                        col(InboxEvent.received_at) >= day_ago,
+                        # When it failed, not when it came in: a retried or long parked
+                        # event fails days after its receipt.
+                        col(InboxEvent.finished_at) >= day_ago,
                     )
                     .group_by(col(InboxEvent.portal_id))
                 )

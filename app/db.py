@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -49,6 +50,20 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     OSError,
     TimeoutError,
+)
+
+
+# What a database that cannot be used now raises, as opposed to a statement's own fault
+# (a constraint, a bug): the connection refused, dropped or timed out, the server
+# starting, the host not found.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    sa.exc.TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    ConnectionError,
+    socket.gaierror,
 )
 
 

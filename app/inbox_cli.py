@@ -12,7 +12,7 @@ from sqlmodel import col
 
 from app import cli, db
 from app.inbox import retry_events
-from app.models import EventStatus, InboxEvent
+from app.models import EventStatus, InboxEvent, Portal
 
 RETRY_BATCH = 500
 # `events list --limit`: enough to page through a day's backlog, not the whole inbox at once.
@@ -58,12 +58,26 @@ async def cmd_events_list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'ID':>8}  {'PORTAL':>10}  {'STATUS':<11} {'TRIES':>5}  {'TYPE':<22} ERROR")
     for e in events:
-        error = (e["last_error"] or "")[:60]
+        error = _short_error(e["last_error"] or "")
         print(
             f"{e['id']:>8}  {e['portal_id']:>10}  {e['status']:<11} {e['attempts']:>5}  "
             f"{e['type']:<22} {error}"
         )
     return 0
+
+
+def _short_error(text: str, width: int = 90) -> str:
+    """An error for the table, with what HubSpot answered (its status and category) kept."""
+    head, marker, tail = text.partition(" status=")
+    if not marker:
+        return text if len(text) <= width else text[: width - 1] + "…"
+    # They come last in a HubSpot error's text, where a cut would fall; the portal has its
+    # own column, and the correlationId is in --json.
+    kept = " ".join(
+        part for part in f"status={tail}".split() if part.startswith(("status=", "category="))
+    )
+    room = width - len(kept) - 1
+    return (head if len(head) <= room else head[: room - 1] + "…") + " " + kept
 
 
 async def cmd_events_retry(args: argparse.Namespace) -> int:
@@ -90,6 +104,9 @@ async def cmd_events_retry(args: argparse.Namespace) -> int:
             return 0
         failed = sa.select(col(InboxEvent.id)).where(col(InboxEvent.status) == EventStatus.failed)
         if args.portal is not None:
+            async with sessions() as session:
+                if await session.get(Portal, args.portal) is None:
+                    return cli.refuse(f"no portal {args.portal}")
             failed = failed.where(col(InboxEvent.portal_id) == args.portal)
         async with sessions() as session:
             ids = [

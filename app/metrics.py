@@ -57,6 +57,11 @@ OLDEST_PENDING = Gauge(
     "hubline_oldest_pending_event_age_seconds", "Age of the oldest pending event (0 when none)."
 )
 PORTALS = Gauge("hubline_portals", "Portals by status.", ["status"])
+DATABASE_UP = Gauge(
+    "hubline_database_up",
+    "1 when /metrics could read the database just now; 0 when not, and the inbox and "
+    "portal gauges are then left out rather than repeat their last values.",
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,17 +155,28 @@ async def refresh_database_gauges(services: Services) -> None:
 # Read from the database when the web app's /metrics is scraped: one answer for the whole
 # deployment, which a worker's exporter must not repeat as zeros.
 DATABASE_GAUGES = frozenset(
-    family.name for gauge in (INBOX_EVENTS, OLDEST_PENDING, PORTALS) for family in gauge.describe()
+    family.name
+    for gauge in (INBOX_EVENTS, OLDEST_PENDING, PORTALS, DATABASE_UP)
+    for family in gauge.describe()
 )
 
 
 class _ProcessCounters(Collector):
-    """This process's own metrics: everything registered but the database gauges."""
+    """This process's own metrics: everything registered but the database gauges (and of
+    those, `keep`)."""
+
+    def __init__(self, keep: Iterable[Gauge] = ()) -> None:
+        self.keep = {family.name for gauge in keep for family in gauge.describe()}
 
     def collect(self) -> Iterable[Metric]:
         for family in REGISTRY.collect():
-            if family.name not in DATABASE_GAUGES:
+            if family.name not in DATABASE_GAUGES or family.name in self.keep:
                 yield family
+
+
+# What the web app's /metrics serves while the database cannot be read.
+_WITHOUT_DATABASE = CollectorRegistry(auto_describe=True)
+_WITHOUT_DATABASE.register(_ProcessCounters(keep=[DATABASE_UP]))
 
 
 def export_worker_metrics(host: str, port: int) -> Callable[[], None]:
@@ -191,4 +207,9 @@ async def metrics_endpoint(request: Request) -> Response:
         await refresh_database_gauges(services(request))
     except Exception as error:  # the counters are still worth serving while the database is down
         log.warning("metrics: could not read the database (%s)", type(error).__name__)
+        # The gauges' last values would pass for current ones (a backlog or an age alert
+        # could not fire): left out, and hubline_database_up says why.
+        DATABASE_UP.set(0)
+        return Response(generate_latest(_WITHOUT_DATABASE), media_type=CONTENT_TYPE_LATEST)
+    DATABASE_UP.set(1)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -6,12 +6,14 @@ import random
 from dataclasses import dataclass
 from enum import StrEnum
 
+from app.db import DATABASE_ERRORS
 from app.errors import (
     CryptoError,
     HubSpotAuthError,
     HubSpotConflict,
     HubSpotError,
     HubSpotRateLimited,
+    HubSpotUnavailable,
     HubSpotValidationError,
     PermanentError,
     PortalUnavailable,
@@ -38,15 +40,27 @@ class Decision:
 
 # HubSpot's search shows new records within a few seconds.
 AMBIGUOUS_WRITE_MIN_DELAY = 15.0
+# Failures that say nothing of the event: HubSpot down, slow or limiting, and the
+# database failing. They end when the outage does, so they are retried far longer.
+OUTAGES: tuple[type[BaseException], ...] = (
+    HubSpotUnavailable,
+    HubSpotRateLimited,
+    *DATABASE_ERRORS,
+)
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter, capped, for at most `max_attempts` attempts."""
+    """Exponential backoff with full jitter, capped, for at most `max_attempts` attempts
+    (`outage_attempts` when the failure is an outage's)."""
 
     base_seconds: float = 2.0
     cap_seconds: float = 600.0
     max_attempts: int = 10
+    # About a day at the cap's average wait: ten attempts are over in 8 to 17 minutes,
+    # and a HubSpot incident that outlasted them failed every event of every portal,
+    # each then waiting for an operator's retry.
+    outage_attempts: int = 300
     ambiguous_write_min_delay: float = AMBIGUOUS_WRITE_MIN_DELAY
 
     def ceiling(self, attempt: int) -> float:
@@ -65,7 +79,7 @@ class RetryPolicy:
             return Decision(Action.fail)
         if isinstance(error, HubSpotAuthError) and error.status_code == 403:
             return Decision(Action.fail)  # a missing scope does not grant itself on retry
-        if attempt >= self.max_attempts:
+        if attempt >= (self.outage_attempts if isinstance(error, OUTAGES) else self.max_attempts):
             return Decision(Action.fail)
         delay = (rng or random).uniform(0, self.ceiling(attempt))
         if isinstance(error, HubSpotError | UnrecordedWrite) and error.ambiguous:

@@ -38,7 +38,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
 from app.crypto import same_text
-from app.db import transaction
+from app.db import UNREACHABLE, transaction
 from app.lifecycle import NEEDS_REAUTH_PROBLEM, reauth_url, webhook_url
 from app.logs import request_id_var
 from app.main import Services, services
@@ -496,7 +496,35 @@ async def server_error(request: Request, _exc: Exception) -> Response:
     )
 
 
-exception_handlers: dict[Any, Any] = {HTTPException: http_error, 500: server_error}
+async def database_unreachable(request: Request, exc: Exception) -> Response:
+    """The database cannot be used now: a 503 that says so, like /readyz and the CLI."""
+    # One line, not a traceback: the cause is the database's state, not a fault here.
+    log.warning(
+        "%s %s: the database cannot be reached (%s)",
+        request.method,
+        request.url.path,
+        type(exc).__name__,
+    )
+    if request.url.path.startswith(JSON_PREFIXES):
+        detail = "the database cannot be reached; try again in a moment"
+        return JSONResponse({"error": "database_unavailable", "detail": detail}, status_code=503)
+    return error_page(
+        request,
+        status_code=503,
+        title="The database cannot be reached",
+        message="Hubline cannot read or save anything right now, and nothing was changed. "
+        "Please try again in a moment.",
+        reason="database_unavailable",
+        action_url=request.url.path,
+        action_label="Try again",
+    )
+
+
+exception_handlers: dict[Any, Any] = {
+    HTTPException: http_error,
+    500: server_error,
+    **dict.fromkeys(UNREACHABLE, database_unreachable),
+}
 
 routes: list[BaseRoute] = [
     Route("/settings", show_settings, methods=["GET"]),

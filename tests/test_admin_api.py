@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import httpx
@@ -112,3 +113,29 @@ async def test_the_admin_api_gives_the_re_consent_link(
     assert portal["status"] == "needs_reauth"
     assert portal["reauth_url"] == f"{HUBLINE_URL}/oauth/install"
     assert [p["code"] for p in portal["problems"]] == ["needs_reauth"]
+
+
+async def test_the_console_and_admin_api_say_when_the_database_cannot_be_reached(
+    make_settings: Any,
+) -> None:
+    # They answered 500 "internal error" (the console: "contact Hubline's support", and
+    # a traceback in the log) while /readyz and the CLI said what was wrong.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nowhere = sock.getsockname()[1]
+    url = f"postgresql+asyncpg://hubline:do-not-show-me@127.0.0.1:{nowhere}/hubline"
+    app = create_app(make_settings(database_url=url, admin_token=ADMIN_TOKEN))
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url=HUBLINE_URL
+        ) as http,
+    ):
+        for path in ("/admin/api/portals", "/admin/api/portals/1001"):
+            answer = await http.get(path, headers=bearer(ADMIN_TOKEN))
+            assert answer.status_code == 503, path
+            assert answer.json()["error"] == "database_unavailable"
+        page = await http.get("/admin", headers=bearer(ADMIN_TOKEN))
+        assert page.status_code == 503
+        assert "The database cannot be reached" in page.text
+        assert "do-not-show-me" not in page.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -10,8 +11,9 @@ import sqlalchemy as sa
 from asgi_lifespan import LifespanManager
 from sqlmodel import col
 
+from app.db import transaction
 from app.main import create_app
-from app.models import EventStatus, InboxEvent, Portal
+from app.models import EventStatus, InboxEvent, Portal, utcnow
 from app.sandbox.limits import Fault
 from app.settings import Settings
 from tests.conftest import HUBLINE_URL
@@ -180,3 +182,25 @@ async def test_provision_and_disconnect(
     assert not sandbox.portal(1001).installed
     detail = (await client.get("/admin/api/portals/1001", headers=AUTH)).json()
     assert detail["status"] == "uninstalled"
+
+
+async def test_failed_in_24_hours_counts_events_that_failed_in_them(
+    client: httpx.AsyncClient, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    # Counted by receipt, an event received two days ago that failed just now (parked
+    # through an uninstall, or retried by an operator) was not counted, nor the portal
+    # flagged.
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    sandbox.faults.append(
+        Fault(count=1, status=400, portal_id=1001, path_prefix="/crm/v3/objects/contacts")
+    )
+    await post_event(client, portal, call(caller={"phone": "+1 415 555 0101"}))
+    await drain(services)
+    async with transaction(services.sessions) as session:
+        await session.execute(
+            sa.update(InboxEvent).values(received_at=utcnow() - timedelta(days=2))
+        )
+    detail = (await client.get("/admin/api/portals/1001", headers=AUTH)).json()
+    assert detail["failed_24h"] == 1
+    assert "1 failed in 24 h" in detail["attention"]

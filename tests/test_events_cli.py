@@ -14,7 +14,7 @@ from sqlmodel import col
 from app.crypto import TokenCipher
 from app.db import SessionFactory, transaction
 from app.inbox import NewEvent, enqueue
-from app.models import EventSource, EventStatus, InboxEvent, utcnow
+from app.models import EventSource, EventStatus, InboxEvent, Portal, utcnow
 from tests.conftest import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TEST_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +42,7 @@ def hubline(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
 async def seed(sessions: SessionFactory, cipher: TokenCipher) -> list[int]:
     ids = []
     async with transaction(sessions) as session:
+        session.add_all([Portal(portal_id=1001), Portal(portal_id=1002)])
         for portal_id, key, status in [
             (1001, "a", EventStatus.failed),
             (1001, "b", EventStatus.failed),
@@ -89,6 +90,25 @@ async def test_events_list_filters_and_never_shows_payloads(
     table = hubline(database_url, "list")
     assert "HubSpot said no" in table.stdout
     assert '"summary"' not in table.stdout
+    # A HubSpot error's status and category come last in its text: the table cut them
+    # off at 60 characters, leaving "HubSpot failed with a ".
+    hubspot_said = (
+        "POST /crm/v3/objects/contacts/search: HubSpot failed with a server error "
+        "status=503 category=INTERNAL_ERROR portal=1001 correlationId=0f1e2d3c"
+    )
+    async with transaction(sessions) as session:
+        await session.execute(
+            sa.update(InboxEvent)
+            .where(col(InboxEvent.id) == ids[0])
+            .values(last_error=hubspot_said)
+        )
+    [row] = [
+        line
+        for line in hubline(database_url, "list").stdout.splitlines()
+        if line.split()[:1] == [str(ids[0])]
+    ]
+    assert row.rstrip().endswith(" status=503 category=INTERNAL_ERROR")
+    assert "POST /crm/v3/objects/contacts/search: HubSpot" in row
 
 
 async def test_events_retry_one_then_all_failed_of_a_portal(
@@ -111,6 +131,9 @@ async def test_events_retry_one_then_all_failed_of_a_portal(
     assert [after[i] for i in ids] == ["pending", "failed", "pending", "done"]
     everything = hubline(database_url, "retry", "--failed")
     assert "queued 1 failed events again" in everything.stdout
+    # A portal id that names no portal is a mistake to say, not "0 queued" and success.
+    nowhere = hubline(database_url, "retry", "--failed", "--portal", "4242")
+    assert (nowhere.returncode, nowhere.stderr.strip()) == (1, "no portal 4242")
     assert hubline(database_url, "retry").returncode == 2
 
 

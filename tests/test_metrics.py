@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.metrics import endpoint_label
 from app.models import Portal, PortalStatus
+from tests.outage import database_outage
 from tests.support_hubline import free_port, hubline_env, served_over_tcp, wait_until
 from tests.webhook_support import call_event
 
@@ -146,3 +147,25 @@ async def test_a_worker_run_alone_serves_what_it_did_on_its_own_metrics_port(
     assert not any(
         name.startswith(("hubline_portals", "hubline_inbox_events")) for name, _ in exported
     )
+
+
+async def test_the_database_gauges_are_left_out_while_the_database_cannot_be_read(
+    client: httpx.AsyncClient, services: Any, database_url: str
+) -> None:
+    # They kept their last values, so a backlog or an age alert could not fire during
+    # an outage, and nothing said the values were stale.
+    database_gauges = {
+        "hubline_inbox_events",
+        "hubline_oldest_pending_event_age_seconds",
+        "hubline_portals",
+    }
+    before = samples((await client.get("/metrics")).text)
+    assert value(before, "hubline_database_up") == 1
+    assert database_gauges <= {name for name, _ in before}
+    async with database_outage(services.engine, database_url):
+        during = samples((await client.get("/metrics")).text)
+    assert value(during, "hubline_database_up") == 0
+    assert not database_gauges & {name for name, _ in during}
+    assert "hubline_hubspot_rate_limited_total" in {name for name, _ in during}  # counters stay
+    after = samples((await client.get("/metrics")).text)
+    assert value(after, "hubline_database_up") == 1

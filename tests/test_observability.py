@@ -376,7 +376,7 @@ async def test_a_hubspot_error_echoing_the_request_leaves_no_caller_detail_anywh
     await drain(services)
     services.http._transport = EchoingHubSpot(httpx.ASGITransport(app=sandbox_app), status)
     await post_event(client, portal, call(id="evt-echoed", caller=CALLERS[0], summary=SUMMARY))
-    await drain(services, retry_policy=RetryPolicy(max_attempts=1))
+    await drain(services, retry_policy=RetryPolicy(max_attempts=1, outage_attempts=1))
     bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     api = await client.get("/admin/api/portals/1001", headers=bearer)
     [failed] = [e for e in api.json()["events"] if e["status"] == "failed"]

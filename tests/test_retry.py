@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -79,3 +80,23 @@ def test_an_ambiguous_write_waits_for_hubspots_search_to_catch_up(error: Excepti
         decision = POLICY.decide(error, 1, rng=random.Random(seed))
         assert decision.action is Action.retry
         assert decision.delay >= POLICY.ambiguous_write_min_delay
+
+
+@pytest.mark.parametrize(
+    "outage",
+    [
+        HubSpotUnavailable("502", status_code=502),
+        HubSpotRateLimited("429", status_code=429),
+        sa.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError()),
+    ],
+)
+def test_an_outage_is_retried_for_a_day_not_ten_attempts(outage: Exception) -> None:
+    # Ten attempts are over in 8 to 17 minutes: a HubSpot incident that outlasted them
+    # failed every event of every portal, each then waiting for an operator's retry.
+    policy = RetryPolicy()
+    assert policy.decide(RuntimeError("a bug"), policy.max_attempts).action is Action.fail
+    assert policy.decide(outage, policy.max_attempts).action is Action.retry
+    assert policy.decide(outage, policy.outage_attempts).action is Action.fail
+    # At the cap's average wait, the attempts last about a day.
+    hours = policy.outage_attempts * policy.cap_seconds / 2 / 3600
+    assert 20 < hours < 30

@@ -42,7 +42,7 @@ from tests.conftest import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TEST_KEY
 from tests.outage import database_outage
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST_RETRIES = RetryPolicy(base_seconds=0.01, cap_seconds=0.05, max_attempts=3)
+FAST_RETRIES = RetryPolicy(base_seconds=0.01, cap_seconds=0.05, max_attempts=3, outage_attempts=3)
 BASE_TIME = datetime(2026, 3, 2, 14, 0, tzinfo=UTC)
 
 
