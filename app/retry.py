@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 from enum import StrEnum
 
-from app.db import DATABASE_ERRORS
+from app.db import UNREACHABLE
 from app.errors import (
     CryptoError,
     HubSpotAuthError,
@@ -41,12 +41,9 @@ class Decision:
 # HubSpot's search shows new records within a few seconds.
 AMBIGUOUS_WRITE_MIN_DELAY = 15.0
 # Failures that say nothing of the event: HubSpot down, slow or limiting, and the
-# database failing. They end when the outage does, so they are retried far longer.
-OUTAGES: tuple[type[BaseException], ...] = (
-    HubSpotUnavailable,
-    HubSpotRateLimited,
-    *DATABASE_ERRORS,
-)
+# database unreachable (not a statement of the handler's refused: that may be a bug).
+# They end when the outage does, so they are retried far longer.
+OUTAGES: tuple[type[BaseException], ...] = (HubSpotUnavailable, HubSpotRateLimited, *UNREACHABLE)
 
 
 @dataclass(frozen=True)
