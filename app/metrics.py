@@ -162,8 +162,7 @@ DATABASE_GAUGES = frozenset(
 
 
 class _ProcessCounters(Collector):
-    """This process's own metrics: everything registered but the database gauges (and of
-    those, `keep`)."""
+    """This process's own metrics: all registered but the database gauges (save `keep`)."""
 
     def __init__(self, keep: Iterable[Gauge] = ()) -> None:
         self.keep = {family.name for gauge in keep for family in gauge.describe()}

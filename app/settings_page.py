@@ -515,7 +515,8 @@ async def database_unreachable(request: Request, exc: Exception) -> Response:
         message="Hubline cannot read or save anything right now, and nothing was changed. "
         "Please try again in a moment.",
         reason="database_unavailable",
-        action_url=request.url.path,
+        # The page it failed on, by GET: a console action's URL answers only its POST.
+        action_url="/admin" if request.url.path.startswith("/admin") else "/",
         action_label="Try again",
     )
 
