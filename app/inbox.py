@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from app.crypto import TokenCipher
-from app.db import SessionFactory, rowcount, transaction
+from app.db import UNREACHABLE, SessionFactory, rowcount, transaction
 from app.models import PRIVACY_DELETION, EventSource, EventStatus, InboxEvent, utcnow
 from app.vault import payload_context
 
@@ -200,8 +200,6 @@ async def _find(
 # Enough to take a burst of concurrent webhooks in one commit, few enough that one
 # INSERT stays small (its parameters stay far below the drivers' limits).
 MAX_GROUP_COMMIT = 200
-# The database cannot be used at all now: each event of a group would fail alone too.
-_UNREACHABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError, OSError)
 
 
 @dataclass
@@ -262,8 +260,9 @@ class InboxWriter:
                     statuses=[waiting.status for waiting in group],
                 )
         except Exception as error:
-            if len(group) > 1 and not isinstance(error, _UNREACHABLE):
-                # One event the database refuses must not fail the others: each alone.
+            if len(group) > 1 and not isinstance(error, UNREACHABLE):
+                # One event the database refuses must not fail the others: each alone
+                # (not when the database cannot be used at all: each would fail too).
                 for waiting in group:
                     await self._write([waiting])
                 return

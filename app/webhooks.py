@@ -69,8 +69,7 @@ class BodyTooLarge(Exception):
 
 
 async def read_body(request: Request) -> bytes:
-    """The raw body, refusing one over MAX_BODY_BYTES before reading it when its length is
-    declared."""
+    """The raw body; BodyTooLarge past MAX_BODY_BYTES (before reading, when it is declared)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise BodyTooLarge
@@ -273,12 +272,13 @@ def hubspot_endpoint(clock: Clock = time.time) -> Endpoint:
                 )
         except DATABASE_ERRORS as error:
             return database_unavailable(error)
+        unreadable = len(data) - len(events)
         log.info(
             "hubspot webhook: %d stored, %d duplicates, %d ignored, %d unreadable",
             counts.stored,
             counts.duplicates,
             counts.ignored,
-            len(data) - len(events),
+            unreadable,
         )
         answer: dict[str, Any] = {
             "stored": counts.stored,
@@ -289,7 +289,7 @@ def hubspot_endpoint(clock: Clock = time.time) -> Endpoint:
             # HubSpot retries a refused batch for a day and then drops it: refused for an
             # event it cannot read, its readable events would be lost with it. They are
             # stored; what cannot be read is told, and dropped (it is refused every time).
-            answer |= {"unreadable": len(data) - len(events), "problems": problems}
+            answer |= {"unreadable": unreadable, "problems": problems}
         return JSONResponse(answer)
 
     return hubspot_webhook

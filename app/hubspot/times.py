@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime
 from typing import Any
+
+# Not str.isdigit() after stripping a sign: it passes "--5", which int() refuses (a crash),
+# and other scripts' digits, which are no HubSpot time.
+_EPOCH_MS = re.compile(r"-?[0-9]+")
 
 
 def stamp(moment: datetime) -> str:
@@ -19,7 +24,7 @@ def millis(value: Any) -> int | None:
     if isinstance(value, float):
         return round(value) if math.isfinite(value) else None
     text = str(value).strip()
-    if text.lstrip("-").isdigit():
+    if _EPOCH_MS.fullmatch(text):
         return int(text)
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
