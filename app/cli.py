@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import gc
 import json
+import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TextIO, TypeVar
 
 from app.errors import ConfigurationError, CryptoError
-from app.settings import Settings, load_settings
+from app.settings import Settings, load_database_settings, load_settings
 
 _T = TypeVar("_T")
 
@@ -62,6 +63,13 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_environment()
     configure_logging(args.log_level)
+    # uvicorn finds a busy port only after the app (and its worker) started, and exits 3,
+    # which here means unreadable secrets: checked first, it is the command's one line.
+    if not port_is_free(args.host, args.port):
+        return refuse(
+            f"hubline serve: could not start: port {args.port} is already in use "
+            "(choose another with --port)"
+        )
     # The app's lifespan refuses keys that cannot read what is stored, but uvicorn tells
     # a refusal there as a traceback: checked here first, it is the command's one line.
     await close_services(await open_services(settings))
@@ -111,7 +119,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 async def cmd_migrate(args: argparse.Namespace) -> int:
     from app import db
 
-    settings = settings_from_environment()
+    settings = load_database_settings()
     path = db.sqlite_path(settings.database_url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)  # as `hubline serve` does
@@ -175,6 +183,9 @@ async def cmd_keys_rotate(_args: argparse.Namespace) -> int:
 # --- the parser ---------------------------------------------------------------------
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hubline",
@@ -187,14 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=port_number, default=8000)
     serve.add_argument("--no-worker", action="store_true", help="do not run a worker in-process")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     serve.set_defaults(run=cmd_serve)
 
     worker = commands.add_parser("worker", help="run a worker alone (any number may run)")
     worker.add_argument(
         "--concurrency", type=bounded_count(1_000), default=16, help="portals served at once"
     )
-    worker.add_argument("--log-level", default="info")
+    worker.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     worker.add_argument(
         "--metrics-port",
         type=port_number,
@@ -296,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _missing_database() -> str | None:
     from app import db
 
-    return db.missing_sqlite_file(settings_from_environment().database_url)
+    return db.missing_sqlite_file(load_database_settings().database_url)
 
 
 def _database_trouble(args: argparse.Namespace, error: Exception) -> str | None:
@@ -306,7 +317,7 @@ def _database_trouble(args: argparse.Namespace, error: Exception) -> str | None:
 
     if not isinstance(error, db.DATABASE_ERRORS):
         return None
-    database_url = settings_from_environment().database_url
+    database_url = load_database_settings().database_url
     # `migrate` is what makes the schema: only whether it can reach the database counts.
     return run_async(db.database_trouble(database_url, need_schema=args.run is not cmd_migrate))
 
@@ -320,6 +331,17 @@ def _load_extensions() -> None:
         except ModuleNotFoundError as error:
             if error.name != module:
                 raise
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def print_json(value: Any) -> None:

@@ -17,7 +17,6 @@ import os
 import secrets
 import shlex
 import signal
-import socket
 import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -181,9 +180,14 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     # Read before the worker starts: it soon finds their tokens refused and uninstalls them.
     started_at = utcnow()
     earlier = await _installed_before(settings, started_at)
-    busy = [port for port in (args.port, args.sandbox_port) if not port_is_free(args.host, port)]
+    ports = (args.port, args.sandbox_port)
+    busy = [port for port in ports if not cli.port_is_free(args.host, port)]
     if busy:
-        print(f"hubline dev: could not start: port {busy[0]} is already in use", file=sys.stderr)
+        print(
+            f"hubline dev: could not start: port {busy[0]} is already in use "
+            "(choose others with --port and --sandbox-port)",
+            file=sys.stderr,
+        )
         return 1
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -210,16 +214,6 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await demo
     return 0
-
-
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 async def _installed_before(settings: Settings, started_at: datetime) -> list[int]:
@@ -334,6 +328,11 @@ async def cmd_sandbox(args: argparse.Namespace) -> int:
         config.app_id = int(app_id)
     if args.webhook_target:
         config.webhook_target_url = args.webhook_target
+    if not cli.port_is_free(args.host, args.port):
+        return cli.refuse(
+            f"hubline sandbox: could not start: port {args.port} is already in use "
+            "(choose another with --port)"
+        )
     print(
         f"HubSpot sandbox at http://{args.host}:{args.port}/ (client id {config.client_id})",
         flush=True,
@@ -352,7 +351,7 @@ def register(commands: Any) -> None:
     dev.add_argument("--sandbox-port", type=cli.port_number, default=8090)
     dev.add_argument("--demo", action="store_true", help="send demo events to installed portals")
     dev.add_argument("--dev-file", default=DEV_FILE, help="where the generated credentials live")
-    dev.add_argument("--log-level", default="warning")
+    dev.add_argument("--log-level", default="warning", type=str.lower, choices=cli.LOG_LEVELS)
     dev.set_defaults(run=cmd_dev)
 
     sandbox = commands.add_parser("sandbox", help="run the local HubSpot sandbox alone")
@@ -362,7 +361,7 @@ def register(commands: Any) -> None:
     sandbox.add_argument("--client-secret", help="default: HUBSPOT_CLIENT_SECRET")
     sandbox.add_argument("--webhook-target", help="where to deliver HubSpot webhooks")
     sandbox.add_argument("--dev-file", default=DEV_FILE)
-    sandbox.add_argument("--log-level", default="warning")
+    sandbox.add_argument("--log-level", default="warning", type=str.lower, choices=cli.LOG_LEVELS)
     sandbox.set_defaults(run=cmd_sandbox)
 
 

@@ -13,6 +13,7 @@
     ├── HubSpotNotReached         an uninstall HubSpot could not be asked for: nothing changed
     └── HubSpotError              HubSpot answered with an error (status, category, correlation id)
         ├── HubSpotAuthError      401/403 after the one refresh-and-retry
+        │   └── ClientRefused     the token endpoint refused Hubline's own client credentials
         ├── HubSpotRateLimited    429, after the client's own waits ran out
         ├── HubSpotUnavailable    5xx, 423, timeouts and connection failures, after retries;
         │                         or a refresh failed that way a moment ago (a cooldown)
@@ -139,6 +140,14 @@ class HubSpotError(HublineError):
 
 class HubSpotAuthError(HubSpotError):
     """HubSpot refused the token even after one refresh and retry."""
+
+
+class ClientRefused(HubSpotAuthError):
+    """The token endpoint refused Hubline's client id or secret, not a portal's grant.
+
+    A configuration problem of the deployment (a mistyped secret, another app's
+    credentials): every portal's refresh fails alike, and none is uninstalled for it.
+    """
 
 
 class HubSpotRateLimited(HubSpotError):

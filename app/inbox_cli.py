@@ -48,8 +48,15 @@ async def cmd_events_list(args: argparse.Namespace) -> int:
     try:
         async with db.session_factory(engine)() as session:
             events = [event_summary(e) for e in (await session.execute(query)).scalars()]
+            unknown = (
+                not events
+                and args.portal is not None
+                and await session.get(Portal, args.portal) is None
+            )
     finally:
         await engine.dispose()
+    if unknown:  # as `events retry --failed --portal` says it: a typo is not "no events"
+        return cli.refuse(f"no portal {args.portal}")
     if args.json:
         cli.print_json(events)
         return 0
@@ -81,8 +88,13 @@ def _short_error(text: str, width: int = 90) -> str:
 
 
 async def cmd_events_retry(args: argparse.Namespace) -> int:
-    if args.event_id is None and not args.failed:
-        print("hubline events retry: error: give an event ID or --failed", file=sys.stderr)
+    usage = None
+    if (args.event_id is None) == (not args.failed):
+        usage = "give an event ID or --failed (not both)"
+    elif args.portal is not None and not args.failed:
+        usage = "--portal goes with --failed (an event ID names its portal)"
+    if usage is not None:
+        print(f"hubline events retry: error: {usage}", file=sys.stderr)
         return 2
     settings = cli.settings_from_environment()
     engine = db.create_engine(settings.database_url)

@@ -93,9 +93,18 @@ def webhook_url(settings: Settings, portal_id: int) -> str:
     return f"{settings.public_url}/webhooks/portals/{portal_id}/receptionist"
 
 
+def install_url(settings: Settings) -> str:
+    """Where an install starts: at PUBLIC_URL, the host HubSpot sends the browser back to.
+
+    The install binds its state to a cookie of the host it starts on; started on another
+    name of the same server (127.0.0.1 for localhost), the callback would find none.
+    """
+    return f"{settings.public_url}/oauth/install"
+
+
 def reauth_url(settings: Settings) -> str:
     """The link that asks the portal's admin to consent again (to the scopes now required)."""
-    return f"{settings.public_url}/oauth/install"
+    return install_url(settings)
 
 
 # --- install ------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from app import db
 from app.crypto import TokenCipher
-from app.errors import ConfigurationError
+from app.errors import UnknownKeyError
 from app.hubspot.runtime import HubSpotRuntime
 from app.inbox import InboxWriter
 from app.logs import install_redaction
@@ -80,7 +80,7 @@ async def open_services(
         inbox_writer=InboxWriter(sessions, cipher),
     )
     try:
-        await check_keys_can_read(resources)
+        await check_keys_can_read(engine, cipher)
     except BaseException:
         await close_services(resources)
         raise
@@ -100,11 +100,15 @@ async def close_services(resources: Services) -> None:
 ENCRYPTED_TABLES = ("oauth_tokens", "receptionist_secrets", "events", "oauth_states")
 
 
-async def check_keys_can_read(resources: Services) -> None:
-    """Refuse to start when stored secrets were made by keys that are no longer configured."""
+async def check_keys_can_read(engine: AsyncEngine, cipher: TokenCipher) -> None:
+    """Refuse to start (or to write) when stored secrets were made by keys not configured.
+
+    A command writing with keys that lack the newest one would store what the deployment's
+    keys cannot read, and no process of it could start again.
+    """
     try:
-        async with resources.engine.connect() as connection:
-            if await db.schema_revision(resources.engine) is None:
+        async with engine.connect() as connection:
+            if await db.schema_revision(engine) is None:
                 return
             used: set[str] = set()
             for table in ENCRYPTED_TABLES:
@@ -115,9 +119,9 @@ async def check_keys_can_read(resources: Services) -> None:
     except (sa.exc.DBAPIError, OSError, TimeoutError):
         # The database being down is /readyz's business, not a reason to refuse to start.
         return
-    missing = sorted(used - set(resources.cipher.key_ids))
+    missing = sorted(used - set(cipher.key_ids))
     if missing:
-        raise ConfigurationError(
+        raise UnknownKeyError(
             "TOKEN_ENCRYPTION_KEYS cannot read stored secrets made by key(s) "
             + ", ".join(missing)
             # Whichever way the keys changed (a rotation, or rolling one back), the fix is

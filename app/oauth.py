@@ -28,9 +28,9 @@ from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
 from app.db import transaction
-from app.errors import HubSpotAuthError, HubSpotError
+from app.errors import ClientRefused, HubSpotAuthError, HubSpotError
 from app.hubspot.oauth2 import HubSpotOAuth, TokenResponse
-from app.lifecycle import InstallOutcome, record_install
+from app.lifecycle import InstallOutcome, install_url, record_install
 from app.main import Services, services
 from app.models import OAuthState, utcnow
 from app.settings_page import render_settings, set_session_cookie, sign_portal_session
@@ -57,7 +57,8 @@ def _secure(resources: Services) -> bool:
 
 async def landing(request: Request) -> Response:
     """The landing page: install, or manage an existing installation (the same flow)."""
-    return templates.TemplateResponse(request, "landing.html", {"install_url": "/oauth/install"})
+    install = install_url(services(request).settings)
+    return templates.TemplateResponse(request, "landing.html", {"install_url": install})
 
 
 async def install(request: Request) -> Response:
@@ -265,6 +266,15 @@ async def exchange(code: str, verifier: str | None, resources: Services) -> Toke
     oauth = HubSpotOAuth(resources.settings, resources.http)
     try:
         return await oauth.exchange_code(code, code_verifier=verifier)
+    except ClientRefused as error:
+        log.error("code exchange refused: %s", error, extra={"status": error.status_code})
+        raise CallbackFailure(
+            "exchange_rejected",
+            400,
+            "HubSpot did not accept this install",
+            "HubSpot refused this app's own credentials, so nothing was installed: its "
+            "operator must check the app's HubSpot settings. Please try again later.",
+        ) from None
     except HubSpotAuthError as error:
         log.info(
             "code exchange refused", extra={"status": error.status_code, "category": error.category}

@@ -10,6 +10,7 @@ from app import cli, db
 from app.crypto import TokenCipher
 from app.errors import HubSpotNotReached
 from app.lifecycle import disconnect, portal_summaries
+from app.main import check_keys_can_read
 from app.portals import get_portal, rotate_secret
 
 
@@ -98,6 +99,9 @@ async def cmd_portals_rotate_secret(args: argparse.Namespace) -> int:
     engine = db.create_engine(settings.database_url)
     grace = timedelta(hours=settings.secret_rotation_grace_hours)
     try:
+        # A shell with keys that predate a rotation would store the secret under a key the
+        # deployment no longer holds, and no process of it could start again.
+        await check_keys_can_read(engine, cipher)
         async with db.transaction(db.session_factory(engine)) as session:
             if await get_portal(args.portal_id, session=session) is None:
                 return cli.refuse(f"no portal {args.portal_id}")

@@ -70,6 +70,8 @@ OUTCOME_OPTIONS = (
     ("other", "Other"),
 )
 
+YES_NO_OPTIONS = (("true", "Yes"), ("false", "No"))
+
 # How Hubline writes a property, decided by the type of the property the portal has.
 STRING = "string"  # free text
 NUMBER = "number"
@@ -98,6 +100,11 @@ class PropertySpec:
             "description": self.description,
         }
         options = default_options(self.name, lead_source_label)
+        if self.type == "bool":
+            # The options HubSpot's own checkboxes carry: its documentation does not say
+            # whether a bool property created without them is taken, and if it were
+            # refused, the batch would create none of Hubline's properties.
+            options = YES_NO_OPTIONS
         if options:
             body["options"] = [
                 {"label": label, "value": value, "displayOrder": i, "hidden": False}

@@ -14,7 +14,7 @@ A caller needs a phone or an email that Hubline can read (a `test.ping` needs no
 caller). Ids and phone numbers sent as JSON numbers are read as text; a duration or lead
 score must be a finite number (or a string of one), never true or false; a duration is
 at most a day. `occurred_at` must lie between 2000 and a day after receipt. The flat form
-may carry `type` only as `call.completed`. A `recording_url` that is not an http(s)
+may carry `type` only as `call.completed`. A `recording_url` that is not an https
 address is left out, not refused (the answer lists it under `ignored`), and so is a
 phone Hubline cannot read when the caller's email names them. Unknown fields
 are ignored: platforms add fields, and refusing them would lose calls.
@@ -39,7 +39,9 @@ FLAT_FIELDS = frozenset({"call_id", "caller_name", "caller_phone", "caller_email
 MAX_AHEAD = timedelta(days=1)
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_DURATION_SECONDS = 86_400  # a day: longer is a unit mistake (milliseconds) or garbage
-NOT_A_WEB_ADDRESS = "is not an http or https URL: the call is stored without it"
+NOT_AN_HTTPS_ADDRESS = (
+    "is not an https URL (HubSpot takes only secure recording links): the call is stored without it"
+)
 NOT_A_PHONE_NUMBER = (
     "is not a phone number Hubline can read (a number without its area code, or in an "
     "unknown format): the event is stored with the caller's email alone"
@@ -67,10 +69,11 @@ def _not_a_bool(value: Any) -> Any:
 _Number = Annotated[float, BeforeValidator(_not_a_bool)]
 
 
-def _is_web_address(value: str) -> bool:
+def is_https_address(value: str) -> bool:
+    """True for an https URL with a host: the only recording link HubSpot takes."""
     try:
         parts = urlsplit(value)
-        return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+        return parts.scheme.lower() == "https" and bool(parts.hostname)
     except ValueError:  # "http://[abc": an IPv6 address left open
         return False
 
@@ -229,10 +232,11 @@ def parse_event(
         # number is missing from the contact and the call.
         ignored.append({"field": shape.phone, "message": NOT_A_PHONE_NUMBER})
     recording_url = given.recording_url
-    if recording_url and not _is_web_address(recording_url):
-        # HubSpot shows the recording as a link: only a web address may become one. The
-        # call matters more than its link, so it is stored without it.
-        ignored.append({"field": "recording_url", "message": NOT_A_WEB_ADDRESS})
+    if recording_url and not is_https_address(recording_url):
+        # HubSpot shows the recording as a link and takes only an https one ("Only HTTPS,
+        # secure URLs will be accepted"): sent another, the whole call would be refused.
+        # The call matters more than its link, so it is stored without it.
+        ignored.append({"field": "recording_url", "message": NOT_AN_HTTPS_ADDRESS})
         recording_url = None
     return ReceptionistEvent(
         id=event_id,

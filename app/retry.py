@@ -8,6 +8,7 @@ from enum import StrEnum
 
 from app.db import UNREACHABLE
 from app.errors import (
+    ClientRefused,
     CryptoError,
     HubSpotAuthError,
     HubSpotConflict,
@@ -40,10 +41,16 @@ class Decision:
 
 # HubSpot's search shows new records within a few seconds.
 AMBIGUOUS_WRITE_MIN_DELAY = 15.0
-# Failures that say nothing of the event: HubSpot down, slow or limiting, and the
-# database unreachable (not a statement of the handler's refused: that may be a bug).
+# Failures that say nothing of the event: HubSpot down, slow or limiting, the database
+# unreachable (not a statement of the handler's refused: that may be a bug), and HubSpot
+# refusing the deployment's own client credentials (until an operator mends them).
 # They end when the outage does, so they are retried far longer.
-OUTAGES: tuple[type[BaseException], ...] = (HubSpotUnavailable, HubSpotRateLimited, *UNREACHABLE)
+OUTAGES: tuple[type[BaseException], ...] = (
+    HubSpotUnavailable,
+    HubSpotRateLimited,
+    ClientRefused,
+    *UNREACHABLE,
+)
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ SQLITE_DEFAULT_URL = "sqlite+aiosqlite:///./hubline.db"
 MIN_ADMIN_TOKEN_LENGTH = 16
 
 
-class Settings(BaseSettings):
-    """Every setting in DESIGN.md, read from the environment (or a `.env` file)."""
+class DatabaseSettings(BaseSettings):
+    """The one setting `hubline migrate` needs: a deploy's migration job holds no secrets."""
 
     model_config = SettingsConfigDict(
         env_file=".env",
@@ -38,6 +38,33 @@ class Settings(BaseSettings):
     )
 
     database_url: str = SQLITE_DEFAULT_URL
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        if value.startswith("postgres://"):
+            value = "postgresql://" + value.removeprefix("postgres://")
+        if value.startswith("postgresql://"):
+            value = "postgresql+asyncpg://" + value.removeprefix("postgresql://")
+        if value.startswith("sqlite:///"):
+            value = "sqlite+aiosqlite:///" + value.removeprefix("sqlite:///")
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must be a sqlite+aiosqlite:// or postgresql+asyncpg:// URL")
+        try:
+            make_url(value).port  # noqa: B018 - reading it checks it
+        except (ArgumentError, ValueError):
+            # Never the URL itself in the message: it may hold a password.
+            raise ValueError("is not a database URL SQLAlchemy can read") from None
+        return value
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+class Settings(DatabaseSettings):
+    """Every setting in DESIGN.md, read from the environment (or a `.env` file)."""
+
     hubspot_client_id: str = Field(min_length=1)
     hubspot_client_secret: SecretStr
     # [0-9], not \d: another script's digits would pass and never equal HubSpot's appId.
@@ -117,24 +144,6 @@ class Settings(BaseSettings):
             raise ValueError("must name a host")
         return value.rstrip("/")
 
-    @field_validator("database_url")
-    @classmethod
-    def _async_driver(cls, value: str) -> str:
-        if value.startswith("postgres://"):
-            value = "postgresql://" + value.removeprefix("postgres://")
-        if value.startswith("postgresql://"):
-            value = "postgresql+asyncpg://" + value.removeprefix("postgresql://")
-        if value.startswith("sqlite:///"):
-            value = "sqlite+aiosqlite:///" + value.removeprefix("sqlite:///")
-        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
-            raise ValueError("must be a sqlite+aiosqlite:// or postgresql+asyncpg:// URL")
-        try:
-            make_url(value).port  # noqa: B018 - reading it checks it
-        except (ArgumentError, ValueError):
-            # Never the URL itself in the message: it may hold a password.
-            raise ValueError("is not a database URL SQLAlchemy can read") from None
-        return value
-
     @field_validator("default_phone_region")
     @classmethod
     def _known_region(cls, value: str) -> str:
@@ -156,10 +165,6 @@ class Settings(BaseSettings):
     @property
     def redirect_uri(self) -> str:
         return f"{self.public_url}/oauth/callback"
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
 
     @property
     def required_scopes(self) -> list[str]:
@@ -209,6 +214,14 @@ def load_settings(
         values: dict[str, Any] = {key.lower(): value for key, value in environ.items()}
         values.update(overrides)
         return _GivenSettings(**values)
+    except ValidationError as error:
+        raise ConfigurationError(describe_validation_error(error)) from None
+
+
+def load_database_settings() -> DatabaseSettings:
+    """DATABASE_URL from the environment (or `.env`), as `load_settings` reads it."""
+    try:
+        return DatabaseSettings()
     except ValidationError as error:
         raise ConfigurationError(describe_validation_error(error)) from None
 

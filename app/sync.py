@@ -95,7 +95,7 @@ from app.models import (
 )
 from app.portals import problem_codes
 from app.properties import BOOL, NUMBER, OPTION, STRING, PortalProperties
-from app.receptionist import PING, ReceptionistEvent
+from app.receptionist import PING, ReceptionistEvent, is_https_address
 
 if TYPE_CHECKING:
     from app.main import Services
@@ -1321,7 +1321,9 @@ class BatchSync:
                 values["hs_call_duration"] = str(round(event.duration_seconds * 1000))
             if item.phone:
                 values["hs_call_from_number"] = item.phone
-            if event.recording_url:
+            # Checked again here: an event stored by an older Hubline may hold an http link,
+            # which HubSpot would refuse the whole call for.
+            if event.recording_url and is_https_address(event.recording_url):
                 values["hs_call_recording_url"] = event.recording_url
         else:
             values["hs_note_body"] = engagement_body(

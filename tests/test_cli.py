@@ -117,11 +117,20 @@ async def test_serve_with_keys_that_cannot_read_what_is_stored_refuses_with_one_
     finally:
         await close_services(resources)
     env["TOKEN_ENCRYPTION_KEYS"] = generate_key()  # the old key left out
+    # README: exit 3 is stored secrets the configured keys cannot read, for every command.
     result = hubline("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
-    assert result.returncode == 2
+    assert result.returncode == 3
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "cannot read stored secrets" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+    # A command that writes refuses too, before storing anything the deployment's keys
+    # could not read: here a secret made by a key that predates a rotation.
+    rotated = hubline("portals", "rotate-secret", "1001", env=env, cwd=tmp_path)
+    assert rotated.returncode == 3
+    assert "cannot read stored secrets" in rotated.stderr
+    env["TOKEN_ENCRYPTION_KEYS"] = TEST_KEY
+    resources = await open_services(load_settings(env, env_file=None))  # still all readable
+    await close_services(resources)
 
 
 @pytest.mark.slow
@@ -162,17 +171,19 @@ async def test_serve_on_a_fresh_directory_answers_health_and_readiness(tmp_path:
 
 
 def test_migrate_creates_the_schema_then_reports_it_is_current(tmp_path: Path) -> None:
-    env = clean_env(
-        HUBSPOT_CLIENT_ID=TEST_CLIENT_ID,
-        HUBSPOT_CLIENT_SECRET=TEST_CLIENT_SECRET,
-        TOKEN_ENCRYPTION_KEYS=TEST_KEY,
-        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}",
-    )
+    # DATABASE_URL alone: a deploy's migration job need not be given the app's secrets.
+    env = clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}")
     first = hubline("migrate", env=env, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("migrated schema from empty to")
     again = hubline("migrate", env=env, cwd=tmp_path)
     assert again.stdout.startswith("schema already at")
+    wrong = hubline("migrate", env=clean_env(DATABASE_URL="mysql://db/hubline"), cwd=tmp_path)
+    assert (wrong.returncode, wrong.stderr.strip()) == (
+        2,
+        "hubline: DATABASE_URL is invalid: must be a sqlite+aiosqlite:// or "
+        "postgresql+asyncpg:// URL",
+    )
 
 
 @pytest.mark.parametrize("empty_database_url", ["postgres"], indirect=True)
@@ -400,3 +411,33 @@ def test_a_port_out_of_range_is_a_usage_error_not_another_port(tmp_path: Path) -
         result = hubline(*command, env=clean_env(), cwd=tmp_path)
         assert result.returncode == 2, command
         assert "is not a port (0 to 65535)" in result.stderr, command
+
+
+def test_a_busy_port_is_one_line_and_exit_1_before_anything_starts(tmp_path: Path) -> None:
+    # uvicorn found the port busy only after the app and its worker had started, logged
+    # its own lines, and exited 3 (which the README keeps for unreadable secrets).
+    env = clean_env(
+        HUBSPOT_CLIENT_ID=TEST_CLIENT_ID,
+        HUBSPOT_CLIENT_SECRET=TEST_CLIENT_SECRET,
+        TOKEN_ENCRYPTION_KEYS=TEST_KEY,
+        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'hubline.db'}",
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for command in (["serve", "--port", port], ["sandbox", "--port", port]):
+            result = hubline(*command, env=env, cwd=tmp_path)
+            assert result.returncode == 1, (command, result.stderr)
+            assert result.stderr.strip() == (
+                f"hubline {command[0]}: could not start: port {port} is already in use "
+                "(choose another with --port)"
+            )
+            assert result.stdout == ""
+
+
+def test_an_unknown_log_level_is_a_usage_error(tmp_path: Path) -> None:
+    for command in ("serve", "worker", "dev", "sandbox"):
+        result = hubline(command, "--log-level", "chatty", env=clean_env(), cwd=tmp_path)
+        assert result.returncode == 2, command
+        assert "argument --log-level: invalid choice: 'chatty'" in result.stderr, command

@@ -134,7 +134,15 @@ async def test_events_retry_one_then_all_failed_of_a_portal(
     # A portal id that names no portal is a mistake to say, not "0 queued" and success.
     nowhere = hubline(database_url, "retry", "--failed", "--portal", "4242")
     assert (nowhere.returncode, nowhere.stderr.strip()) == (1, "no portal 4242")
-    assert hubline(database_url, "retry").returncode == 2
+    listed = hubline(database_url, "list", "--portal", "4242")
+    assert (listed.returncode, listed.stderr.strip()) == (1, "no portal 4242")
+    # What cannot mean anything is a usage error, not a flag silently left unread.
+    before = await statuses(sessions)
+    for args in (("retry",), ("retry", str(ids[1]), "--failed"), ("retry", "--portal", "1002")):
+        refused = hubline(database_url, *args)
+        assert refused.returncode == 2, args
+        assert refused.stderr.startswith("hubline events retry: error: "), args
+    assert await statuses(sessions) == before
 
 
 async def test_ids_and_limits_out_of_range_are_refused_in_one_line(database_url: str) -> None:

@@ -18,10 +18,11 @@ from app import db, identity
 from app.crypto import generate_key
 from app.db import transaction
 from app.errors import (
-    ConfigurationError,
+    ClientRefused,
     HubSpotNotReached,
     PortalUnavailable,
     RefreshRejected,
+    UnknownKeyError,
 )
 from app.hubspot import hubspot_client
 from app.inbox import EventView, HandlerContext, NewEvent, enqueue, registry
@@ -287,6 +288,48 @@ async def test_a_refresh_rejected_outside_the_worker_raises_and_uninstalls(
     assert await portal_state(services, 1001) == ("uninstalled", False)
 
 
+async def test_a_refresh_refused_for_another_apps_client_uninstalls_no_portal(
+    install_portal: Any, settings: Any, sandbox: Any, sandbox_app: Any
+) -> None:
+    # A deploy with another app's credentials (staging's, say): HubSpot answers every
+    # portal's refresh BAD_REFRESH_TOKEN, "not issued to this client". Read as uninstalls,
+    # every portal's tokens would be deleted.
+    await install_portal(1001)
+    sandbox.config.client_id = "another-app"
+    misconfigured = await open_services(
+        settings.model_copy(update={"hubspot_client_id": "another-app"}),
+        transport=httpx.ASGITransport(app=sandbox_app),
+    )
+    try:
+        sandbox.expire_portal_tokens(1001)
+        with pytest.raises(ClientRefused) as raised:
+            await hubspot_client(misconfigured, 1001).get_json(CONTACTS)
+        event_id = await enqueue_probe(misconfigured, 1001, "work-1")
+        with pytest.raises(TimeoutError):  # the event waits to be retried
+            await Worker(misconfigured, poll_seconds=0.02).drain(timeout=1)
+        assert await portal_state(misconfigured, 1001) == ("active", True)
+        async with misconfigured.sessions() as session:
+            event = await session.get(InboxEvent, event_id)
+            uninstalls = await session.scalar(
+                sa.select(sa.func.count())
+                .select_from(InboxEvent)
+                .where(col(InboxEvent.type) == UNINSTALL_EVENT)
+            )
+        assert event is not None
+        assert (event.status, uninstalls) == (EventStatus.pending, 0)
+        assert "HUBSPOT_CLIENT_ID" in str(raised.value)
+        assert "HUBSPOT_CLIENT_ID" in (event.last_error or "")
+    finally:
+        await close_services(misconfigured)
+    # Once the credentials are mended, the portal's tokens work as they did.
+    sandbox.config.client_id = settings.hubspot_client_id
+    fixed = await open_services(settings, transport=httpx.ASGITransport(app=sandbox_app))
+    try:
+        await hubspot_client(fixed, 1001).get_json(CONTACTS)
+    finally:
+        await close_services(fixed)
+
+
 async def test_an_uninstall_clears_the_portal_problems(
     install_portal: Any, services: Any, sandbox_app: Any
 ) -> None:
@@ -492,7 +535,7 @@ async def test_start_up_refuses_keys_that_cannot_read_the_stored_tokens(
     install_portal: Any, make_settings: Any
 ) -> None:
     await install_portal(1001)
-    with pytest.raises(ConfigurationError) as raised:
+    with pytest.raises(UnknownKeyError) as raised:
         resources = await open_services(make_settings(token_encryption_keys=generate_key()))
         await close_services(resources)
     assert "TOKEN_ENCRYPTION_KEYS" in str(raised.value)

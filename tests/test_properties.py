@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from app.models import EventStatus, InboxEvent, PortalProblem
 from app.properties import (
     PROVISION_EVENT,
+    SPECS,
     STRING,
     compatible_use,
     provision,
@@ -73,6 +74,13 @@ async def test_install_creates_the_group_and_every_property(
     [lead_source] = defs["lead_source"].options
     assert (lead_source["value"], lead_source["label"]) == ("ai_receptionist", "AI Receptionist")
     assert await problems(services, 1001) == {}
+
+
+def test_yes_no_properties_are_created_with_hubspots_checkbox_options() -> None:
+    for spec in SPECS:
+        if spec.type == "bool":
+            options = spec.definition("AI Receptionist")["options"]
+            assert [(o["value"], o["label"]) for o in options] == [("true", "Yes"), ("false", "No")]
 
 
 async def test_existing_properties_are_left_alone_and_incompatible_ones_reported(

@@ -12,7 +12,7 @@ from app.receptionist import (
     FAR_AHEAD,
     FLAT_IS_A_CALL,
     NOT_A_PHONE_NUMBER,
-    NOT_A_WEB_ADDRESS,
+    NOT_AN_HTTPS_ADDRESS,
     TOO_EARLY,
     ReceptionistEvent,
     parse_event,
@@ -197,19 +197,20 @@ def test_the_flat_form_may_say_it_is_a_completed_call() -> None:
     [
         "javascript:alert(1)",
         "ftp://files.example.com/1.mp3",
+        "http://recordings.example.com/1.mp3",
         "recordings/1.mp3",
         "https://",
         "http://[abc",
     ],
 )
-def test_a_recording_that_is_no_web_address_is_left_out_and_said_so(address: str) -> None:
+def test_a_recording_that_is_no_https_address_is_left_out_and_said_so(address: str) -> None:
     event = parse(call_event(recording_url=address))
     assert event.recording_url is None
-    assert event.ignored == [{"field": "recording_url", "message": NOT_A_WEB_ADDRESS}]
+    assert event.ignored == [{"field": "recording_url", "message": NOT_AN_HTTPS_ADDRESS}]
     assert "ignored" not in event.payload()
 
 
-def test_a_recording_web_address_is_kept_as_given() -> None:
+def test_a_recording_https_address_is_kept_as_given() -> None:
     address = "HTTPS://recordings.example.com/calls/1.mp3?sig=abc"
     assert parse(call_event(recording_url=address)).recording_url == address
 

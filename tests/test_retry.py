@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app.errors import (
+    ClientRefused,
     HubSpotRateLimited,
     HubSpotUnavailable,
     HubSpotValidationError,
@@ -88,6 +89,8 @@ def test_an_ambiguous_write_waits_for_hubspots_search_to_catch_up(error: Excepti
         HubSpotUnavailable("502", status_code=502),
         HubSpotRateLimited("429", status_code=429),
         sa.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError()),
+        # The deployment's own client credentials refused: until an operator mends them.
+        ClientRefused("invalid_client", status_code=400),
     ],
 )
 def test_an_outage_is_retried_for_a_day_not_ten_attempts(outage: Exception) -> None:

@@ -163,6 +163,14 @@ def test_standard_signature_list_may_hold_several_and_garbage() -> None:
     assert verify_standard_webhook(BODY, listed, [SECRET])
 
 
+@pytest.mark.parametrize("entry", ["v1,bogus", "v1,AAAA", "v1,abc=", "v1," + "A" * 43 + "B"])
+def test_a_malformed_v1_entry_beside_the_valid_signature_is_ignored(entry: str) -> None:
+    good = standard_headers(SECRET, BODY)
+    listed = {**good, "webhook-signature": f"{entry} {good['webhook-signature']}"}
+    assert verify_standard_webhook(BODY, listed, [SECRET])
+    assert authenticate_receptionist(BODY, listed, [SECRET])
+
+
 # -301.5: the header keeps whole seconds, which pulls a future timestamp back by up to 1 s.
 @pytest.mark.parametrize("age", [-301.5, 301, 3600])
 def test_standard_signature_outside_five_minutes_is_rejected(age: float) -> None:

@@ -23,10 +23,11 @@ from app import campaigns
 from app.db import transaction
 from app.hubspot.runtime import Backoff
 from app.hubspot.times import millis
-from app.inbox import retry_events
+from app.inbox import NewEvent, enqueue, retry_events
 from app.main import close_services, open_services
 from app.models import (
     EngagementRecord,
+    EventSource,
     EventStatus,
     InboxEvent,
     Portal,
@@ -34,6 +35,7 @@ from app.models import (
     PortalProblem,
     utcnow,
 )
+from app.receptionist import parse_event
 from app.retry import RetryPolicy
 from app.sandbox.config import ALL_SCOPES
 from app.sandbox.limits import Fault
@@ -95,6 +97,29 @@ async def test_new_caller_becomes_one_contact_with_one_call(
     assert (record.engagement_id, record.contact_id) == (engagement.id, contact.id)
     [event] = await inbox_events(services)
     assert (event.status, event.contact_id) == (EventStatus.done, contact.id)
+
+
+async def test_an_http_recording_link_stored_by_an_older_hubline_is_left_off_the_call(
+    install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    # Hubline once kept http links; HubSpot refuses a call carrying one (https only).
+    await install_portal(1001)
+    event = parse_event(call(), webhook_id=None, region="US", received_at=utcnow())
+    payload = event.payload() | {"recording_url": "http://recordings.example.com/1.mp3"}
+    async with transaction(services.sessions) as session:
+        await enqueue(
+            NewEvent(
+                1001, EventSource.receptionist, event.type, event.id, event.occurred_at, payload
+            ),
+            session=session,
+            cipher=services.cipher,
+        )
+    await drain(services)
+
+    [engagement] = sandbox.calls(1001)
+    assert "hs_call_recording_url" not in engagement.properties
+    [stored] = await inbox_events(services)
+    assert stored.status == EventStatus.done
 
 
 async def test_text_and_chat_become_notes_and_the_flat_form_a_call(

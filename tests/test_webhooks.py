@@ -17,7 +17,7 @@ from app.db import transaction
 from app.inbox import read_payload
 from app.models import EventStatus, PortalStatus
 from app.portals import rotate_secret
-from app.receptionist import NOT_A_WEB_ADDRESS
+from app.receptionist import NOT_AN_HTTPS_ADDRESS
 from app.webhooks import STALE_TIMESTAMP
 from tests.webhook_support import (
     add_portal,
@@ -165,13 +165,15 @@ async def test_every_bad_input_gets_its_answer_and_stores_nothing(
         assert await inbox_rows(services.sessions) == [], name
 
 
-async def test_a_call_with_a_recording_link_that_is_no_web_address_is_stored_without_it(
+async def test_a_call_with_a_recording_link_that_is_no_https_address_is_stored_without_it(
     post: Post, secret: Secret, services: Any
 ) -> None:
     body = dumps(call_event(recording_url="javascript:alert(1)"))
     response = await post(body, standard_headers(secret, body))
     assert response.status_code == 202
-    assert response.json()["ignored"] == [{"field": "recording_url", "message": NOT_A_WEB_ADDRESS}]
+    assert response.json()["ignored"] == [
+        {"field": "recording_url", "message": NOT_AN_HTTPS_ADDRESS}
+    ]
     [row] = await inbox_rows(services.sessions)
     assert read_payload(row, services.cipher)["recording_url"] is None
     clean = dumps(call_event(id="evt_clean"))

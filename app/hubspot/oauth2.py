@@ -20,6 +20,7 @@ from authlib.oauth2.client import OAuth2Client
 
 from app.crypto import Secret
 from app.errors import (
+    ClientRefused,
     HubSpotAuthError,
     HubSpotError,
     HubSpotRateLimited,
@@ -113,6 +114,10 @@ class _AsyncProtocol(OAuth2Client):  # type: ignore[misc]  # authlib is untyped
         return self.parse_response_token(response)
 
 
+# HubSpot's words for a refresh token issued to another app's client id.
+_NOT_THIS_CLIENT = "not issued to this client"
+
+
 def error_body(response: httpx.Response) -> dict[str, Any]:
     """A failed answer's JSON object, or {} when it has none (an HTML error page, say)."""
     try:
@@ -142,14 +147,25 @@ def raise_for_token_error(response: httpx.Response, *, refresh: bool = False) ->
         )
     if response.status_code >= 500:
         raise HubSpotUnavailable("HubSpot's OAuth endpoint failed", **context)
-    if refresh and (error == "invalid_grant" or status_word == "BAD_REFRESH_TOKEN"):
-        raise RefreshRejected(
-            "HubSpot rejected the refresh token: the app was uninstalled or access revoked",
-            **context,
-        )
     # As for every HubSpot error, its own words are the detail, not the text: the
     # category (`invalid_grant`, `invalid_client`, ...) says what went wrong.
     description = redact_text(str(body.get("error_description") or body.get("message") or ""))
+    if error == "invalid_client" or _NOT_THIS_CLIENT in description.lower():
+        # Refused for Hubline's own credentials: HubSpot answers a refresh token issued to
+        # another app with BAD_REFRESH_TOKEN too, which read as an uninstall would delete
+        # every portal's tokens after a deploy with the wrong HUBSPOT_CLIENT_ID.
+        raise ClientRefused(
+            "HubSpot's OAuth endpoint refused Hubline's client credentials: check "
+            "HUBSPOT_CLIENT_ID and HUBSPOT_CLIENT_SECRET (no portal is uninstalled for this)",
+            detail=description,
+            **context,
+        )
+    if refresh and (error == "invalid_grant" or status_word == "BAD_REFRESH_TOKEN"):
+        raise RefreshRejected(
+            "HubSpot rejected the refresh token: the app was uninstalled or access revoked",
+            detail=description,
+            **context,
+        )
     raise HubSpotAuthError(
         "HubSpot's OAuth endpoint refused the request", detail=description, **context
     )

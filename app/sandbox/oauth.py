@@ -245,6 +245,11 @@ def _refresh(state: SandboxState, form: dict[str, str]) -> dict[str, Any]:
     refresh = state.refresh_tokens.get(form.get("refresh_token", ""))
     if refresh is None or refresh.revoked:
         raise oauth_error("BAD_REFRESH_TOKEN", "invalid_grant", "missing or unknown refresh token")
+    if refresh.client_id and refresh.client_id != form.get("client_id"):
+        # Another app's client (the sandbox's app credentials changed since the install).
+        raise oauth_error(
+            "BAD_REFRESH_TOKEN", "invalid_grant", "refresh token was not issued to this client"
+        )
     if state.config.rotate_refresh_tokens:
         refresh.revoked = True
         access, refresh = state.issue_tokens(refresh.portal_id, refresh.scopes)

@@ -375,6 +375,9 @@ def normalize_value(prop: PropertyDef, raw: object) -> tuple[str, str | None]:
                 if EMAIL_RE.match(text.strip())
                 else ("", "INVALID_EMAIL")
             )
+        if prop.name == "hs_call_recording_url" and not text.lower().startswith("https://"):
+            # HubSpot's calls guide: "Only HTTPS, secure URLs will be accepted."
+            return "", "INVALID_URL"
         return text, None
     if prop.type == "number":
         number = _number(text.strip())

@@ -193,6 +193,7 @@ class RefreshToken:
     scopes: list[str]
     issued_at: float
     revoked: bool = False
+    client_id: str = ""  # the app it was issued to; only that app's client may refresh it
 
 
 @dataclass
@@ -468,7 +469,9 @@ class SandboxState:
     def issue_tokens(self, portal_id: int, scopes: list[str]) -> tuple[AccessToken, RefreshToken]:
         """A new access token and refresh token for a portal."""
         now = self.now()
-        refresh = RefreshToken(f"na1-{uuid.uuid4()}", portal_id, list(scopes), now)
+        refresh = RefreshToken(
+            f"na1-{uuid.uuid4()}", portal_id, list(scopes), now, client_id=self.config.client_id
+        )
         self.refresh_tokens[refresh.token] = refresh
         return self.issue_access_token(portal_id, scopes, refresh.token), refresh
 

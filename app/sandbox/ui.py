@@ -3,6 +3,8 @@ merges, uninstall, and each portal's recent API traffic."""
 
 from __future__ import annotations
 
+import html
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -167,7 +169,9 @@ def _contact_page(
                     "title": props.get(
                         "hs_call_title", "Note" if object_type == "notes" else "Call"
                     ),
-                    "body": props.get("hs_call_body") or props.get("hs_note_body") or "",
+                    "body": _shown_as_text(
+                        props.get("hs_call_body") or props.get("hs_note_body") or ""
+                    ),
                     "properties": sorted(props.items()),
                 }
             )
@@ -258,3 +262,11 @@ def routes() -> list[BaseRoute]:
         Route(f"{contact}/merge", merge_contact, methods=["POST"]),
         Route("/contacts/{portal_id}/record/0-1/{contact_id}", hubspot_record_link),
     ]
+
+
+def _shown_as_text(body: str) -> str:
+    """An engagement body (HTML, as HubSpot stores it) as the text its timeline shows."""
+    # HubSpot renders the markup; shown escaped, "<br>" and "&#x27;" would read as if the
+    # app had garbled the caller's words. The template escapes the text again.
+    lines = re.sub(r"<br\s*/?>", "\n", body, flags=re.IGNORECASE)
+    return html.unescape(re.sub(r"<[^>]*>", "", lines))

@@ -181,6 +181,24 @@ async def test_malformed_number_and_missing_timestamp_on_a_call_are_rejected(
     assert errors == {"hs_call_duration": "INVALID_NUMBER", "hs_timestamp": "REQUIRED_FIELD"}
 
 
+async def test_a_call_recording_link_must_be_https(sandbox: Sandbox) -> None:
+    headers = await sandbox.token()
+
+    def call(url: str) -> dict[str, Any]:
+        return {"properties": {"hs_timestamp": 0, "hs_call_recording_url": url}}
+
+    plain = await sandbox.client.post(
+        "/crm/v3/objects/calls", json=call("http://r.example.com/1.mp3"), headers=headers
+    )
+    secure = await sandbox.client.post(
+        "/crm/v3/objects/calls", json=call("https://r.example.com/1.mp3"), headers=headers
+    )
+
+    assert plain.status_code == 400
+    assert property_errors(plain.json())[0]["error"] == "INVALID_URL"
+    assert secure.status_code == 201
+
+
 async def test_call_and_note_associate_with_a_contact(sandbox: Sandbox) -> None:
     headers = await sandbox.token()
     contact_id = await create_contact(sandbox, headers, email="ada@example.com")

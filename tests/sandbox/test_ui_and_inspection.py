@@ -62,7 +62,7 @@ async def test_contact_page_shows_the_timeline(sandbox: Sandbox) -> None:
             "properties": {
                 "hs_timestamp": 0,
                 "hs_call_title": "AI receptionist call",
-                "hs_call_body": "Wants a cleaning",
+                "hs_call_body": "Wants a cleaning<br><br>Caller: I&#x27;d like <b>Tuesday</b>",
             },
             "associations": [
                 {
@@ -78,6 +78,10 @@ async def test_contact_page_shows_the_timeline(sandbox: Sandbox) -> None:
 
     assert f'data-testid="timeline-call-{call.json()["id"]}"' in page.text
     assert "Wants a cleaning" in page.text
+    # As HubSpot shows the markup, not the markup itself (the page escapes the text).
+    assert "Caller: I&#39;d like Tuesday" in page.text
+    assert "&lt;br&gt;" not in page.text
+    assert "&amp;#x27;" not in page.text
 
 
 async def test_merge_form_merges_the_chosen_contact_into_this_one(sandbox: Sandbox) -> None:
