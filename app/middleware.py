@@ -1,4 +1,4 @@
-"""Request ids and one log line per request."""
+"""Request ids, the headers every answer carries, and one log line per request."""
 
 from __future__ import annotations
 
@@ -15,10 +15,18 @@ from app.logs import request_id_var
 log = logging.getLogger("app.requests")
 
 _ACCEPTABLE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# No page of Hubline's is meant to be framed: framed by another page of the same site
+# (SameSite lets its cookies through), the settings page's and the console's buttons
+# could be clicked through a decoy. And no answer is to be sniffed into another type.
+_EVERY_ANSWER = (
+    ("X-Frame-Options", "DENY"),
+    ("Content-Security-Policy", "frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+)
 
 
 class RequestContextMiddleware:
-    """Takes `X-Request-ID` (or makes one), echoes it, and logs the request without its query."""
+    """Request id in and out, the headers every answer carries, one log line (no query)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -37,7 +45,10 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = request_id
+                for name, value in _EVERY_ANSWER:
+                    headers.setdefault(name, value)
             await send(message)
 
         try:

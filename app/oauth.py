@@ -366,6 +366,7 @@ def installed_page(request: Request, installed: Installed) -> Response:
             "portal_id": installed.portal_id,
             "hub_domain": installed.outcome.portal.hub_domain,
             "return_url": safe_return_url(request.query_params.get("returnUrl")),
+            "install_url": install_url(services(request).settings),
         },
         headers=NO_STORE,
     )
@@ -379,7 +380,7 @@ def error_page(request: Request, failure: CallbackFailure) -> Response:
             "title": failure.title,
             "message": failure.message,
             "reason": failure.reason,
-            "action_url": "/oauth/install",
+            "action_url": install_url(services(request).settings),
             "action_label": "Start the install again",
         },
         status_code=failure.status,

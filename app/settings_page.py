@@ -33,13 +33,13 @@ from sqlmodel import col
 from standardwebhooks.webhooks import Webhook
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
 from app.crypto import same_text
 from app.db import UNREACHABLE, transaction
-from app.lifecycle import NEEDS_REAUTH_PROBLEM, reauth_url, webhook_url
+from app.lifecycle import NEEDS_REAUTH_PROBLEM, install_url, reauth_url, webhook_url
 from app.logs import request_id_var
 from app.main import Services, services
 from app.models import EventSource, EventStatus, InboxEvent, Portal, PortalStatus, utcnow
@@ -56,7 +56,6 @@ NO_STORE = {"Cache-Control": "no-store"}
 RECENT_FAILURES = 5
 RECENT_WINDOW = timedelta(days=7)
 REGIONS = sorted(phonenumbers.SUPPORTED_REGIONS)
-MANAGE_URL = "/oauth/install"
 
 
 # --- the portal session --------------------------------------------------------------------
@@ -117,10 +116,15 @@ def error_page(
     title: str,
     message: str,
     reason: str,
-    action_url: str = MANAGE_URL,
+    action_url: str | None = None,
     action_label: str = "Start the install again",
 ) -> Response:
-    """A page that says what happened and what to do next (never cached)."""
+    """A page that says what happened and what to do next (never cached).
+
+    Without `action_url`, the action starts an install, at PUBLIC_URL (`install_url`).
+    """
+    if action_url is None:
+        action_url = install_url(services(request).settings)
     return templates.TemplateResponse(
         request,
         "error.html",
@@ -236,6 +240,8 @@ async def render_settings(
                 sa.select(sa.func.max(col(InboxEvent.received_at))).where(
                     col(InboxEvent.portal_id) == portal_id,
                     col(InboxEvent.source) == EventSource.receptionist,
+                    # The owner asks whether the receptionist itself is connected.
+                    col(InboxEvent.type) != PING,
                 )
             )
         ).scalar_one_or_none()
@@ -312,6 +318,22 @@ async def _guard(request: Request, *, form: bool) -> PortalSession | Response:
     value = request.cookies[SESSION_COOKIE]
     if form:
         data = await request.form()
+        page_portal = str(data.get("portal_id", ""))
+        if page_portal and page_portal != str(portal_id):
+            # One session per browser: installing or managing another portal in another
+            # tab took it over. Said so, lest the next page show the other portal's secret
+            # to someone setting up this one's receptionist.
+            return error_page(
+                request,
+                status_code=409,
+                title="This browser now manages another HubSpot account",
+                message=f"This page was for portal {page_portal[:20]}, but this browser's "
+                f"Hubline settings session is now portal {portal_id}'s (opened in another "
+                f"tab). Nothing was changed. To manage portal {page_portal[:20]}, install "
+                "Hubline again and choose that account.",
+                reason="other_portal",
+                action_label="Manage another account",
+            )
         if not same_text(str(data.get("csrf", "")), csrf_token(resources, value)):
             return error_page(
                 request,
@@ -326,13 +348,44 @@ async def _guard(request: Request, *, form: bool) -> PortalSession | Response:
     return PortalSession(portal_id, value)
 
 
+# What an action that changed something redirects with (`/settings?done=...`): the page
+# a reload then asks for again is a GET, so a reload never rotates the secret once more.
+DONE_ROTATED = "rotated"
+DONE_REGION = "region"
+
+
+def _after(done: str) -> Response:
+    return RedirectResponse(f"/settings?done={done}", status_code=303, headers=NO_STORE)
+
+
 async def show_settings(request: Request) -> Response:
     """The settings page again (after the OAuth flow opened a session in this browser)."""
     session = await _guard(request, form=False)
     if isinstance(session, Response):
         return session
+    resources = services(request)
+    done = request.query_params.get("done")
+    notice = ""
+    if done == DONE_ROTATED:
+        notice = (
+            "Your signing secret was changed. Paste the new one below into your "
+            "receptionist's settings; the old one keeps working for "
+            f"{describe_duration(resources.settings.secret_rotation_grace_hours)}."
+        )
+    elif done == DONE_REGION:
+        async with resources.sessions() as db:
+            portal = await db.get(Portal, session.portal_id)
+        region = (portal.default_phone_region if portal else None) or (
+            resources.settings.default_phone_region
+        )
+        notice = f"Phone numbers without a country code are now read as {region} numbers."
     return await render_settings(
-        request, services(request), portal_id=session.portal_id, session_value=session.value
+        request,
+        resources,
+        portal_id=session.portal_id,
+        session_value=session.value,
+        rotated=done == DONE_ROTATED,
+        notice=notice,
     )
 
 
@@ -346,16 +399,7 @@ async def rotate(request: Request) -> Response:
     async with transaction(resources.sessions) as db:
         await rotate_secret(session.portal_id, session=db, cipher=resources.cipher, grace=grace)
     log.info("receptionist secret rotated from the settings page")
-    return await render_settings(
-        request,
-        resources,
-        portal_id=session.portal_id,
-        session_value=session.value,
-        rotated=True,
-        notice="Your signing secret was changed. Paste the new one below into your "
-        "receptionist's settings; the old one keeps working for "
-        f"{describe_duration(resources.settings.secret_rotation_grace_hours)}.",
-    )
+    return _after(DONE_ROTATED)
 
 
 async def set_region(request: Request) -> Response:
@@ -379,14 +423,7 @@ async def set_region(request: Request) -> Response:
         assert portal is not None
         portal.default_phone_region = chosen or None
         portal.updated_at = utcnow()
-    effective = chosen or resources.settings.default_phone_region
-    return await render_settings(
-        request,
-        resources,
-        portal_id=session.portal_id,
-        session_value=session.value,
-        notice=f"Phone numbers without a country code are now read as {effective} numbers.",
-    )
+    return _after(DONE_REGION)
 
 
 async def send_test_event(request: Request) -> Response:

@@ -155,6 +155,9 @@ async def test_an_uninstall_in_hubspot_is_noticed_within_one_poll(
         )
     # Read from the journal, before any refresh could meet the revoked token.
     assert signals.all() == [(1001, EventSource.journal)]
+    # With the app token from the endpoint the journal's guide names.
+    token_paths = {r.path for r in sandbox.request_log if r.path.endswith("/token")}
+    assert "/oauth/v1/token" in token_paths
     await drain(services)
 
     assert await portal_state(services, 1001) == ("uninstalled", False)

@@ -283,7 +283,9 @@ async def test_no_secret_or_caller_detail_reaches_a_log_line_or_an_answer(
     csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
     assert csrf is not None
     await client.post("/settings/test-event", data={"csrf": csrf.group(1)})
-    rotated = await client.post("/settings/rotate-secret", data={"csrf": csrf.group(1)})
+    rotated = await client.post(
+        "/settings/rotate-secret", data={"csrf": csrf.group(1)}, follow_redirects=True
+    )
     new_secret = settings_page_value(rotated.text, "webhook-secret")
     await client.post("/settings/phone-region", data={"csrf": csrf.group(1), "region": "GB"})
 

@@ -51,6 +51,19 @@ async def test_the_settings_page_comes_back_with_the_session_the_install_opened(
     assert "30 days" in page.text
 
 
+async def test_no_page_may_be_framed_or_sniffed(
+    client: httpx.AsyncClient, install_portal: Any
+) -> None:
+    # Framed by another page of the same site (another port of it), which SameSite lets
+    # the cookies through to, the settings page's buttons could be clicked through a decoy.
+    await install_portal(1001)
+    for path in ("/", "/settings", "/admin", "/healthz", "/oauth/callback"):
+        answer = await client.get(path)
+        assert answer.headers["X-Frame-Options"] == "DENY", path
+        assert answer.headers["Content-Security-Policy"] == "frame-ancestors 'none'", path
+        assert answer.headers["X-Content-Type-Options"] == "nosniff", path
+
+
 async def test_without_the_session_every_settings_route_says_to_install_again(
     hubline_app: Any, client: httpx.AsyncClient, install_portal: Any, services: Any
 ) -> None:
@@ -69,6 +82,9 @@ async def test_without_the_session_every_settings_route_says_to_install_again(
             assert answer.status_code == 401, path
             assert settings_page_value(answer.text, "error-reason") == "no_session"
             assert "install Hubline again from HubSpot" in answer.text
+            # At PUBLIC_URL: from a page opened by another name of the server, a relative
+            # link started an install whose cookie the callback (at PUBLIC_URL) never saw.
+            assert 'href="http://hubline.test/oauth/install"' in answer.text
             assert portal.webhook_secret not in answer.text
         # A forged or altered cookie is no session either.
         value = client.cookies["hubline_portal"]
@@ -79,6 +95,25 @@ async def test_without_the_session_every_settings_route_says_to_install_again(
     async with services.sessions() as session:
         count = await session.scalar(sa.select(sa.func.count()).select_from(ReceptionistSecret))
     assert count == 1, "nothing was rotated"
+
+
+async def test_a_form_of_a_portal_whose_session_another_tab_took_over_changes_nothing(
+    client: httpx.AsyncClient, install_portal: Any, services: Any
+) -> None:
+    first = await install_portal(1001)
+    first_page = (await client.get("/settings")).text
+    await install_portal(1003)  # in another tab of the same browser: the session is 1003's
+    answer = await client.post(
+        "/settings/rotate-secret",
+        data={"csrf": csrf_of(first_page), "portal_id": "1001"},
+    )
+    assert answer.status_code == 409
+    assert settings_page_value(answer.text, "error-reason") == "other_portal"
+    assert "session is now portal 1003" in answer.text
+    assert first.webhook_secret not in answer.text
+    async with services.sessions() as session:
+        count = await session.scalar(sa.select(sa.func.count()).select_from(ReceptionistSecret))
+    assert count == 2, "nothing was rotated"
 
 
 async def test_settings_forms_without_the_csrf_token_are_refused(
@@ -118,12 +153,18 @@ async def test_rotating_the_secret_shows_the_new_one_and_the_old_one_expires(
 ) -> None:
     portal = await install_portal(1001)
     page = await client.get("/settings")
-    rotated = await client.post("/settings/rotate-secret", data={"csrf": csrf_of(page.text)})
+    rotated = await client.post(
+        "/settings/rotate-secret", data={"csrf": csrf_of(page.text)}, follow_redirects=True
+    )
     assert rotated.status_code == 200
     new_secret = settings_page_value(rotated.text, "webhook-secret")
     assert new_secret.startswith("whsec_")
     assert new_secret != portal.webhook_secret
     assert "the old one keeps working for 24 hours" in settings_page_value(rotated.text, "notice")
+    # The answer was a redirect to a GET: reloading the page shows, never rotates again.
+    assert [r.status_code for r in rotated.history] == [303]
+    reloaded = await client.get(str(rotated.url))
+    assert settings_page_value(reloaded.text, "webhook-secret") == new_secret
     old_event, new_event = call_event(id="evt-old"), call_event(id="evt-new")
     assert (
         await post_as_receptionist(client, 1001, portal.webhook_secret, old_event)
@@ -177,6 +218,12 @@ async def test_a_test_event_arrives_through_the_real_route_and_never_reaches_the
     assert handled.status == EventStatus.done
     assert sandbox.contacts(1001) == []
     assert sandbox.calls(1001) == []
+    # The owner asks whether the receptionist itself is connected: a test says nothing of it.
+    last = settings_page_value((await client.get("/settings")).text, "last-event")
+    assert last == "none yet"
+    portal = await client.get("/settings")
+    secret = settings_page_value(portal.text, "webhook-secret")
+    assert (await post_as_receptionist(client, 1001, secret, call_event())).status_code == 202
     last = settings_page_value((await client.get("/settings")).text, "last-event")
     assert last != "none yet"
 
@@ -189,8 +236,11 @@ async def test_the_default_phone_region_is_shown_changed_and_used(
     refused = await client.post("/settings/phone-region", data={"csrf": csrf, "region": "XX"})
     assert refused.status_code == 400
     assert "is not a region Hubline knows" in settings_page_value(refused.text, "settings-error")
-    changed = await client.post("/settings/phone-region", data={"csrf": csrf, "region": "gb"})
+    changed = await client.post(
+        "/settings/phone-region", data={"csrf": csrf, "region": "gb"}, follow_redirects=True
+    )
     assert changed.status_code == 200
+    assert "now read as GB numbers" in settings_page_value(changed.text, "notice")
     assert settings_page_value(changed.text, "current-region") == "GB"
     assert '<option value="GB" selected>' in changed.text
     event = call(id="evt-uk", caller={"name": "Hedy", "phone": "020 7946 0958"})
@@ -205,7 +255,9 @@ async def test_the_default_phone_region_is_shown_changed_and_used(
         ).scalars()
     payload = read_payload(stored, services.cipher)
     assert payload["caller"]["phone_e164"] == "+442079460958"
-    cleared = await client.post("/settings/phone-region", data={"csrf": csrf, "region": ""})
+    cleared = await client.post(
+        "/settings/phone-region", data={"csrf": csrf, "region": ""}, follow_redirects=True
+    )
     assert settings_page_value(cleared.text, "current-region") == "US"
     async with services.sessions() as session:
         row = await session.get(Portal, 1001, populate_existing=True)

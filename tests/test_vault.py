@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from app.crypto import TokenCipher, generate_key
 from app.db import SessionFactory, transaction
-from app.errors import ConfigurationError
+from app.errors import UnknownKeyError
 from app.inbox import NewEvent, enqueue, read_payload
 from app.main import close_services, open_services
 from app.models import EventSource, InboxEvent, OAuthState, Portal, ReceptionistSecret, utcnow
@@ -194,7 +194,7 @@ async def test_start_up_refuses_keys_that_cannot_read_stored_secrets(
     make_settings: Callable[..., Settings], sessions: SessionFactory
 ) -> None:
     await seed(sessions, TokenCipher.from_setting(OLD_KEY))
-    with pytest.raises(ConfigurationError, match="TOKEN_ENCRYPTION_KEYS cannot read") as caught:
+    with pytest.raises(UnknownKeyError, match="TOKEN_ENCRYPTION_KEYS cannot read") as caught:
         await open_services(make_settings(token_encryption_keys=NEW_KEY))
     assert TokenCipher.from_setting(OLD_KEY).primary_key_id in str(caught.value)
     resources = await open_services(make_settings(token_encryption_keys=f"{NEW_KEY},{OLD_KEY}"))

@@ -34,6 +34,9 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 TOKEN_PATH = "/oauth/v3/token"  # noqa: S105 - a URL path, not a password
+# The webhooks journal's guide names this endpoint for its app (client credentials) token;
+# HubSpot's v3 OAuth guide describes only the code and refresh grants.
+APP_TOKEN_PATH = "/oauth/v1/token"  # noqa: S105 - a URL path, not a password
 INTROSPECT_PATH = "/oauth/v3/token/introspect"
 REVOKE_PATH = "/oauth/v3/token/revoke"
 APP_UNINSTALL_PATH = "/appinstalls/v3/external-install"
@@ -254,7 +257,7 @@ class HubSpotOAuth:
     async def client_credentials(self, scope: str = JOURNAL_SCOPE) -> TokenResponse:
         """An app-level token (not bound to a portal), for the webhooks journal."""
         token = await self._protocol().fetch_token(
-            self._url(TOKEN_PATH), grant_type="client_credentials", scope=scope
+            self._url(APP_TOKEN_PATH), grant_type="client_credentials", scope=scope
         )
         return _as_token_response(token)
 
