@@ -307,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _missing_database() -> str | None:
     from app import db
 
-    return db.missing_sqlite_file(load_database_settings().database_url)
+    # Every setting, not DATABASE_URL alone: a bad one is the error to say first.
+    return db.missing_sqlite_file(settings_from_environment().database_url)
 
 
 def _database_trouble(args: argparse.Namespace, error: Exception) -> str | None:
