@@ -117,6 +117,9 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 
 
 async def cmd_migrate(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+    from alembic.util import CommandError as AlembicError
+
     from app import db
 
     settings = load_database_settings()
@@ -135,11 +138,21 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
     try:
         if args.wait:
             await db.wait_for_database(engine, seconds=args.wait, on_wait=waiting)
-        before = await db.migrate(engine)
+        try:
+            before = await db.migrate(engine)
+        except (sa.exc.DBAPIError, AlembicError) as error:
+            if await db.database_trouble(settings.database_url, need_schema=False):
+                raise  # the database went away: said in one line, as for every command
+            # The database refused a migration's statement (an object already there under
+            # a migration's name, say): all of it is rolled back, as one transaction.
+            reason = str(getattr(error, "orig", None) or error).splitlines()[0][:300]
+            return refuse(f"hubline: the migration failed and changed nothing: {reason}")
         after = await db.schema_revision(engine)
     finally:
         await engine.dispose()
-    if before == after:
+    if db.schema_is_ahead(after):
+        print(f"schema at {after}, newer than this Hubline's {db.schema_head()}: nothing to do")
+    elif before == after:
         print(f"schema already at {after}")
     else:
         print(f"migrated schema from {before or 'empty'} to {after}")

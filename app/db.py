@@ -169,6 +169,10 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> str | None:
 
     def upgrade(connection: Connection) -> str | None:
         found = MigrationContext.configure(connection).get_current_revision()
+        if schema_is_ahead(found):
+            # Migrated by a newer Hubline (this one is a rollback, or the old half of a
+            # rolling deploy): it serves that schema, so there is nothing to do.
+            return found
         config = alembic_config()
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
@@ -192,6 +196,19 @@ async def schema_revision(engine: AsyncEngine) -> str | None:
 
     async with engine.connect() as connection:
         return await connection.run_sync(current)
+
+
+def schema_is_ahead(current: str | None) -> bool:
+    """True when the database was migrated by newer code (a revision this code lacks)."""
+    if current is None:
+        return False
+    script = ScriptDirectory.from_config(alembic_config())
+    return current not in {rev.revision for rev in script.walk_revisions()}
+
+
+def schema_head() -> str | None:
+    """The newest revision this code's migrations make."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def schema_is_behind(current: str | None) -> bool:

@@ -441,3 +441,37 @@ def test_an_unknown_log_level_is_a_usage_error(tmp_path: Path) -> None:
         result = hubline(command, "--log-level", "chatty", env=clean_env(), cwd=tmp_path)
         assert result.returncode == 2, command
         assert "argument --log-level: invalid choice: 'chatty'" in result.stderr, command
+
+
+def test_migrate_leaves_a_newer_schema_alone_and_says_a_refused_migration_in_one_line(
+    tmp_path: Path,
+) -> None:
+    # An older image (a rollback, the old half of a rolling deploy) runs `hubline migrate`
+    # before `serve`: on a schema a newer Hubline made, it failed with a traceback, and the
+    # container never started, though the older code serves that schema.
+    path = tmp_path / "hubline.db"
+    env = clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{path}")
+    assert hubline("migrate", env=env, cwd=tmp_path).returncode == 0
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '0099'")
+        connection.commit()
+    ahead = hubline("migrate", env=env, cwd=tmp_path)
+    assert (ahead.returncode, ahead.stderr) == (0, "")
+    assert ahead.stdout.startswith("schema at 0099, newer than this Hubline's ")
+    assert ahead.stdout.rstrip().endswith(": nothing to do")
+
+    # A migration the database refuses: one line, exit 1, nothing changed.
+    clash = tmp_path / "clash.db"
+    with contextlib.closing(sqlite3.connect(clash)) as connection:
+        connection.execute("CREATE TABLE events (x INTEGER)")
+        connection.commit()
+    refused = hubline(
+        "migrate", env=clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{clash}"), cwd=tmp_path
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        "hubline: the migration failed and changed nothing: table events already exists"
+    )
+    with contextlib.closing(sqlite3.connect(clash)) as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    assert tables == {"events"}
