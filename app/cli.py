@@ -151,7 +151,7 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
     finally:
         await engine.dispose()
     if db.schema_is_ahead(after):
-        print(f"schema at {after}, newer than this Hubline's {db.schema_head()}: nothing to do")
+        print(f"schema at {after}, newer than this Hubline's {db.head_revision()}: nothing to do")
     elif before == after:
         print(f"schema already at {after}")
     else:
