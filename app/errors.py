@@ -138,6 +138,15 @@ class HubSpotError(HublineError):
         return " ".join(parts)
 
 
+# What `HubSpotError.__str__` appends to its message, as stored in an event's last_error.
+_CONTEXT_FIELD = re.compile(r" (status|category|portal|correlationId)=(\S+)")
+
+
+def read_error_text(text: str) -> tuple[str, dict[str, str]]:
+    """A stored error's words, and the context fields a HubSpot error appended to them."""
+    return _CONTEXT_FIELD.sub("", text).strip(), dict(_CONTEXT_FIELD.findall(text))
+
+
 class HubSpotAuthError(HubSpotError):
     """HubSpot refused the token even after one refresh and retry."""
 

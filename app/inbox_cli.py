@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlmodel import col
 
 from app import cli, db
+from app.errors import read_error_text
 from app.inbox import retry_events
 from app.models import EventStatus, InboxEvent, Portal
 
@@ -75,16 +76,14 @@ async def cmd_events_list(args: argparse.Namespace) -> int:
 
 def _short_error(text: str, width: int = 90) -> str:
     """An error for the table, with what HubSpot answered (its status and category) kept."""
-    head, marker, tail = text.partition(" status=")
-    if not marker:
-        return text if len(text) <= width else text[: width - 1] + "…"
+    words, fields = read_error_text(text)
     # They come last in a HubSpot error's text, where a cut would fall; the portal has its
     # own column, and the correlationId is in --json.
-    kept = " ".join(
-        part for part in f"status={tail}".split() if part.startswith(("status=", "category="))
-    )
+    kept = " ".join(f"{name}={fields[name]}" for name in ("status", "category") if name in fields)
+    if not kept:
+        return text if len(text) <= width else text[: width - 1] + "…"
     room = width - len(kept) - 1
-    return (head if len(head) <= room else head[: room - 1] + "…") + " " + kept
+    return (words if len(words) <= room else words[: room - 1] + "…") + " " + kept
 
 
 async def cmd_events_retry(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from starlette.templating import Jinja2Templates
 
 from app.crypto import same_text
 from app.db import UNREACHABLE, transaction
+from app.errors import read_error_text
 from app.lifecycle import NEEDS_REAUTH_PROBLEM, install_url, reauth_url, webhook_url
 from app.logs import request_id_var
 from app.main import Services, services
@@ -203,10 +205,27 @@ async def _problems(resources: Services, portal_id: int) -> list[Problem]:
         problems = [Problem(_problem_kind(p.code, p.message), p.message) for p in standing]
         for event in failed:
             when = event.received_at.strftime("%Y-%m-%d %H:%M UTC")
-            reason = event.last_error or "no reason was given"
-            kind = "HubSpot rejection" if "rejected" in reason.lower() else "Not synced"
+            kind, reason = _failure_in_words(event.last_error or "no reason was given")
             problems.append(Problem(kind, f"An event received {when} was not synced: {reason}"))
     return problems
+
+
+# "POST /crm/v3/objects/contacts/search: ", before a HubSpot error's words.
+_REQUEST_PREFIX = re.compile(r"^[A-Z]+ /\S*: ")
+
+
+def _failure_in_words(error: str) -> tuple[str, str]:
+    """A failed event's kind and reason as its portal's admin reads them."""
+    words, fields = read_error_text(error)
+    # Which request HubSpot answered, the portal and the correlation id are the
+    # operator's (the console and `hubline events list` show them), not the owner's.
+    words = _REQUEST_PREFIX.sub("", words)
+    status = fields.get("status", "")
+    if status:
+        answered = ", ".join(fields[name] for name in ("status", "category") if name in fields)
+        words += f" (status {answered})"
+    refused = status.startswith("4") or words.startswith("HubSpot rejected")
+    return ("HubSpot rejection" if refused else "Not synced"), words
 
 
 STATUS_WORDS = {

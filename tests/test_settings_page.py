@@ -314,6 +314,24 @@ async def test_sync_problems_are_shown_in_plain_words(
     rejection = next(text for kind, text in problems if kind == "HubSpot rejection:")
     assert "email is not a valid email address" in rejection
 
+    # A HubSpot error as stored: the request, the portal and HubSpot's correlation id are
+    # the operator's; the owner reads what HubSpot said and its status.
+    async with transaction(services.sessions) as session:
+        await session.execute(
+            sa.update(InboxEvent)
+            .where(col(InboxEvent.type) == "call.completed")
+            .values(
+                last_error="POST /crm/v3/objects/contacts/search: HubSpot refused the request "
+                "status=400 category=VALIDATION_ERROR portal=1001 correlationId=f00-ba4"
+            )
+        )
+    page = await client.get("/settings")
+    problems = re.findall(r'data-testid="problem"><strong>([^<]+)</strong>\s*([^<]+)<', page.text)
+    [refused] = [text for kind, text in problems if kind == "HubSpot rejection:"]
+    assert refused.rstrip().endswith(
+        "was not synced: HubSpot refused the request (status 400, VALIDATION_ERROR)"
+    )
+
 
 async def test_error_pages_say_what_happened_and_what_to_do(client: httpx.AsyncClient) -> None:
     page = await client.get("/no-such-page")
