@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import json
 import socket
@@ -140,12 +141,14 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
             await db.wait_for_database(engine, seconds=args.wait, on_wait=waiting)
         try:
             before = await db.migrate(engine)
-        except (sa.exc.DBAPIError, AlembicError) as error:
+        except AlembicError as error:  # the schema's revision is not one it can migrate
+            return refuse(f"hubline: the migration failed and changed nothing: {error}")
+        except sa.exc.DBAPIError as error:
             if await db.database_trouble(settings.database_url, need_schema=False):
                 raise  # the database went away: said in one line, as for every command
             # The database refused a migration's statement (an object already there under
             # a migration's name, say): all of it is rolled back, as one transaction.
-            reason = str(getattr(error, "orig", None) or error).splitlines()[0][:300]
+            reason = db.error_reason(error)
             return refuse(f"hubline: the migration failed and changed nothing: {reason}")
         after = await db.schema_revision(engine)
     finally:
@@ -348,13 +351,20 @@ def _load_extensions() -> None:
 
 
 def port_is_free(host: str, port: int) -> bool:
-    """Whether a server could listen on host:port now."""
-    with socket.socket() as probe:
+    """False when another process listens on host:port (any other trouble is uvicorn's to say)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError):
+        return True
+    # The host's own family: an IPv4 socket cannot even try "::".
+    with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((host, port))
-        except OSError:
-            return False
+            probe.bind(address)
+        except OSError as error:
+            return error.errno != errno.EADDRINUSE
     return True
 
 

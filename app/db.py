@@ -17,6 +17,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import (
@@ -163,6 +164,11 @@ def head_revision() -> str:
     return head
 
 
+# Tables every Hubline schema has had: a revision this code lacks counts as a newer
+# Hubline's only where they are.
+HUBLINE_TABLES = ("portals", "events", "oauth_tokens")
+
+
 async def migrate(engine: AsyncEngine, revision: str = "head") -> str | None:
     """Upgrade the schema to `revision` on this engine's database; answers the revision it
     found (None for none), read in the migration's own turn."""
@@ -171,7 +177,14 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> str | None:
         found = MigrationContext.configure(connection).get_current_revision()
         if schema_is_ahead(found):
             # Migrated by a newer Hubline (this one is a rollback, or the old half of a
-            # rolling deploy): it serves that schema, so there is nothing to do.
+            # rolling deploy): it serves that schema, so there is nothing to do. Unless
+            # the tables are not Hubline's: another application's database, a wrong URL.
+            inspector = sa.inspect(connection)
+            if not all(inspector.has_table(name) for name in HUBLINE_TABLES):
+                raise CommandError(
+                    f"the database is at revision {found}, which is not Hubline's, and lacks "
+                    "Hubline's tables: check DATABASE_URL"
+                )
             return found
         config = alembic_config()
         config.attributes["connection"] = connection

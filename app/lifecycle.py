@@ -28,6 +28,7 @@ from sqlmodel import col
 from app.crypto import Secret, TokenCipher
 from app.db import transaction
 from app.errors import (
+    ClientRefused,
     HubSpotError,
     HubSpotNotReached,
     HubSpotRateLimited,
@@ -94,11 +95,9 @@ def webhook_url(settings: Settings, portal_id: int) -> str:
 
 
 def install_url(settings: Settings) -> str:
-    """Where an install starts: at PUBLIC_URL, the host HubSpot sends the browser back to.
-
-    The install binds its state to a cookie of the host it starts on; started on another
-    name of the same server (127.0.0.1 for localhost), the callback would find none.
-    """
+    """Where an install starts: at PUBLIC_URL, the host HubSpot sends the browser back to."""
+    # The install binds its state to a cookie of the host it starts on; started on another
+    # name of the same server (127.0.0.1 for localhost), the callback would find none.
     return f"{settings.public_url}/oauth/install"
 
 
@@ -360,8 +359,10 @@ class Disconnected:
     already_uninstalled: bool = False
 
 
-# HubSpot may answer these later: the uninstall is worth asking again.
-_PASSING_FAILURES = (HubSpotUnavailable, HubSpotRateLimited)
+# HubSpot may answer these later: the uninstall is worth asking again. A refusal of
+# Hubline's own client credentials too: it says nothing of the portal, and ends when an
+# operator mends the settings.
+_PASSING_FAILURES = (HubSpotUnavailable, HubSpotRateLimited, ClientRefused)
 
 
 async def disconnect(services: Services, portal_id: int, *, force: bool = False) -> Disconnected:

@@ -101,11 +101,9 @@ ENCRYPTED_TABLES = ("oauth_tokens", "receptionist_secrets", "events", "oauth_sta
 
 
 async def check_keys_can_read(engine: AsyncEngine, cipher: TokenCipher) -> None:
-    """Refuse to start (or to write) when stored secrets were made by keys not configured.
-
-    A command writing with keys that lack the newest one would store what the deployment's
-    keys cannot read, and no process of it could start again.
-    """
+    """Refuse to start (or to write) when stored secrets were made by keys not configured."""
+    # A command writing with keys that lack the newest one would store what the
+    # deployment's keys cannot read, and no process of it could start again.
     try:
         async with engine.connect() as connection:
             if await db.schema_revision(engine) is None:

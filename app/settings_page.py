@@ -121,10 +121,8 @@ def error_page(
     action_url: str | None = None,
     action_label: str = "Start the install again",
 ) -> Response:
-    """A page that says what happened and what to do next (never cached).
-
-    Without `action_url`, the action starts an install, at PUBLIC_URL (`install_url`).
-    """
+    """A page that says what happened and what to do next (never cached)."""
+    # Without an action of its own, the page's action starts an install, at PUBLIC_URL.
     if action_url is None:
         action_url = install_url(services(request).settings)
     return templates.TemplateResponse(
@@ -338,7 +336,8 @@ async def _guard(request: Request, *, form: bool) -> PortalSession | Response:
     if form:
         data = await request.form()
         page_portal = str(data.get("portal_id", ""))
-        if page_portal and page_portal != str(portal_id):
+        # Digits only, as the page writes it: nothing a forged form sends is shown back.
+        if page_portal.isascii() and page_portal.isdigit() and page_portal != str(portal_id):
             # One session per browser: installing or managing another portal in another
             # tab took it over. Said so, lest the next page show the other portal's secret
             # to someone setting up this one's receptionist.

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from app import db
+from app import cli, db
 from app.crypto import generate_key, parse_keys
 from app.main import close_services, open_services
 from app.settings import load_settings
@@ -460,6 +460,31 @@ def test_migrate_leaves_a_newer_schema_alone_and_says_a_refused_migration_in_one
     assert ahead.stdout.startswith("schema at 0099, newer than this Hubline's ")
     assert ahead.stdout.rstrip().endswith(": nothing to do")
 
+    # A revision this code lacks in a database without Hubline's tables is no newer
+    # Hubline's: another application's database, or a wrong DATABASE_URL.
+    stranger = tmp_path / "stranger.db"
+    with contextlib.closing(sqlite3.connect(stranger)) as connection:
+        connection.execute("CREATE TABLE alembic_version (version_num VARCHAR(32))")
+        connection.execute("INSERT INTO alembic_version VALUES ('ae1027a6acf')")
+        connection.execute("CREATE TABLE users (id INTEGER)")
+        connection.commit()
+    foreign = hubline(
+        "migrate", env=clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{stranger}"), cwd=tmp_path
+    )
+    assert foreign.returncode == 1
+    assert foreign.stderr.strip() == (
+        "hubline: the migration failed and changed nothing: the database is at revision "
+        "ae1027a6acf, which is not Hubline's, and lacks Hubline's tables: check DATABASE_URL"
+    )
+    # Two revisions at once (branches Hubline never makes): one line too.
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("INSERT INTO alembic_version VALUES ('0004')")
+        connection.commit()
+    branched = hubline("migrate", env=env, cwd=tmp_path)
+    assert branched.returncode == 1
+    assert branched.stderr.startswith("hubline: the migration failed and changed nothing: ")
+    assert branched.stderr.count("\n") == 1, branched.stderr
+
     # A migration the database refuses: one line, exit 1, nothing changed.
     clash = tmp_path / "clash.db"
     with contextlib.closing(sqlite3.connect(clash)) as connection:
@@ -475,3 +500,21 @@ def test_migrate_leaves_a_newer_schema_alone_and_says_a_refused_migration_in_one
     with contextlib.closing(sqlite3.connect(clash)) as connection:
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
     assert tables == {"events"}
+
+
+def test_a_busy_port_is_told_from_an_address_of_another_family() -> None:
+    # An IPv4 probe of "::" failed to bind and called every IPv6 port busy.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert not cli.port_is_free("127.0.0.1", taken.getsockname()[1])
+    try:
+        listening = socket.socket(socket.AF_INET6)
+        listening.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with listening:
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert not cli.port_is_free("::1", port)
+        assert cli.port_is_free("::1", free_port())

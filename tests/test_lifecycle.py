@@ -155,9 +155,10 @@ async def test_an_uninstall_in_hubspot_is_noticed_within_one_poll(
         )
     # Read from the journal, before any refresh could meet the revoked token.
     assert signals.all() == [(1001, EventSource.journal)]
-    # With the app token from the endpoint the journal's guide names.
+    # With the app token from the dated endpoint whose reference lists that grant (v1,
+    # an older journal guide's, stops working in 2027).
     token_paths = {r.path for r in sandbox.request_log if r.path.endswith("/token")}
-    assert "/oauth/v1/token" in token_paths
+    assert "/oauth/2026-03/token" in token_paths
     await drain(services)
 
     assert await portal_state(services, 1001) == ("uninstalled", False)
@@ -322,6 +323,10 @@ async def test_a_refresh_refused_for_another_apps_client_uninstalls_no_portal(
         assert (event.status, uninstalls) == (EventStatus.pending, 0)
         assert "HUBSPOT_CLIENT_ID" in str(raised.value)
         assert "HUBSPOT_CLIENT_ID" in (event.last_error or "")
+        # Nor does a disconnect go ahead on it: HubSpot was not asked to uninstall.
+        with pytest.raises(HubSpotNotReached):
+            await disconnect(misconfigured, 1001)
+        assert await portal_state(misconfigured, 1001) == ("active", True)
     finally:
         await close_services(misconfigured)
     # Once the credentials are mended, the portal's tokens work as they did.

@@ -34,9 +34,10 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 TOKEN_PATH = "/oauth/v3/token"  # noqa: S105 - a URL path, not a password
-# The webhooks journal's guide names this endpoint for its app (client credentials) token;
-# HubSpot's v3 OAuth guide describes only the code and refresh grants.
-APP_TOKEN_PATH = "/oauth/v1/token"  # noqa: S105 - a URL path, not a password
+# HubSpot's 2026-03 token endpoint (the v3 one's shape), whose reference lists the client
+# credentials grant the webhooks journal's app token needs; the v3 guide describes only
+# the code and refresh grants, and v1 (an older journal guide's) stops working in 2027.
+APP_TOKEN_PATH = "/oauth/2026-03/token"  # noqa: S105 - a URL path, not a password
 INTROSPECT_PATH = "/oauth/v3/token/introspect"
 REVOKE_PATH = "/oauth/v3/token/revoke"
 APP_UNINSTALL_PATH = "/appinstalls/v3/external-install"
