@@ -368,10 +368,11 @@ _PASSING_FAILURES = (HubSpotUnavailable, HubSpotRateLimited, ClientRefused)
 async def disconnect(services: Services, portal_id: int, *, force: bool = False) -> Disconnected:
     """Uninstall the app from the portal on HubSpot, revoke its token, and signal the uninstall.
 
-    When HubSpot is down or limiting (5xx, no answer, 429) nothing changes and
-    HubSpotNotReached says to try again, unless `force`: then the portal is disconnected
-    here alone. Any other refusal (a token HubSpot no longer takes, the app not installed
-    there) means there is nothing left to uninstall on HubSpot's side, and it goes ahead.
+    When HubSpot is down or limiting (5xx, no answer, 429), or refuses Hubline's own client
+    credentials, nothing changes and HubSpotNotReached says to try again, unless `force`:
+    then the portal is disconnected here alone. Any other refusal (a token HubSpot no
+    longer takes, the app not installed there) means there is nothing left to uninstall on
+    HubSpot's side, and it goes ahead.
     """
     async with services.sessions() as session:
         portal = await session.get(Portal, portal_id)
