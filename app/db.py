@@ -118,6 +118,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(connection: Connection) -> None:
+    if connection.get_execution_options().get(MIGRATING):
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
@@ -149,9 +151,11 @@ async def transaction(sessions: SessionFactory) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-def alembic_config(database_url: str | None = None) -> AlembicConfig:
+def alembic_config(
+    database_url: str | None = None, migrations: Path = MIGRATIONS_DIR
+) -> AlembicConfig:
     config = AlembicConfig()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("script_location", str(migrations))
     if database_url:
         config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return config
@@ -169,7 +173,13 @@ def head_revision() -> str:
 HUBLINE_TABLES = ("portals", "events", "oauth_tokens")
 
 
-async def migrate(engine: AsyncEngine, revision: str = "head") -> str | None:
+# Set on a SQLite connection that migrates: its transaction begins with foreign keys off.
+MIGRATING = "hubline_migrating"
+
+
+async def migrate(
+    engine: AsyncEngine, revision: str = "head", *, migrations: Path = MIGRATIONS_DIR
+) -> str | None:
     """Upgrade the schema to `revision` on this engine's database; answers the revision it
     found (None for none), read in the migration's own turn."""
 
@@ -186,11 +196,21 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> str | None:
                     "Hubline's tables: check DATABASE_URL"
                 )
             return found
-        config = alembic_config()
+        config = alembic_config(migrations=migrations)
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+        migrated = MigrationContext.configure(connection).get_current_revision() != found
+        if migrated and connection.dialect.name == "sqlite":
+            orphans = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if orphans:
+                raise CommandError(
+                    f"the migration left {len(orphans)} row(s) whose parent row is gone "
+                    f"(first in table {orphans[0][0]})"
+                )
         return found
 
+    if engine.dialect.name == "sqlite":
+        return await _migrate_sqlite(engine, upgrade)
     async with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             # Deploys may migrate one database at once (each web container of the image
@@ -201,6 +221,24 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> str | None:
                 sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
             )
         return await connection.run_sync(upgrade)
+
+
+async def _migrate_sqlite(
+    engine: AsyncEngine, upgrade: Callable[[Connection], str | None]
+) -> str | None:
+    """Run `upgrade` in a transaction that begins with SQLite's foreign keys off."""
+    # Batch mode changes a table by rebuilding it (copy, drop, rename), and dropping a
+    # table other tables' rows point at fails while foreign keys are on, as every
+    # connection turns them on; the pragma cannot change inside a transaction, so the
+    # BEGIN hook sets it first, and `upgrade` checks the keys before the commit.
+    async with engine.connect() as connection:
+        await connection.execution_options(**{MIGRATING: True})
+        try:
+            async with connection.begin():
+                return await connection.run_sync(upgrade)
+        finally:
+            # Its foreign keys are off: the pool must never hand it out again.
+            await connection.invalidate()
 
 
 async def schema_revision(engine: AsyncEngine) -> str | None:
