@@ -126,12 +126,11 @@ async def _children(engine: AsyncEngine) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.sqlite_only  # PostgreSQL's foreign keys stay on during migrations
 async def test_a_migration_leaving_orphans_on_sqlite_is_refused_and_rolled_back(
     engine: AsyncEngine, sessions: db.SessionFactory, cipher: TokenCipher, tmp_path: Path
 ) -> None:
     # With the keys off during the migration, SQLite would not have refused it itself.
-    if engine.dialect.name != "sqlite":
-        pytest.skip("PostgreSQL's foreign keys stay on during migrations")
     await add_portal(sessions, cipher, 1001)
     migrations = tmp_path / "migrations"
     shutil.copytree(db.MIGRATIONS_DIR, migrations, ignore=shutil.ignore_patterns("__pycache__"))
