@@ -18,11 +18,12 @@ _ACCEPTABLE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # No page of Hubline's is meant to be framed: framed by another page of the same site
 # (SameSite lets its cookies through), the settings page's and the console's buttons
 # could be clicked through a decoy. And no answer is to be sniffed into another type.
-_EVERY_ANSWER = (
-    ("X-Frame-Options", "DENY"),
-    ("Content-Security-Policy", "frame-ancestors 'none'"),
-    ("X-Content-Type-Options", "nosniff"),
-)
+# Raw, appended as they are: no route sets them, and this runs for every webhook too.
+_EVERY_ANSWER = [
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+]
 
 
 class RequestContextMiddleware:
@@ -47,8 +48,7 @@ class RequestContextMiddleware:
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = request_id
-                for name, value in _EVERY_ANSWER:
-                    headers.setdefault(name, value)
+                headers.raw.extend(_EVERY_ANSWER)
             await send(message)
 
         try:

@@ -242,12 +242,13 @@ async def render_settings(
     notice: str = "",
     error: str = "",
     test_event: dict[str, Any] | None = None,
-    rotated: bool = False,
+    done: str | None = None,
     reinstall: bool = False,
     return_url: str | None = None,
     status_code: int = 200,
 ) -> Response:
-    """The settings page for the portal this browser's session names."""
+    """The settings page for the portal this browser's session names; `done` says what an
+    action just did (see `_after`)."""
     settings = resources.settings
     async with resources.sessions() as session:
         portal = await session.get(Portal, portal_id)
@@ -266,6 +267,15 @@ async def render_settings(
         return _signed_out(
             request, status_code=403, reason="unknown_portal", message="This installation is gone."
         )
+    region = portal.default_phone_region or settings.default_phone_region
+    grace = describe_duration(settings.secret_rotation_grace_hours)
+    if done == DONE_ROTATED:
+        notice = (
+            "Your signing secret was changed. Paste the new one below into your "
+            f"receptionist's settings; the old one keeps working for {grace}."
+        )
+    elif done == DONE_REGION:
+        notice = f"Phone numbers without a country code are now read as {region} numbers."
     context: dict[str, Any] = {
         "portal_id": portal_id,
         "hub_domain": portal.hub_domain,
@@ -276,11 +286,11 @@ async def render_settings(
         "reinstall": reinstall,
         "webhook_url": webhook_url(settings, portal_id),
         "webhook_secret": secret.reveal(),
-        "rotated": rotated,
-        "grace": describe_duration(settings.secret_rotation_grace_hours),
+        "rotated": done == DONE_ROTATED,
+        "grace": grace,
         "problems": await _problems(resources, portal_id),
         "last_event_at": last_event,
-        "region": portal.default_phone_region or settings.default_phone_region,
+        "region": region,
         "region_overridden": portal.default_phone_region is not None,
         "default_region": settings.default_phone_region,
         "regions": [(r, phonenumbers.country_code_for_region(r)) for r in REGIONS],
@@ -381,29 +391,12 @@ async def show_settings(request: Request) -> Response:
     session = await _guard(request, form=False)
     if isinstance(session, Response):
         return session
-    resources = services(request)
-    done = request.query_params.get("done")
-    notice = ""
-    if done == DONE_ROTATED:
-        notice = (
-            "Your signing secret was changed. Paste the new one below into your "
-            "receptionist's settings; the old one keeps working for "
-            f"{describe_duration(resources.settings.secret_rotation_grace_hours)}."
-        )
-    elif done == DONE_REGION:
-        async with resources.sessions() as db:
-            portal = await db.get(Portal, session.portal_id)
-        region = (portal.default_phone_region if portal else None) or (
-            resources.settings.default_phone_region
-        )
-        notice = f"Phone numbers without a country code are now read as {region} numbers."
     return await render_settings(
         request,
-        resources,
+        services(request),
         portal_id=session.portal_id,
         session_value=session.value,
-        rotated=done == DONE_ROTATED,
-        notice=notice,
+        done=request.query_params.get("done"),
     )
 
 

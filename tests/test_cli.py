@@ -443,6 +443,13 @@ def test_an_unknown_log_level_is_a_usage_error(tmp_path: Path) -> None:
         assert "argument --log-level: invalid choice: 'chatty'" in result.stderr, command
 
 
+def run_sqlite(path: Path, *statements: str) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        for statement in statements:
+            connection.execute(statement)
+        connection.commit()
+
+
 def test_migrate_leaves_a_newer_schema_alone_and_says_a_refused_migration_in_one_line(
     tmp_path: Path,
 ) -> None:
@@ -452,9 +459,7 @@ def test_migrate_leaves_a_newer_schema_alone_and_says_a_refused_migration_in_one
     path = tmp_path / "hubline.db"
     env = clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{path}")
     assert hubline("migrate", env=env, cwd=tmp_path).returncode == 0
-    with contextlib.closing(sqlite3.connect(path)) as connection:
-        connection.execute("UPDATE alembic_version SET version_num = '0099'")
-        connection.commit()
+    run_sqlite(path, "UPDATE alembic_version SET version_num = '0099'")
     ahead = hubline("migrate", env=env, cwd=tmp_path)
     assert (ahead.returncode, ahead.stderr) == (0, "")
     assert ahead.stdout.startswith("schema at 0099, newer than this Hubline's ")
@@ -463,11 +468,12 @@ def test_migrate_leaves_a_newer_schema_alone_and_says_a_refused_migration_in_one
     # A revision this code lacks in a database without Hubline's tables is no newer
     # Hubline's: another application's database, or a wrong DATABASE_URL.
     stranger = tmp_path / "stranger.db"
-    with contextlib.closing(sqlite3.connect(stranger)) as connection:
-        connection.execute("CREATE TABLE alembic_version (version_num VARCHAR(32))")
-        connection.execute("INSERT INTO alembic_version VALUES ('ae1027a6acf')")
-        connection.execute("CREATE TABLE users (id INTEGER)")
-        connection.commit()
+    run_sqlite(
+        stranger,
+        "CREATE TABLE alembic_version (version_num VARCHAR(32))",
+        "INSERT INTO alembic_version VALUES ('ae1027a6acf')",
+        "CREATE TABLE users (id INTEGER)",
+    )
     foreign = hubline(
         "migrate", env=clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{stranger}"), cwd=tmp_path
     )
@@ -477,9 +483,7 @@ def test_migrate_leaves_a_newer_schema_alone_and_says_a_refused_migration_in_one
         "ae1027a6acf, which is not Hubline's, and lacks Hubline's tables: check DATABASE_URL"
     )
     # Two revisions at once (branches Hubline never makes): one line too.
-    with contextlib.closing(sqlite3.connect(path)) as connection:
-        connection.execute("INSERT INTO alembic_version VALUES ('0004')")
-        connection.commit()
+    run_sqlite(path, "INSERT INTO alembic_version VALUES ('0004')")
     branched = hubline("migrate", env=env, cwd=tmp_path)
     assert branched.returncode == 1
     assert branched.stderr.startswith("hubline: the migration failed and changed nothing: ")
@@ -487,9 +491,7 @@ def test_migrate_leaves_a_newer_schema_alone_and_says_a_refused_migration_in_one
 
     # A migration the database refuses: one line, exit 1, nothing changed.
     clash = tmp_path / "clash.db"
-    with contextlib.closing(sqlite3.connect(clash)) as connection:
-        connection.execute("CREATE TABLE events (x INTEGER)")
-        connection.commit()
+    run_sqlite(clash, "CREATE TABLE events (x INTEGER)")
     refused = hubline(
         "migrate", env=clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{clash}"), cwd=tmp_path
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -62,59 +63,26 @@ async def test_schema_trouble_says_what_the_database_lacks(engine: AsyncEngine) 
     assert "has no Hubline schema" in (await db.schema_trouble(engine) or "")
 
 
-PROBE_MIGRATION = '''"""probe: change portals, which SQLite does by rebuilding the table"""
+def with_probe_migration(tmp_path: Path, upgrade: str) -> Path:
+    """This code's migrations, copied, plus revision 0099 after the head running `upgrade`."""
+    migrations = tmp_path / "migrations"
+    shutil.copytree(db.MIGRATIONS_DIR, migrations, ignore=shutil.ignore_patterns("__pycache__"))
+    probe = f"""\"\"\"a probe migration of the tests\"\"\"
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 revision = "0099"
-down_revision = "{head}"
+down_revision = "{db.head_revision()}"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    # As altering a column would on SQLite; PostgreSQL alters the table in place.
-    rebuild = "always" if op.get_bind().dialect.name == "sqlite" else "auto"
-    with op.batch_alter_table("portals", recreate=rebuild) as batch_op:
-        batch_op.add_column(sa.Column("probe", sa.Integer(), nullable=True))
-
-
-def downgrade() -> None:
-    with op.batch_alter_table("portals") as batch_op:
-        batch_op.drop_column("probe")
-'''
-
-
-async def test_a_migration_rebuilding_a_parent_table_keeps_its_children(
-    engine: AsyncEngine, sessions: db.SessionFactory, cipher: TokenCipher, tmp_path: Path
-) -> None:
-    # On SQLite, batch mode rebuilds a table (copy, drop, rename); with the foreign keys
-    # every connection turns on, dropping `portals` under its secrets and problems failed
-    # (and the pragma cannot change inside the migration's transaction).
-    await add_portal(sessions, cipher, 1001)
-    async with db.transaction(sessions) as session:
-        await record_problem(1001, "probe", "a problem to keep", session=session)
-    migrations = tmp_path / "migrations"
-    shutil.copytree(db.MIGRATIONS_DIR, migrations, ignore=shutil.ignore_patterns("__pycache__"))
-    (migrations / "versions" / "0099_probe.py").write_text(
-        PROBE_MIGRATION.format(head=db.head_revision())
-    )
-    before = await _children(engine)
-
-    assert await db.migrate(engine, migrations=migrations) == db.head_revision()
-
-    assert await db.schema_revision(engine) == "0099"
-    assert await _children(engine) == before == {"receptionist_secrets": 1, "portal_problems": 1}
-    async with engine.connect() as connection:
-        probe = await connection.execute(
-            sa.text("SELECT count(*) FROM portals WHERE probe IS NULL")
-        )
-        assert probe.scalar_one() == 1
-        if connection.dialect.name == "sqlite":
-            # The pool's connections still enforce the keys: the migrating one was dropped.
-            enforced = await connection.exec_driver_sql("PRAGMA foreign_keys")
-            assert enforced.scalar_one() == 1
+{textwrap.indent(textwrap.dedent(upgrade).strip(), "    ")}
+"""
+    (migrations / "versions" / "0099_probe.py").write_text(probe)
+    return migrations
 
 
 async def _children(engine: AsyncEngine) -> dict[str, int]:
@@ -126,37 +94,47 @@ async def _children(engine: AsyncEngine) -> dict[str, int]:
     return counts
 
 
+async def test_a_migration_rebuilding_a_parent_table_keeps_its_children(
+    engine: AsyncEngine, sessions: db.SessionFactory, cipher: TokenCipher, tmp_path: Path
+) -> None:
+    # On SQLite, batch mode rebuilds a table (copy, drop, rename); with the foreign keys
+    # every connection turns on, dropping `portals` under its secrets and problems failed
+    # (and the pragma cannot change inside the migration's transaction).
+    await add_portal(sessions, cipher, 1001)
+    async with db.transaction(sessions) as session:
+        await record_problem(1001, "probe", "a problem to keep", session=session)
+    # As altering a column would on SQLite; PostgreSQL alters the table in place.
+    migrations = with_probe_migration(
+        tmp_path,
+        """
+        rebuild = "always" if op.get_bind().dialect.name == "sqlite" else "auto"
+        with op.batch_alter_table("portals", recreate=rebuild) as batch_op:
+            batch_op.add_column(sa.Column("probe", sa.Integer(), nullable=True))
+        """,
+    )
+    before = await _children(engine)
+
+    assert await db.migrate(engine, migrations=migrations) == db.head_revision()
+
+    assert await db.schema_revision(engine) == "0099"
+    assert await _children(engine) == before == {"receptionist_secrets": 1, "portal_problems": 1}
+    async with engine.connect() as connection:
+        probed = sa.text("SELECT count(*) FROM portals WHERE probe IS NULL")
+        assert (await connection.execute(probed)).scalar_one() == 1
+        if connection.dialect.name == "sqlite":
+            # The pool's connections still enforce the keys: the migrating one was dropped.
+            enforced = await connection.exec_driver_sql("PRAGMA foreign_keys")
+            assert enforced.scalar_one() == 1
+
+
 @pytest.mark.sqlite_only  # PostgreSQL's foreign keys stay on during migrations
 async def test_a_migration_leaving_orphans_on_sqlite_is_refused_and_rolled_back(
     engine: AsyncEngine, sessions: db.SessionFactory, cipher: TokenCipher, tmp_path: Path
 ) -> None:
     # With the keys off during the migration, SQLite would not have refused it itself.
     await add_portal(sessions, cipher, 1001)
-    migrations = tmp_path / "migrations"
-    shutil.copytree(db.MIGRATIONS_DIR, migrations, ignore=shutil.ignore_patterns("__pycache__"))
-    (migrations / "versions" / "0099_orphans.py").write_text(
-        ORPHANING_MIGRATION.format(head=db.head_revision())
-    )
+    migrations = with_probe_migration(tmp_path, 'op.execute("DELETE FROM portals")')
     with pytest.raises(CommandError, match="left 1 row"):
         await db.migrate(engine, migrations=migrations)
     assert await db.schema_revision(engine) == db.head_revision()
     assert await _children(engine) == {"receptionist_secrets": 1, "portal_problems": 0}
-
-
-ORPHANING_MIGRATION = '''"""probe: delete a portal under its secret"""
-
-from alembic import op
-
-revision = "0099"
-down_revision = "{head}"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    op.execute("DELETE FROM portals")
-
-
-def downgrade() -> None:
-    pass
-'''
