@@ -32,14 +32,24 @@ async def database_outage(engine: AsyncEngine, database_url: str) -> AsyncIterat
     name, away = url.database, f"{url.database}_away"
     try:
         async with admin.connect() as connection:
-            await connection.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :name AND pid <> pg_backend_pid()"
-                ),
-                {"name": name},
-            )
-            await connection.execute(sa.text(f'ALTER DATABASE "{name}" RENAME TO "{away}"'))
+            # A client polling every few milliseconds (a worker) can reconnect between the
+            # terminate and the rename, which then refuses ("being accessed by other
+            # users"): terminated again until the rename finds it alone.
+            for attempt in range(50):
+                await connection.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :name AND pid <> pg_backend_pid()"
+                    ),
+                    {"name": name},
+                )
+                try:
+                    await connection.execute(sa.text(f'ALTER DATABASE "{name}" RENAME TO "{away}"'))
+                    break
+                except sa.exc.DBAPIError:
+                    if attempt == 49:
+                        raise
+                    await asyncio.sleep(0.01)
         try:
             yield
         finally:
