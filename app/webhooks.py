@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from app.contacts import CONTACT_EVENT_TYPES
 from app.crypto import TokenCipher
 from app.db import DATABASE_ERRORS, fits_bigint, parse_id, transaction
 from app.errors import EventRejected
@@ -192,6 +193,10 @@ async def store_hubspot_events(
 ) -> IntakeCounts:
     """Enqueue the events of installed portals (parked while a portal needs re-authorization).
 
+    Only the contact subscriptions Hubline handles are stored: the worker picks a handler
+    by type, and an event signed with the client secret naming one of Hubline's own types
+    (`app.uninstall`, `properties.provision`, ...) would otherwise run its handler.
+
     A privacy deletion is stored for any portal Hubline knows, uninstalled or waiting for
     re-consent: it needs no HubSpot call, and the caller details it erases are kept (in
     parked events) until then. HubSpot still sends it where the app stays installed on
@@ -211,7 +216,8 @@ async def store_hubspot_events(
         erasure = event.subscription_type == PRIVACY_DELETION
         # HubSpot retries every 4xx for a day: what is not ours is acknowledged and dropped.
         unserved = status is None or (status == PortalStatus.uninstalled and not erasure)
-        if unserved or (app_id and event.app_id != app_id):
+        unused = event.subscription_type not in CONTACT_EVENT_TYPES
+        if unserved or unused or (app_id and event.app_id != app_id):
             counts.ignored += 1
             continue
         enqueued = await enqueue(

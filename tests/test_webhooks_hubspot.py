@@ -15,11 +15,15 @@ from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from app.campaigns import ATTENDANCE_EVENT
+from app.contacts import CONTACT_EVENT_TYPES
 from app.crypto import Secret
-from app.inbox import read_payload
+from app.inbox import read_payload, registry
+from app.lifecycle import PROVISION_EVENT, UNINSTALL_EVENT
 from app.main import close_services, create_app, open_services
 from app.models import EventStatus, PortalStatus
 from app.settings import Settings
+from app.sync import NOTE_LATER, RECEPTIONIST_TYPES
 from app.webhooks import hubspot_endpoint
 from tests.conftest import TEST_CLIENT_SECRET
 from tests.outage import database_outage
@@ -139,6 +143,27 @@ async def test_events_not_for_an_installed_portal_of_this_app_are_acknowledged_a
             (PORTAL, EventStatus.pending),
             (1003, EventStatus.parked),
         ]
+
+
+async def test_only_the_contact_subscriptions_hubline_handles_are_stored(
+    client: httpx.AsyncClient, portal: Secret, services: Any
+) -> None:
+    """The worker picks a handler by type, and Hubline's own types uninstall, provision or
+    sync: one named in HubSpot's webhook, however well signed, is acknowledged and
+    dropped, as a subscription Hubline does not use is."""
+    own = [UNINSTALL_EVENT, PROVISION_EVENT, ATTENDANCE_EVENT, NOTE_LATER, *RECEPTIONIST_TYPES]
+    # Every type a handler takes is either one of those or a contact subscription.
+    assert registry.types == {*own, *CONTACT_EVENT_TYPES}
+    others = [*own, "deal.creation"]
+    events = [hubspot_event(eventId=1)] + [
+        hubspot_event(eventId=number, subscriptionType=event_type)
+        for number, event_type in enumerate(others, start=2)
+    ]
+    response = await post_hubspot(client, TEST_CLIENT_SECRET, events)
+    assert response.status_code == 200
+    assert response.json() == {"stored": 1, "duplicates": 0, "ignored": len(others)}
+    rows = await inbox_rows(services.sessions)
+    assert [(r.source, r.type) for r in rows] == [("hubspot", "contact.creation")]
 
 
 async def test_every_bad_input_gets_its_answer_and_stores_nothing(
