@@ -33,7 +33,12 @@ from app.hubspot.oauth2 import HubSpotOAuth, TokenResponse
 from app.lifecycle import InstallOutcome, install_url, record_install
 from app.main import Services, services
 from app.models import OAuthState, utcnow
-from app.settings_page import render_settings, set_session_cookie, sign_portal_session
+from app.settings_page import (
+    cookie_name,
+    render_settings,
+    set_session_cookie,
+    sign_portal_session,
+)
 from app.vault import code_verifier_context
 
 log = logging.getLogger(__name__)
@@ -66,7 +71,7 @@ async def install(request: Request) -> Response:
     resources = services(request)
     settings = resources.settings
     # Reuse this browser's binding so two install tabs do not invalidate each other.
-    browser = request.cookies.get(STATE_COOKIE) or ""
+    browser = request.cookies.get(cookie_name(settings, STATE_COOKIE)) or ""
     if not re.fullmatch(r"[A-Za-z0-9_-]{43,}", browser):
         browser = secrets.token_urlsafe(32)
     state = secrets.token_urlsafe(32)
@@ -90,12 +95,14 @@ async def install(request: Request) -> Response:
         state=state, code_verifier=verifier
     )
     response = RedirectResponse(url, status_code=302, headers=NO_STORE)
+    secure = _secure(resources)
     response.set_cookie(
-        STATE_COOKIE,
+        cookie_name(settings, STATE_COOKIE),
         browser,
         max_age=int(STATE_LIFETIME.total_seconds()),
-        path="/oauth",
-        secure=_secure(resources),
+        # A `__Host-` cookie must be the whole site's (over http the name has no prefix).
+        path="/" if secure else "/oauth",
+        secure=secure,
         httponly=True,
         samesite="lax",
     )
@@ -173,7 +180,9 @@ async def complete_install(request: Request, resources: Services) -> Installed:
     state_checked = "state" in params
     if state_checked:
         verifier = await consume_state(
-            params["state"], request.cookies.get(STATE_COOKIE), resources
+            params["state"],
+            request.cookies.get(cookie_name(resources.settings, STATE_COOKIE)),
+            resources,
         )
     code = params.get("code")
     if not code:

@@ -47,6 +47,7 @@ from app.main import Services, services
 from app.models import EventSource, EventStatus, InboxEvent, Portal, PortalStatus, utcnow
 from app.portals import current_secret, list_problems, rotate_secret
 from app.receptionist import PING
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,18 @@ def _mac(resources: Services, purpose: str, payload: str) -> str:
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
+def cookie_name(settings: Settings, name: str) -> str:
+    """The cookie `name`, as `__Host-<name>` when Hubline is served over https.
+
+    Browsers take a `__Host-` cookie only from this very host, over https, for the whole
+    site: a page on a sibling subdomain (or a forged plain-http answer) cannot plant one.
+    A planted install binding or settings session would open, in this browser, an install
+    someone else approved for their own account: a receptionist set up from that page
+    would send its callers to their CRM.
+    """
+    return f"__Host-{name}" if settings.public_url.startswith("https://") else name
+
+
 def sign_portal_session(resources: Services, portal_id: int, install_generation: int) -> str:
     """A short-lived cookie value scoped to one portal's settings actions."""
     expires = int(time.time() + SESSION_LIFETIME.total_seconds())
@@ -78,7 +91,7 @@ def sign_portal_session(resources: Services, portal_id: int, install_generation:
 
 def read_portal_session(request: Request, resources: Services) -> tuple[int, int] | None:
     """(portal id, install generation) of a valid, unexpired session cookie, else None."""
-    value = request.cookies.get(SESSION_COOKIE) or ""
+    value = request.cookies.get(cookie_name(resources.settings, SESSION_COOKIE)) or ""
     payload, _, mac = value.rpartition(".")
     parts = payload.split(".")
     if len(parts) != 3 or not all(part.isdigit() for part in parts):
@@ -98,7 +111,7 @@ def csrf_token(resources: Services, session_value: str) -> str:
 
 def set_session_cookie(response: Response, resources: Services, value: str) -> None:
     response.set_cookie(
-        SESSION_COOKIE,
+        cookie_name(resources.settings, SESSION_COOKIE),
         value,
         max_age=int(SESSION_LIFETIME.total_seconds()),
         path="/",
@@ -323,7 +336,7 @@ async def _guard(request: Request, *, form: bool) -> PortalSession | Response:
     if found is None:
         message = (
             "Your settings session has expired."
-            if request.cookies.get(SESSION_COOKIE)
+            if request.cookies.get(cookie_name(resources.settings, SESSION_COOKIE))
             else "This browser has no Hubline settings session."
         )
         return _signed_out(request, status_code=401, reason="no_session", message=message)
@@ -342,7 +355,7 @@ async def _guard(request: Request, *, form: bool) -> PortalSession | Response:
             message="This settings session belongs to an installation that has since been "
             "uninstalled or installed again.",
         )
-    value = request.cookies[SESSION_COOKIE]
+    value = request.cookies[cookie_name(resources.settings, SESSION_COOKIE)]
     if form:
         data = await request.form()
         page_portal = str(data.get("portal_id", ""))

@@ -85,19 +85,62 @@ async def test_install_redirects_to_authorize_with_scopes_and_a_browser_bound_st
     assert timedelta(minutes=9) < state.expires_at - utcnow() <= timedelta(minutes=10)
 
 
-async def test_state_cookie_is_secure_behind_https(make_settings: Any, sandbox_app: Any) -> None:
+def _attributes(set_cookie: str) -> dict[str, str]:
+    """A Set-Cookie header's attributes by lower-case name (the name=value pair left out)."""
+    pairs = (part.partition("=") for part in set_cookie.split(";")[1:])
+    return {name.strip().lower(): value.strip() for name, _, value in pairs}
+
+
+async def test_behind_https_the_cookies_are_this_hosts_alone_and_a_planted_one_is_not_read(
+    make_settings: Any, sandbox_app: Any
+) -> None:
+    """Over https the install binding and the settings session are `__Host-` cookies, which
+    a sibling subdomain cannot plant; a binding planted under the plain name is not read,
+    so an install someone else approved never opens in a browser they planted it in."""
+    public_url = "https://hubline.example"
     app = create_app(
-        make_settings(public_url="https://hubline.example"),
-        transport=httpx.ASGITransport(app=sandbox_app),
+        make_settings(public_url=public_url), transport=httpx.ASGITransport(app=sandbox_app)
     )
+
+    def browser(**cookies: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url=public_url, cookies=cookies
+        )
+
+    planted = "K" * 43
     async with (
         LifespanManager(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="https://hubline.example"
-        ) as browser,
+        browser() as victim,
+        browser(hubline_oauth=planted) as attacker,
     ):
-        started = await browser.get("/oauth/install")
-    assert "Secure" in started.headers["set-cookie"]
+        started = await attacker.get("/oauth/install")
+        cookie = started.headers["set-cookie"]
+        assert cookie.startswith("__Host-hubline_oauth=")
+        assert planted not in cookie  # a fresh binding, not the planted one
+        assert _attributes(cookie)["path"] == "/"
+        assert {"secure", "httponly"} <= _attributes(cookie).keys()
+        assert "domain" not in _attributes(cookie)
+        callback = await approve_in_sandbox(sandbox_app, started.headers["location"], 1001)
+
+        victim.cookies.set("hubline_oauth", planted)
+        refused = await victim.get(callback)
+        assert refused.status_code == 400
+        assert settings_page_value(refused.text, "error-reason") == "missing_cookie"
+
+        page = await attacker.get(callback)
+        assert page.status_code == 200, page.text
+        session = next(
+            value
+            for value in page.headers.get_list("set-cookie")
+            if value.startswith("__Host-hubline_portal=")
+        )
+        assert _attributes(session)["path"] == "/"
+        assert {"secure", "httponly"} <= _attributes(session).keys()
+        assert "domain" not in _attributes(session)
+        assert (await attacker.get("/settings")).status_code == 200
+        # The attacker's settings session, planted under the plain name, opens nothing.
+        victim.cookies.set("hubline_portal", attacker.cookies["__Host-hubline_portal"])
+        assert (await victim.get("/settings")).status_code == 401
 
 
 async def test_three_portals_install_with_their_own_encrypted_tokens_and_secrets(
