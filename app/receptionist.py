@@ -283,7 +283,9 @@ def _caller(given: NestedInput | FlatInput | None, data: dict[str, Any], flat: b
     if not isinstance(source, dict):
         return CallerInput()
     prefix = "caller_" if flat else ""
-    return CallerInput(
+    # Unvalidated: a value past its length limit has its problem already, and validating
+    # it here again would raise out of the route (a 500, the value in the log).
+    return CallerInput.model_construct(
         phone=_raw_text(source.get(prefix + "phone")),
         email=_raw_text(source.get(prefix + "email")),
     )

@@ -114,6 +114,27 @@ def test_a_caller_needs_a_phone_or_an_email(data: Any, expected: list[dict[str, 
     assert problems(data) == expected
 
 
+LONG_TEXT = "Zebulon Quixotic lives at 12 Elm Street, Springfield " * 8
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        (call_event(caller={"phone": LONG_TEXT}), "caller.phone"),
+        (call_event(caller={"email": LONG_TEXT * 2}), "caller.email"),
+        ({"call_id": "c1", "caller_phone": LONG_TEXT}, "caller_phone"),
+        ({"call_id": "c1", "caller_email": LONG_TEXT * 2}, "caller_email"),
+    ],
+)
+def test_a_phone_or_email_past_its_length_limit_is_a_field_problem(data: Any, field: str) -> None:
+    """Not a crash: the caller's details are read again, for the answer, after the event
+    failed validation, and that reading must not validate them a second time."""
+    found = problems(data)
+    assert [problem["field"] for problem in found] == [field]
+    assert "at most" in found[0]["message"]
+    assert "Zebulon" not in repr(found)
+
+
 def test_field_errors_name_each_bad_field() -> None:
     found = problems(
         call_event(type="call.started", duration_seconds=-1, appointment_booked="perhaps")

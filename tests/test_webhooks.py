@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -219,6 +220,20 @@ async def test_a_422_lists_field_problems(post: Post, secret: Secret) -> None:
     detail = response.json()["detail"]
     assert {"field": "caller", "message": "needs a phone or an email"} in detail
     assert all(set(item) == {"field", "message"} for item in detail)
+
+
+async def test_an_over_long_phone_is_a_422_that_neither_the_answer_nor_the_log_repeats(
+    post: Post, secret: Secret, services: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    phone = "Zebulon Quixotic, 12 Elm Street, Springfield; call after six " * 2
+    body = dumps(call_event(caller={"phone": phone}))
+    response = await post(body, standard_headers(secret, body))
+    assert response.status_code == 422
+    assert [item["field"] for item in response.json()["detail"]] == ["caller.phone"]
+    assert "Zebulon" not in response.text
+    assert "Zebulon" not in caplog.text
+    assert await inbox_rows(services.sessions) == []
 
 
 async def test_a_chunked_oversized_body_is_refused_while_reading(
