@@ -6,10 +6,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from app.errors import EventRejected
 from app.receptionist import (
     FAR_AHEAD,
+    FLAT_FIELDS,
     FLAT_IS_A_CALL,
     NOT_A_PHONE_NUMBER,
     NOT_AN_HTTPS_ADDRESS,
@@ -286,3 +289,79 @@ def test_an_unreadable_phone_beside_an_email_is_left_out_and_said(phone: str) ->
     assert problems(call_event(caller={"phone": phone})) == [
         {"field": "caller.phone", "message": "is not a phone number"}
     ]
+
+
+# --- any body at all ------------------------------------------------------------------
+
+_FIELDS = [
+    "id",
+    "type",
+    "occurred_at",
+    "caller",
+    "summary",
+    "transcript",
+    "duration_seconds",
+    "outcome",
+    "appointment_booked",
+    "lead_score",
+    "follow_up_required",
+    "campaign_id",
+    "recording_url",
+    *sorted(FLAT_FIELDS),
+]
+_CALLER_FIELDS = ["name", "phone", "email"]
+# The caller's details a problem must never quote carry this name (messages list what a
+# field may hold, so any other text could be in one by chance).
+_MARKED = "Zebulon"
+_texts = st.one_of(
+    st.text(max_size=80),
+    st.builds(
+        lambda before, after: before + _MARKED + after, st.text(max_size=70), st.text(max_size=70)
+    ),
+    # Around and past the length limits (64 for a phone, 320 for an email, 2048 for a link).
+    st.text(alphabet="+0123456789 -()", min_size=50, max_size=400),
+    st.builds(lambda text, n: text * n, st.text(min_size=1, max_size=9), st.integers(6, 300)),
+    st.sampled_from(["call.completed", "text.received", "test.ping", "2026-03-02T14:30:00Z"]),
+    st.builds(
+        lambda local, n: f"{local}@example.org" * n, st.text(max_size=20), st.integers(1, 40)
+    ),
+)
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True),
+    _texts,
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_callers = st.dictionaries(st.sampled_from(_CALLER_FIELDS), _json, max_size=3)
+_events = st.dictionaries(
+    st.sampled_from(_FIELDS), st.one_of(_json, _callers), max_size=len(_FIELDS)
+)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.one_of(_events, _json), webhook_id=st.none() | st.text(max_size=20))
+def test_any_body_is_an_event_or_a_list_of_problems_that_repeats_nothing_given(
+    data: Any, webhook_id: str | None
+) -> None:
+    """Whatever a sender posts (fields of the right names holding anything), the answer is
+    an event or EventRejected: never another exception (a 500), and no problem quotes the
+    input (an answer or a log could then carry a caller's details)."""
+    try:
+        event = parse(data, webhook_id=webhook_id)
+    except EventRejected as rejected:
+        found = rejected.problems
+    else:
+        assert event.id
+        return
+    assert found
+    for problem in found:
+        assert set(problem) == {"field", "message"}
+        assert _MARKED not in problem["message"]
