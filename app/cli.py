@@ -53,6 +53,42 @@ def settings_from_environment() -> Settings:
     return load_settings()
 
 
+class StopDeadline:
+    """Ends the process if a graceful stop, once asked for, outlasts its time.
+
+    A database that stopped answering (a partition, a frozen server) holds a query, the
+    rollback after it and the pool's close open for as long as TCP keeps the connection,
+    and the stop waits on them. Ending then loses nothing acknowledged: a webhook was
+    answered 2xx only after its commit, and a worker's leases run out, for another worker
+    to take its portals' events.
+    """
+
+    def __init__(self, command: str, seconds: float) -> None:
+        self.command = command
+        self.seconds = seconds
+        self._timer: threading.Timer | None = None
+
+    def arm(self) -> None:
+        """Start counting (a second signal changes nothing)."""
+        if self._timer is None:
+            self._timer = threading.Timer(self.seconds, self._overdue)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _overdue(self) -> None:
+        import logging
+        import os
+
+        logging.getLogger(__name__).error(
+            "hubline %s: still stopping after %g s (SHUTDOWN_TIMEOUT_SECONDS), most likely "
+            "waiting on a database that does not answer: exiting now",
+            self.command,
+            self.seconds,
+        )
+        sys.stderr.flush()
+        os._exit(1)
+
+
 # --- serve, worker, migrate ---------------------------------------------------
 
 
@@ -78,7 +114,14 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_config=None, access_log=False, lifespan="on"
     )
-    server = uvicorn.Server(config)
+    deadline = StopDeadline("serve", settings.shutdown_timeout_seconds)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            deadline.arm()
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     # What is built by now lives as long as the process: frozen, the collector's full
     # passes stop walking it, which would otherwise pause every request in flight.
     gc.freeze()
@@ -109,7 +152,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     resources = await open_services(settings)
     try:
         worker = build_worker(resources, concurrency=args.concurrency)
-        await worker.run_until_signalled()
+        deadline = StopDeadline("worker", settings.shutdown_timeout_seconds)
+        await worker.run_until_signalled(on_signal=deadline.arm)
     finally:
         await close_services(resources)
         if stop_exporting is not None:

@@ -6,10 +6,10 @@ import asyncio
 import fcntl
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import sqlalchemy as sa
@@ -54,6 +54,13 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+_T = TypeVar("_T")
+
+# How long /readyz and /metrics wait for the database: one that stopped answering (a
+# partition, a frozen server, another process holding SQLite's write lock) holds a
+# query open for as long as TCP does, or SQLite's busy timeout.
+DATABASE_PROBE_SECONDS = 5.0
+
 # What a database that cannot be used now raises, as opposed to a statement's own fault
 # (a constraint, a bug): the connection refused, dropped or timed out, the server
 # starting, the host not found.
@@ -71,6 +78,28 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 # Ids are BIGINT columns on both engines: a larger number names nothing, and binding it
 # would fail in the driver (SQLite's "Python int too large") rather than find no row.
 MAX_BIGINT = 2**63 - 1
+
+
+async def answered_within(seconds: float, work: Awaitable[_T]) -> _T:
+    """`work`'s result, or TimeoutError once `seconds` have passed, without waiting for it.
+
+    Not `asyncio.wait_for`, which waits for the cancelled work to end: a cancelled query
+    rolls back its connection first, and on SQLite that waits in line behind the query
+    itself (aiosqlite's one thread), for the whole busy timeout. The work is cancelled and
+    ends by itself once the database answers.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        # Its outcome is of no use any longer; retrieved, so asyncio does not log it.
+        task.add_done_callback(lambda ended: ended.cancelled() or ended.exception())
+        raise TimeoutError(f"the database did not answer within {seconds:g} s")
+    return task.result()
 
 
 def fits_bigint(value: int) -> bool:

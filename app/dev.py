@@ -173,7 +173,10 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         ),
     ]
 
+    deadline = cli.StopDeadline("dev", settings.shutdown_timeout_seconds)
+
     def stop() -> None:
+        deadline.arm()
         for server in servers:
             server.should_exit = True
 

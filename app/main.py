@@ -138,7 +138,9 @@ async def readyz(request: Request) -> Response:
     """Readiness: the database answers and its schema is not behind the code."""
     resources = services(request)
     try:
-        revision = await asyncio.wait_for(db.schema_revision(resources.engine), timeout=5)
+        revision = await db.answered_within(
+            db.DATABASE_PROBE_SECONDS, db.schema_revision(resources.engine)
+        )
     except Exception as error:  # any failure to reach the database means not ready
         log.warning("readiness check failed: database unreachable (%s)", type(error).__name__)
         return JSONResponse({"status": "unavailable", "reason": "database unreachable"}, 503)

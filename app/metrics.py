@@ -24,6 +24,7 @@ from sqlmodel import col
 from starlette.requests import Request
 from starlette.responses import Response
 
+from app.db import DATABASE_PROBE_SECONDS, answered_within
 from app.models import EventStatus, InboxEvent, Portal, PortalStatus, utcnow
 
 if TYPE_CHECKING:
@@ -203,7 +204,7 @@ async def metrics_endpoint(request: Request) -> Response:
     from app.main import services
 
     try:
-        await refresh_database_gauges(services(request))
+        await answered_within(DATABASE_PROBE_SECONDS, refresh_database_gauges(services(request)))
     except Exception as error:  # the counters are still worth serving while the database is down
         log.warning("metrics: could not read the database (%s)", type(error).__name__)
         # The gauges' last values would pass for current ones (a backlog or an age alert

@@ -86,6 +86,8 @@ class Settings(DatabaseSettings):
     event_retention_days: int = Field(default=30, ge=1, le=3_650)
     parked_retention_days: int = Field(default=30, ge=1, le=3_650)
     secret_rotation_grace_hours: float = Field(default=24, ge=0, le=8_760)
+    # Above the worker's 20 s for in-flight batches, with room for the web app to close.
+    shutdown_timeout_seconds: float = Field(default=45, gt=0, le=3_600)
     default_phone_region: str = "US"
     lead_source_label: str = Field(default="AI Receptionist", min_length=1, max_length=100)
 

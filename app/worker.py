@@ -312,11 +312,17 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.database_wait_seconds)
 
-    async def run_until_signalled(self) -> None:
-        """`run()`, stopping gracefully on SIGTERM or SIGINT."""
+    async def run_until_signalled(self, on_signal: Callable[[], None] | None = None) -> None:
+        """`run()`, stopping gracefully on SIGTERM or SIGINT (calling `on_signal` too)."""
+
+        def signalled() -> None:
+            if on_signal is not None:
+                on_signal()
+            self.stop()
+
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stop)
+            loop.add_signal_handler(signum, signalled)
         try:
             await self.run()
         finally:

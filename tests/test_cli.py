@@ -170,6 +170,71 @@ async def test_serve_on_a_fresh_directory_answers_health_and_readiness(tmp_path:
         assert process.wait(timeout=30) in (0, -signal.SIGTERM)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["serve", "worker"])
+async def test_a_stop_that_outlasts_shutdown_timeout_ends_the_process_saying_why(
+    tmp_path: Path, command: str
+) -> None:
+    """A database that stops answering holds a graceful stop open (here another process
+    holds SQLite's write lock, for up to its 30 s busy timeout; a frozen PostgreSQL server
+    holds it for as long as TCP does): past SHUTDOWN_TIMEOUT_SECONDS the process ends."""
+    port = free_port()
+    env = clean_env(
+        HUBSPOT_CLIENT_ID=TEST_CLIENT_ID,
+        HUBSPOT_CLIENT_SECRET=TEST_CLIENT_SECRET,
+        TOKEN_ENCRYPTION_KEYS=TEST_KEY,
+        JOURNAL_POLL_SECONDS="0",
+        SHUTDOWN_TIMEOUT_SECONDS="2",
+    )
+    args = ["serve", "--port", str(port), "--no-worker"] if command == "serve" else ["worker"]
+    log_path = tmp_path / "process.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", *args],
+            env=env,
+            cwd=tmp_path,
+            stdout=log_file,
+            stderr=log_file,
+        )
+    holder: sqlite3.Connection | None = None
+    try:
+        deadline = time.monotonic() + 30
+        ready = b"Application startup complete" if command == "serve" else b"worker started"
+        while ready not in log_path.read_bytes():
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "never started"
+            await asyncio.sleep(0.1)
+        holder = sqlite3.connect(tmp_path / "hubline.db", isolation_level=None, timeout=10)
+        holder.execute("BEGIN IMMEDIATE")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            # A webhook whose portal lookup waits for the lock (the worker's claim does).
+            waiting = (
+                asyncio.ensure_future(http.post("/webhooks/portals/1001/receptionist", json={}))
+                if command == "serve"
+                else None
+            )
+            await asyncio.sleep(1.5)
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            while process.poll() is None and time.monotonic() - signalled < 20:
+                await asyncio.sleep(0.1)
+            stopped_after = time.monotonic() - signalled
+            if waiting is not None:
+                waiting.cancel()
+                with contextlib.suppress(BaseException):
+                    await waiting
+        assert process.poll() == 1, log_path.read_text()
+        assert stopped_after < 10
+        assert "still stopping after 2 s (SHUTDOWN_TIMEOUT_SECONDS)" in log_path.read_text()
+    finally:
+        if holder is not None:
+            holder.execute("ROLLBACK")
+            holder.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_migrate_creates_the_schema_then_reports_it_is_current(tmp_path: Path) -> None:
     # DATABASE_URL alone: a deploy's migration job need not be given the app's secrets.
     env = clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}")

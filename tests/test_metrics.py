@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import sys
+import time
 from typing import Any
 
 import httpx
+import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.db import DATABASE_PROBE_SECONDS, sqlite_path
 from app.metrics import endpoint_label
 from app.models import Portal, PortalStatus
 from tests.outage import database_outage
@@ -169,3 +173,34 @@ async def test_the_database_gauges_are_left_out_while_the_database_cannot_be_rea
     assert "hubline_hubspot_rate_limited_total" in {name for name, _ in during}  # counters stay
     after = samples((await client.get("/metrics")).text)
     assert value(after, "hubline_database_up") == 1
+
+
+@pytest.mark.sqlite_only
+async def test_a_database_that_stops_answering_is_reported_down_within_seconds(
+    client: httpx.AsyncClient, services: Any, database_url: str
+) -> None:
+    """Another process holding SQLite's write lock keeps a query waiting for the busy
+    timeout (30 s), as a PostgreSQL server that stopped answering keeps it waiting for
+    as long as TCP does: /metrics and /readyz answer within their probe's limit."""
+    path = sqlite_path(database_url)
+    assert path is not None
+    holder = sqlite3.connect(path, isolation_level=None, timeout=1)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        metrics, ready = await asyncio.gather(client.get("/metrics"), client.get("/readyz"))
+        waited = time.monotonic() - started
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert value(samples(metrics.text), "hubline_database_up") == 0
+    assert ready.status_code == 503
+    assert waited < DATABASE_PROBE_SECONDS + 5
+
+    # The probes' abandoned queries end by themselves once the lock is gone, giving their
+    # connections back.
+    async def settled() -> bool:
+        return services.engine.pool.checkedout() == 0
+
+    await wait_until(settled)
+    assert (await client.get("/readyz")).status_code == 200
