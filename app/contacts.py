@@ -86,13 +86,18 @@ def _id(value: Any) -> str | None:
     return text if text.isdigit() and len(text) <= 32 else None
 
 
+def _ids(value: Any) -> list[Any]:
+    """A list of ids as given; anything else (HubSpot sends a list) names none."""
+    return value if isinstance(value, list) else []
+
+
 def parse_change(view: EventView) -> ContactChange | None:
     """The change an event describes; None when its payload is not a usable contact event."""
     payload = view.payload
     if view.type == "contact.merge":
         # The survivor is `newObjectId` when HubSpot made one, else the primary contact.
         survivor = _id(payload.get("newObjectId")) or _id(payload.get("primaryObjectId"))
-        merged = [_id(value) for value in payload.get("mergedObjectIds") or []]
+        merged = [_id(value) for value in _ids(payload.get("mergedObjectIds"))]
         merged.append(_id(payload.get("primaryObjectId")))
         if survivor is None:
             return None
@@ -106,13 +111,14 @@ def parse_change(view: EventView) -> ContactChange | None:
     contact_id = _id(payload.get("objectId"))
     if contact_id is None:
         return None
-    value = payload.get("propertyValue")
+    name, value = payload.get("propertyName"), payload.get("propertyValue")
     return ContactChange(
         event_id=view.id,
         type=view.type,
         contact_id=contact_id,
         occurred_at=view.occurred_at,
-        property_name=payload.get("propertyName"),
+        # A name that is no text names no property Hubline indexes.
+        property_name=name if isinstance(name, str) else None,
         property_value=None if value is None else str(value),
     )
 
@@ -415,7 +421,7 @@ def _concerns(
 ) -> bool:
     if source == EventSource.hubspot:
         ids = [payload.get(key) for key in ("objectId", "primaryObjectId", "newObjectId")]
-        ids.extend(payload.get("mergedObjectIds") or [])
+        ids.extend(_ids(payload.get("mergedObjectIds")))
         return contact_id in {_id(value) for value in ids}
     if source == EventSource.internal:
         # Work a sync queued for later (a note, an attendance) names its contact.

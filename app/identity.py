@@ -77,9 +77,19 @@ def normalize_email(raw: str | None) -> str | None:
     if not raw:
         return None
     email = raw.strip().lower()
-    if len(email) > 320 or not _EMAIL_RE.fullmatch(email):
+    if len(email) > 320 or not _EMAIL_RE.fullmatch(email) or not _is_text(email):
         return None
     return email
+
+
+def _is_text(value: str) -> bool:
+    """False for a string holding a lone surrogate: JSON's escapes allow one ("\\ud800"),
+    but it is no character, and nothing can encode it (a keyed hash of it raised)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def value_hashes(cipher: TokenCipher, kind: str, normalized: str, portal_id: int) -> list[str]:

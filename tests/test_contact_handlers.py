@@ -24,6 +24,7 @@ from tests.webhook_support import (
     add_portal,
     call_event,
     dumps,
+    hubspot_event,
     inbox_rows,
     post_hubspot,
     receptionist_path,
@@ -175,6 +176,37 @@ async def test_a_property_change_for_an_unindexed_property_changes_nothing(
         "PATCH", f"/crm/v3/objects/contacts/{ada}", {"properties": {"firstname": "Ada"}}
     )
     await portal.sync()
+    assert await portal.lookup("phone", ADA_PHONE) == ada
+
+
+async def test_odd_shapes_hubspot_never_sends_are_handled_once_beside_good_events(
+    portal: Portal,
+) -> None:
+    """Signed events whose fields hold what HubSpot never sends there (a list for a
+    property name, a number for merged ids, an email that is no text at all) are done
+    with at their first attempt: they raised before, were retried for minutes and took
+    an attempt from every good event in their batch."""
+    ada = await portal.create(phone=ADA_PHONE)
+    created = portal.pending_events()
+    change = {"subscriptionType": "contact.propertyChange", "objectId": int(ada)}
+    odd = [
+        hubspot_event(eventId=2, **change, propertyName=["email"], propertyValue="a@example.com"),
+        hubspot_event(eventId=3, **change, propertyName={"name": "email"}),
+        hubspot_event(eventId=4, **change, propertyName="email", propertyValue="\ud800@x.com"),
+        hubspot_event(
+            eventId=5, subscriptionType="contact.merge", primaryObjectId=int(ada), mergedObjectIds=5
+        ),
+        hubspot_event(
+            eventId=6, subscriptionType="contact.privacyDeletion", objectId=9, mergedObjectIds=7
+        ),
+    ]
+    response = await post_hubspot(portal.client, TEST_CLIENT_SECRET, [*created, *odd])
+    assert response.json()["stored"] == len(created) + len(odd)
+    await Worker(portal.services).drain()
+    rows = await inbox_rows(portal.services.sessions)
+    assert {(row.status, row.attempts, row.last_error) for row in rows} == {
+        (EventStatus.done, 1, None)
+    }
     assert await portal.lookup("phone", ADA_PHONE) == ada
 
 
