@@ -22,12 +22,20 @@ are ignored: platforms add fields, and refusing them would lose calls.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
 from pydantic_core import PydanticCustomError
 
 from app.errors import EventRejected
@@ -69,6 +77,21 @@ def _not_a_bool(value: Any) -> Any:
 _Number = Annotated[float, BeforeValidator(_not_a_bool)]
 
 
+def _printable(value: str) -> str:
+    # A campaign id is kept as text outside the encrypted payload (the campaign's state)
+    # and names a HubSpot marketing event: PostgreSQL's text refuses a NUL, and nothing
+    # can encode a lone surrogate ("\ud800" is valid JSON), so either would fail the
+    # stored event at every attempt.
+    if any(unicodedata.category(char) in ("Cc", "Cs") for char in value):
+        raise PydanticCustomError(
+            "control_characters", "must not contain control characters or lone surrogates"
+        )
+    return value
+
+
+_Identifier = Annotated[str, AfterValidator(_printable)]
+
+
 def is_https_address(value: str) -> bool:
     """True for an https URL with a host: the only recording link HubSpot takes."""
     try:
@@ -95,7 +118,7 @@ class _Input(BaseModel):
     appointment_booked: bool | None = None
     lead_score: _Number | None = Field(default=None, allow_inf_nan=False)
     follow_up_required: bool | None = None
-    campaign_id: str | None = _Text
+    campaign_id: _Identifier | None = _Text
     recording_url: str | None = Field(default=None, max_length=2048)
 
 

@@ -138,6 +138,18 @@ def test_a_phone_or_email_past_its_length_limit_is_a_field_problem(data: Any, fi
     assert "Zebulon" not in repr(found)
 
 
+@pytest.mark.parametrize("campaign", ["spring\x00ads", "spring\nads", "spring\ud800"])
+def test_a_campaign_id_with_a_control_character_or_lone_surrogate_is_refused(
+    campaign: str,
+) -> None:
+    """A campaign id is kept as text outside the encrypted payload and names a HubSpot
+    marketing event: accepted, a NUL (which PostgreSQL's text refuses) or a lone
+    surrogate (which nothing encodes) failed the stored call at every attempt."""
+    found = problems(call_event(campaign_id=campaign))
+    assert [problem["field"] for problem in found] == ["campaign_id"]
+    assert parse(call_event(campaign_id="spring ads — 2026")).campaign_id == "spring ads — 2026"
+
+
 def test_field_errors_name_each_bad_field() -> None:
     found = problems(
         call_event(type="call.started", duration_seconds=-1, appointment_booked="perhaps")
