@@ -24,7 +24,7 @@ from app.console import (
     retry_failed,
     rotate_portal_secret,
 )
-from app.db import fits_bigint
+from app.db import fits_bigint, parse_id
 from app.errors import HubSpotNotReached
 from app.lifecycle import disconnect, portal_summaries
 from app.main import Services, services
@@ -59,8 +59,10 @@ def _answer(body: Any, status_code: int = 200) -> JSONResponse:
     return JSONResponse(body, status_code=status_code, headers=NO_STORE)
 
 
-def _no_portal(portal_id: int) -> JSONResponse:
-    return _answer({"error": "not_found", "detail": f"no portal {portal_id}"}, 404)
+def _no_portal(given: str) -> JSONResponse:
+    """404 for the portal id the path gives (shown cut short: it may be any text)."""
+    shown = given if len(given) <= 24 else given[:24] + "…"
+    return _answer({"error": "not_found", "detail": f"no portal {shown}"}, 404)
 
 
 def _when(value: datetime | None) -> str | None:
@@ -131,10 +133,10 @@ async def api_portal(request: Request) -> Response:
     denial = await admin_denial(request)
     if denial is not None:
         return denial
-    portal_id = int(request.path_params["portal_id"])
-    detail = await portal_detail(services(request), portal_id) if fits_bigint(portal_id) else None
+    portal_id = parse_id(request.path_params["portal_id"])
+    detail = await portal_detail(services(request), portal_id) if portal_id is not None else None
     if detail is None:
-        return _no_portal(portal_id)
+        return _no_portal(request.path_params["portal_id"])
     return _answer(detail)
 
 
@@ -145,7 +147,8 @@ async def _json_body(request: Request) -> dict[str, Any] | None:
         return {}
     try:
         data = json.loads(body)
-    except ValueError:
+    # A body nested deeper than the parser's recursion limit is malformed too.
+    except (ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -171,18 +174,18 @@ async def api_portal_action(request: Request) -> Response:
     if denial is not None:
         return denial
     resources = services(request)
-    portal_id = int(request.path_params["portal_id"])
+    portal_id = parse_id(request.path_params["portal_id"])
     action = request.path_params["action"]
     if action not in ACTIONS:
-        return _answer({"error": "not_found", "detail": f"no action {action!r}"}, 404)
-    if not fits_bigint(portal_id):
-        return _no_portal(portal_id)
+        return _answer({"error": "not_found", "detail": f"no action {action[:40]!r}"}, 404)
+    if portal_id is None:
+        return _no_portal(request.path_params["portal_id"])
     async with resources.sessions() as session:
         found = await portal_summaries(
             session=session, settings=resources.settings, portal_id=portal_id
         )
     if not found:
-        return _no_portal(portal_id)
+        return _no_portal(str(portal_id))
     data = await _json_body(request)
     if data is None:
         return _answer({"error": "malformed_json", "detail": "send a JSON object or nothing"}, 400)
@@ -242,8 +245,10 @@ async def api_unknown(request: Request) -> Response:
 
 routes: list[BaseRoute] = [
     Route("/admin/api/portals", api_portals, methods=["GET"]),
-    Route("/admin/api/portals/{portal_id:int}", api_portal, methods=["GET"]),
-    Route("/admin/api/portals/{portal_id:int}/{action:str}", api_portal_action, methods=["POST"]),
+    # Ids are read by `parse_id`, not the `int` convertor: its int() raised on an id of
+    # 4,300 digits, a 500 before any check (the receptionist route reads them so too).
+    Route("/admin/api/portals/{portal_id}", api_portal, methods=["GET"]),
+    Route("/admin/api/portals/{portal_id}/{action}", api_portal_action, methods=["POST"]),
     # Last: it takes what the routes above do not, a wrong method on them included.
     Route(
         "/admin/api/{rest:path}",

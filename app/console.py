@@ -30,7 +30,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
 from app.crypto import Secret, same_text
-from app.db import fits_bigint, parse_id, transaction
+from app.db import parse_id, transaction
 from app.errors import HubSpotNotReached
 from app.inbox import retry_events
 from app.main import Services, services
@@ -409,12 +409,17 @@ async def portal_rows(
     return rows
 
 
+MAX_SEARCH = 253  # the longest domain name
+
+
 async def console_home(request: Request) -> Response:
     """The portals table, searchable and filterable by status."""
     session = await _guard(request)
     if isinstance(session, Response):
         return session
-    query = request.query_params.get("q", "")
+    # No hub domain is longer (SQLite refuses a LIKE pattern past 50,000 characters), and
+    # none holds a NUL (which PostgreSQL's text refuses).
+    query = request.query_params.get("q", "").replace("\x00", "")[:MAX_SEARCH]
     status = request.query_params.get("status", "")
     if status and status not in {s.value for s in PortalStatus}:
         status = ""
@@ -423,7 +428,7 @@ async def console_home(request: Request) -> Response:
     refresh = request.query_params.get("refresh", "")
     refresh_ms = (
         min(max(int(refresh), 1000), MAX_REFRESH_MS)
-        if refresh.isascii() and refresh.isdigit()
+        if refresh.isascii() and refresh.isdigit() and len(refresh) <= 9
         else DEFAULT_REFRESH_MS
     )
     return templates.TemplateResponse(
@@ -537,9 +542,9 @@ async def _portal_page(
     status_code: int = 200,
 ) -> Response:
     resources = services(request)
-    portal_id = int(request.path_params["portal_id"])
-    rows = await portal_rows(resources, portal_id=portal_id) if fits_bigint(portal_id) else []
-    if not rows:
+    portal_id = parse_id(request.path_params["portal_id"])
+    rows = await portal_rows(resources, portal_id=portal_id) if portal_id is not None else []
+    if portal_id is None or not rows:
         return Response("No such portal.", status_code=404)
     row = rows[0]
     source = request.query_params.get("source", "")
@@ -570,10 +575,10 @@ async def portal_action(request: Request) -> Response:
     if isinstance(session, Response):
         return session
     resources = services(request)
-    portal_id = int(request.path_params["portal_id"])
+    portal_id = parse_id(request.path_params["portal_id"])
     action = request.path_params["action"]
     form = await request.form()
-    if not fits_bigint(portal_id):
+    if portal_id is None:
         return Response("No such portal.", status_code=404)
     async with resources.sessions() as db:
         portal = await db.get(Portal, portal_id)
@@ -622,6 +627,7 @@ routes: list[BaseRoute] = [
     Route("/admin", console_home, methods=["GET"]),
     Route("/admin/login", login, methods=["POST"]),
     Route("/admin/logout", logout, methods=["POST"]),
-    Route("/admin/portals/{portal_id:int}", console_portal, methods=["GET"]),
-    Route("/admin/portals/{portal_id:int}/{action:str}", portal_action, methods=["POST"]),
+    # Read by `parse_id` (see app/admin.py's routes).
+    Route("/admin/portals/{portal_id}", console_portal, methods=["GET"]),
+    Route("/admin/portals/{portal_id}/{action}", portal_action, methods=["POST"]),
 ]

@@ -457,10 +457,31 @@ async def test_numbers_out_of_range_name_nothing_instead_of_failing(
     )
     assert retried.json() == {"retried": 0}
 
+    # Past 4,300 digits int() itself refuses: the routes' int convertor made that a 500
+    # (before the token was asked for), as it did a `refresh` that long.
+    giant = "9" * 4301
+    assert (await http.get(f"/admin/api/portals/{giant}")).status_code == 401
+    assert (await http.get(f"/admin/api/portals/{giant}", headers=api)).json() == {
+        "error": "not_found",
+        "detail": f"no portal {'9' * 24}…",
+    }
+    assert (await http.post(f"/admin/api/portals/{giant}/retry", headers=api)).status_code == 404
+    # A body nested past the JSON reader's recursion limit is malformed, not a 500.
+    nested = b"[" * 100_000 + b"]" * 100_000
+    assert (
+        await http.post("/admin/api/portals/1001/retry", headers=api, content=nested)
+    ).status_code == 400
+
     await sign_in(http)
     assert (await http.get(f"/admin/portals/{huge}")).status_code == 404
-    for refresh in ("9" * 400, "²", "5000"):
+    assert (await http.get(f"/admin/portals/{giant}")).status_code == 404
+    for refresh in ("9" * 400, "9" * 5000, "²", "5000"):
         assert (await http.get("/admin", params={"refresh": refresh})).status_code == 200
+    # A search longer than any domain (SQLite refused the pattern: a 503 "database
+    # unreachable") or holding a NUL (PostgreSQL refused it: a 500) finds nothing.
+    for search in ("a" * 60_000, "\x00"):
+        assert (await http.get("/admin", params={"q": search})).status_code == 200
+    assert "acme-dental.example" in (await http.get("/admin", params={"q": "acme\x00"})).text
     page = await http.get("/admin/portals/1001")
     csrf = csrf_of(page.text)
     assert (
