@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from sqlmodel import col
 from standardwebhooks.webhooks import Webhook
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
@@ -557,6 +557,17 @@ async def server_error(request: Request, _exc: Exception) -> Response:
     )
 
 
+async def client_gone(request: Request, _exc: Exception) -> Response:
+    """The client went away before sending the whole body: nothing was read, nothing done.
+
+    Not a fault here (it was a 500 with a traceback): a 400, which no one receives, so
+    that the request's log line says what happened."""
+    log.info(
+        "%s %s: the client disconnected before its body ended", request.method, request.url.path
+    )
+    return Response(status_code=400)
+
+
 async def database_unreachable(request: Request, exc: Exception) -> Response:
     """The database cannot be used now: a 503 that says so, like /readyz and the CLI."""
     # One line, not a traceback: the cause is the database's state, not a fault here.
@@ -584,6 +595,7 @@ async def database_unreachable(request: Request, exc: Exception) -> Response:
 
 exception_handlers: dict[Any, Any] = {
     HTTPException: http_error,
+    ClientDisconnect: client_gone,
     500: server_error,
     **dict.fromkeys(UNREACHABLE, database_unreachable),
 }

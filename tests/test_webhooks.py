@@ -236,6 +236,42 @@ async def test_an_over_long_phone_is_a_422_that_neither_the_answer_nor_the_log_r
     assert await inbox_rows(services.sessions) == []
 
 
+@pytest.mark.parametrize("path", [receptionist_path(PORTAL), "/webhooks/hubspot"])
+async def test_a_client_that_goes_away_mid_body_is_a_quiet_400_that_stores_nothing(
+    hubline_app: Any, secret: Secret, services: Any, path: str
+) -> None:
+    """It was a 500 with ClientDisconnect's traceback in the error log."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"hubline.test"), (b"content-length", b"5000")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("hubline.test", 80),
+    }
+    arriving = [
+        {"type": "http.request", "body": b'{"id": "evt', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return arriving.pop(0) if arriving else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await hubline_app(scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert await inbox_rows(services.sessions) == []
+
+
 async def test_a_chunked_oversized_body_is_refused_while_reading(
     client: httpx.AsyncClient, secret: Secret, services: Any
 ) -> None:
