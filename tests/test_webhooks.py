@@ -42,7 +42,9 @@ async def secret(services: Any) -> Secret:
 @pytest.fixture
 def post(client: httpx.AsyncClient) -> Post:
     async def send(
-        body: bytes, headers: dict[str, str] | None = None, portal_id: int | str = PORTAL
+        body: bytes,
+        headers: dict[str, str] | list[tuple[str, str]] | None = None,
+        portal_id: int | str = PORTAL,
     ) -> httpx.Response:
         return await client.post(receptionist_path(portal_id), content=body, headers=headers or {})
 
@@ -210,6 +212,12 @@ async def test_a_right_signature_with_a_stale_timestamp_is_told_to_check_its_clo
         response = await post(body, headers)
         assert response.status_code == 401
         assert response.json()["detail"] != STALE_TIMESTAMP
+    # Nor does a fresh signature refused for giving a header twice.
+    fresh = standard_headers(secret, body)
+    twice = [*fresh.items(), ("webhook-timestamp", fresh["webhook-timestamp"])]
+    response = await post(body, twice)
+    assert response.status_code == 401
+    assert response.json()["detail"] != STALE_TIMESTAMP
     assert await inbox_rows(services.sessions) == []
 
 
