@@ -149,7 +149,7 @@ class Settings(DatabaseSettings):
     @field_validator("default_phone_region")
     @classmethod
     def _known_region(cls, value: str) -> str:
-        region = value.strip().upper()
+        region = value.strip().upper() if value.isascii() else value  # "ß".upper() is "SS"
         if region not in phonenumbers.SUPPORTED_REGIONS:
             raise ValueError(f"{value!r} is not a phone region code such as US or GB")
         return region

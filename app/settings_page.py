@@ -432,7 +432,9 @@ async def set_region(request: Request) -> Response:
     if isinstance(session, Response):
         return session
     resources = services(request)
-    chosen = str((await request.form()).get("region", "")).strip().upper()
+    given = str((await request.form()).get("region", "")).strip()
+    # ASCII first: "ß".upper() is "SS", South Sudan.
+    chosen = given.upper() if given.isascii() else given
     if chosen and chosen not in phonenumbers.SUPPORTED_REGIONS:
         return await render_settings(
             request,

@@ -53,6 +53,8 @@ def test_missing_required_setting_is_one_line_naming_it(missing: str) -> None:
         ("HUBSPOT_REQUESTS_PER_10S", "500"),
         ("HUBSPOT_SEARCHES_PER_SECOND", "many"),
         ("DEFAULT_PHONE_REGION", "ZZ"),
+        ("DEFAULT_PHONE_REGION", "ß"),  # its upper case is SS, South Sudan
+        ("SHUTDOWN_TIMEOUT_SECONDS", "0"),
         ("TOKEN_ENCRYPTION_KEYS", "hunter2"),
         ("HUBSPOT_PKCE", "perhaps"),
         ("ADMIN_TOKEN", "hunter2"),
