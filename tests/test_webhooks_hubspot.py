@@ -152,8 +152,10 @@ async def test_only_the_contact_subscriptions_hubline_handles_are_stored(
     sync: one named in HubSpot's webhook, however well signed, is acknowledged and
     dropped, as a subscription Hubline does not use is."""
     own = [UNINSTALL_EVENT, PROVISION_EVENT, ATTENDANCE_EVENT, NOTE_LATER, *RECEPTIONIST_TYPES]
-    # Every type a handler takes is either one of those or a contact subscription.
-    assert registry.types == {*own, *CONTACT_EVENT_TYPES}
+    # Every type a handler of Hubline's takes is one of those or a contact subscription
+    # (tests register handlers of their own, named test.*).
+    others_registered = registry.types - {*own, *CONTACT_EVENT_TYPES}
+    assert all(event_type.startswith("test.") for event_type in others_registered)
     others = [*own, "deal.creation"]
     events = [hubspot_event(eventId=1)] + [
         hubspot_event(eventId=number, subscriptionType=event_type)
