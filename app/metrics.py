@@ -26,6 +26,7 @@ from starlette.responses import Response
 
 from app.db import DATABASE_PROBE_SECONDS, answered_within
 from app.models import EventStatus, InboxEvent, Portal, PortalStatus, utcnow
+from app.retry import Action
 
 if TYPE_CHECKING:
     from app.main import Services
@@ -53,6 +54,12 @@ HUBSPOT_RATE_LIMITED = Counter("hubline_hubspot_rate_limited", "429 answers from
 TOKEN_REFRESHES = Counter(
     "hubline_token_refreshes", "Token refresh attempts, by outcome.", ["outcome"]
 )
+# Every outcome is exported from the start, at 0: a series that first appears at 1 has
+# no earlier value to rise from, and an alert on its increase misses the first failure.
+for _outcome in ("done", "skipped", *Action):
+    EVENTS_HANDLED.labels(outcome=str(_outcome))
+for _outcome in ("success", "rejected", "refused", "unavailable"):
+    TOKEN_REFRESHES.labels(outcome=_outcome)
 INBOX_EVENTS = Gauge("hubline_inbox_events", "Inbox events by status.", ["status"])
 OLDEST_PENDING = Gauge(
     "hubline_oldest_pending_event_age_seconds", "Age of the oldest pending event (0 when none)."

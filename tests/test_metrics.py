@@ -85,6 +85,17 @@ async def test_a_portal_status_no_portal_has_any_longer_reads_zero(
     assert value(after, "hubline_portals", status="active") == 0
 
 
+async def test_every_outcome_is_exported_before_it_first_happens(
+    client: httpx.AsyncClient,
+) -> None:
+    """An alert on the increase of failures needs the series at 0 before the first one."""
+    exported = samples((await client.get("/metrics")).text)
+    for outcome in ("done", "skipped", "retry", "fail", "park"):
+        assert ("hubline_events_handled_total", frozenset({("outcome", outcome)})) in exported
+    for outcome in ("success", "rejected", "refused", "unavailable"):
+        assert ("hubline_token_refreshes_total", frozenset({("outcome", outcome)})) in exported
+
+
 def test_endpoint_labels_fold_ids_so_labels_stay_few() -> None:
     assert endpoint_label("/crm/v3/objects/contacts/12345") == "/crm/v3/objects/contacts/{id}"
     assert endpoint_label("/crm/v3/objects/contacts/ada@example.com?idProperty=email") == (
