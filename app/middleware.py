@@ -10,6 +10,7 @@ import uuid
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.db import parse_id
 from app.logs import request_id_var
 
 log = logging.getLogger("app.requests")
@@ -54,12 +55,13 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            details: dict[str, object] = {
+                "duration_ms": round((time.perf_counter() - started) * 1000, 1)
+            }
+            # Routing has put the path's portal id here, where the route names one.
+            portal_id = parse_id(str(scope.get("path_params", {}).get("portal_id", "")))
+            if portal_id is not None:
+                details["portal_id"] = portal_id
             # The path only: query strings carry OAuth codes and states.
-            log.info(
-                "%s %s %d",
-                scope["method"],
-                scope["path"],
-                status,
-                extra={"duration_ms": round((time.perf_counter() - started) * 1000, 1)},
-            )
+            log.info("%s %s %d", scope["method"], scope["path"], status, extra=details)
             request_id_var.reset(token)

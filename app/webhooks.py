@@ -29,6 +29,7 @@ from app.crypto import TokenCipher
 from app.db import DATABASE_ERRORS, fits_bigint, parse_id, transaction
 from app.errors import EventRejected
 from app.inbox import NewEvent, enqueue
+from app.logs import portal_id_var
 from app.main import Services, services
 from app.metrics import counted
 from app.models import PRIVACY_DELETION, EventSource, EventStatus, Portal, PortalStatus, utcnow
@@ -402,11 +403,24 @@ async def receptionist_webhook(request: Request) -> Response:
     return JSONResponse(answer, status_code=202 if enqueued.created else 200)
 
 
+def in_portal_context(endpoint: Endpoint) -> Endpoint:
+    """Every log line the endpoint writes carries the portal id its path names."""
+
+    async def endpoint_for_portal(request: Request) -> Response:
+        token = portal_id_var.set(parse_id(request.path_params["portal_id"]))
+        try:
+            return await endpoint(request)
+        finally:
+            portal_id_var.reset(token)
+
+    return endpoint_for_portal
+
+
 routes: list[BaseRoute] = [
     Route("/webhooks/hubspot", counted("hubspot", hubspot_endpoint()), methods=["POST"]),
     Route(
         "/webhooks/portals/{portal_id}/receptionist",
-        counted("receptionist", receptionist_webhook),
+        in_portal_context(counted("receptionist", receptionist_webhook)),
         methods=["POST"],
     ),
 ]

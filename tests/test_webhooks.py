@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import io
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,10 +18,12 @@ import pytest
 from app.crypto import Secret, new_webhook_secret
 from app.db import transaction
 from app.inbox import read_payload
+from app.logs import JsonFormatter
 from app.models import EventStatus, PortalStatus
 from app.portals import rotate_secret
 from app.receptionist import NOT_AN_HTTPS_ADDRESS
 from app.webhooks import STALE_TIMESTAMP
+from tests.outage import database_outage
 from tests.webhook_support import (
     add_portal,
     call_event,
@@ -278,6 +282,34 @@ async def test_a_client_that_goes_away_mid_body_is_a_quiet_400_that_stores_nothi
     await hubline_app(scope, receive, send)
     assert sent[0]["status"] == 400
     assert await inbox_rows(services.sessions) == []
+
+
+async def test_a_receptionist_webhooks_log_lines_carry_its_portal_id(
+    post: Post, secret: Secret, services: Any, database_url: str
+) -> None:
+    """The README's promise: every log line carries the portal id where there is one."""
+    written = io.StringIO()
+    handler = logging.StreamHandler(written)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("app")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        body = dumps(call_event())
+        assert (await post(body, standard_headers(secret, body))).status_code == 202
+        other = dumps(call_event(id="evt-2"))
+        async with database_outage(services.engine, database_url):
+            assert (await post(other, standard_headers(secret, other))).status_code == 503
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [json.loads(line) for line in written.getvalue().splitlines()]
+    requests = [line for line in lines if line["logger"] == "app.requests"]
+    unstored = [line for line in lines if "not stored" in line["message"]]
+    assert len(requests) == 2
+    assert len(unstored) == 1
+    assert {line.get("portal_id") for line in requests + unstored} == {PORTAL}
 
 
 async def test_a_chunked_oversized_body_is_refused_while_reading(
