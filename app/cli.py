@@ -7,6 +7,8 @@ import asyncio
 import errno
 import gc
 import json
+import logging
+import os
 import socket
 import sys
 import threading
@@ -76,17 +78,16 @@ class StopDeadline:
             self._timer.start()
 
     def _overdue(self) -> None:
-        import logging
-        import os
-
-        logging.getLogger(__name__).error(
-            "hubline %s: still stopping after %g s (SHUTDOWN_TIMEOUT_SECONDS), most likely "
-            "waiting on a database that does not answer: exiting now",
-            self.command,
-            self.seconds,
-        )
-        sys.stderr.flush()
-        os._exit(1)
+        try:
+            logging.getLogger(__name__).error(
+                "hubline %s: still stopping after %g s (SHUTDOWN_TIMEOUT_SECONDS), most likely "
+                "waiting on a database that does not answer: exiting now",
+                self.command,
+                self.seconds,
+            )
+            sys.stderr.flush()
+        finally:
+            os._exit(1)  # whatever the logging did: this is what the timer is for
 
 
 # --- serve, worker, migrate ---------------------------------------------------

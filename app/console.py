@@ -253,8 +253,7 @@ async def login(request: Request) -> Response:
         max_age=SESSION_SECONDS,
         httponly=True,
         samesite="strict",
-        # From PUBLIC_URL, not the request: behind a TLS-terminating proxy it arrives as http.
-        secure=resources.settings.public_url.startswith("https://"),
+        secure=resources.settings.served_over_https,
         path="/admin",
     )
     return response

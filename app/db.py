@@ -92,14 +92,29 @@ async def answered_within(seconds: float, work: Awaitable[_T]) -> _T:
     try:
         done, _ = await asyncio.wait({task}, timeout=seconds)
     except asyncio.CancelledError:
-        task.cancel()
+        _abandon(task)
         raise
     if not done:
-        task.cancel()
-        # Its outcome is of no use any longer; retrieved, so asyncio does not log it.
-        task.add_done_callback(lambda ended: ended.cancelled() or ended.exception())
+        _abandon(task)
         raise TimeoutError(f"the database did not answer within {seconds:g} s")
     return task.result()
+
+
+# Abandoned work, held until it ends (the loop keeps only weak references to tasks).
+_abandoned: set[asyncio.Future[Any]] = set()
+
+
+def _abandon(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    _abandoned.add(task)
+    task.add_done_callback(_forget)
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    _abandoned.discard(task)
+    # Its outcome is of no use any longer; retrieved, so asyncio does not log it.
+    if not task.cancelled():
+        task.exception()
 
 
 def fits_bigint(value: int) -> bool:

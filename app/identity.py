@@ -83,8 +83,9 @@ def normalize_email(raw: str | None) -> str | None:
 
 
 def _is_text(value: str) -> bool:
-    """False for a string holding a lone surrogate: JSON's escapes allow one ("\\ud800"),
-    but it is no character, and nothing can encode it (a keyed hash of it raised)."""
+    """False for a string holding a lone surrogate."""
+    # JSON's escapes allow one ("\\ud800"), but it is no character, and nothing can
+    # encode it: a keyed hash of it raised.
     try:
         value.encode()
     except UnicodeEncodeError:

@@ -9,6 +9,7 @@ no-op that says so. Payloads are encrypted, bound to their portal and event.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -233,7 +234,9 @@ class InboxWriter:
         answer: asyncio.Future[Enqueued] = asyncio.get_running_loop().create_future()
         self._queue.append(_Waiting(event, status, answer))
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_queued())
+            # A context of its own: it writes every portal's events, and the request that
+            # happened to start it would lend its request id and portal id to its logs.
+            self._writer = asyncio.create_task(self._write_queued(), context=contextvars.Context())
         return await answer
 
     async def _write_queued(self) -> None:

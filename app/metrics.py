@@ -54,12 +54,19 @@ HUBSPOT_RATE_LIMITED = Counter("hubline_hubspot_rate_limited", "429 answers from
 TOKEN_REFRESHES = Counter(
     "hubline_token_refreshes", "Token refresh attempts, by outcome.", ["outcome"]
 )
-# Every outcome is exported from the start, at 0: a series that first appears at 1 has
-# no earlier value to rise from, and an alert on its increase misses the first failure.
-for _outcome in ("done", "skipped", *Action):
-    EVENTS_HANDLED.labels(outcome=str(_outcome))
-for _outcome in ("success", "rejected", "refused", "unavailable"):
-    TOKEN_REFRESHES.labels(outcome=_outcome)
+
+
+def _export_every_outcome() -> None:
+    """Export every outcome from the start, at 0."""
+    # A series that first appears at 1 has no earlier value to rise from: an alert on its
+    # increase would miss the first failure.
+    for outcome in ("done", "skipped", *Action):
+        EVENTS_HANDLED.labels(outcome=str(outcome))
+    for outcome in ("success", "rejected", "refused", "unavailable"):
+        TOKEN_REFRESHES.labels(outcome=outcome)
+
+
+_export_every_outcome()
 INBOX_EVENTS = Gauge("hubline_inbox_events", "Inbox events by status.", ["status"])
 OLDEST_PENDING = Gauge(
     "hubline_oldest_pending_event_age_seconds", "Age of the oldest pending event (0 when none)."

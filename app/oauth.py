@@ -56,10 +56,6 @@ def _hash(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-def _secure(resources: Services) -> bool:
-    return resources.settings.public_url.startswith("https://")
-
-
 async def landing(request: Request) -> Response:
     """The landing page: install, or manage an existing installation (the same flow)."""
     install = install_url(services(request).settings)
@@ -95,7 +91,7 @@ async def install(request: Request) -> Response:
         state=state, code_verifier=verifier
     )
     response = RedirectResponse(url, status_code=302, headers=NO_STORE)
-    secure = _secure(resources)
+    secure = settings.served_over_https
     response.set_cookie(
         cookie_name(settings, STATE_COOKIE),
         browser,

@@ -34,6 +34,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationError,
 )
 from pydantic_core import PydanticCustomError
@@ -77,19 +78,19 @@ def _not_a_bool(value: Any) -> Any:
 _Number = Annotated[float, BeforeValidator(_not_a_bool)]
 
 
-def _printable(value: str) -> str:
+def _no_control_characters(value: str) -> str:
     # A campaign id is kept as text outside the encrypted payload (the campaign's state)
-    # and names a HubSpot marketing event: PostgreSQL's text refuses a NUL, and nothing
-    # can encode a lone surrogate ("\ud800" is valid JSON), so either would fail the
-    # stored event at every attempt.
-    if any(unicodedata.category(char) in ("Cc", "Cs") for char in value):
-        raise PydanticCustomError(
-            "control_characters", "must not contain control characters or lone surrogates"
-        )
+    # and names a HubSpot marketing event: PostgreSQL's text refuses a NUL, which would
+    # fail the stored event at every attempt. (Lone surrogates pydantic refuses itself.)
+    if any(unicodedata.category(char) == "Cc" for char in value):
+        raise PydanticCustomError("control_characters", "must not contain control characters")
     return value
 
 
-_Identifier = Annotated[str, AfterValidator(_printable)]
+# The length first: the characters of a value past it are not looked at.
+_Identifier = Annotated[
+    str, StringConstraints(max_length=256), AfterValidator(_no_control_characters)
+]
 
 
 def is_https_address(value: str) -> bool:
@@ -118,7 +119,7 @@ class _Input(BaseModel):
     appointment_booked: bool | None = None
     lead_score: _Number | None = Field(default=None, allow_inf_nan=False)
     follow_up_required: bool | None = None
-    campaign_id: _Identifier | None = _Text
+    campaign_id: _Identifier | None = None
     recording_url: str | None = Field(default=None, max_length=2048)
 
 

@@ -26,6 +26,12 @@ SQLITE_DEFAULT_URL = "sqlite+aiosqlite:///./hubline.db"
 MIN_ADMIN_TOKEN_LENGTH = 16
 
 
+def region_code(text: str) -> str:
+    """A phone region as typed, in the upper case of its code (ASCII only: "ß" is "SS")."""
+    text = text.strip()
+    return text.upper() if text.isascii() else text
+
+
 class DatabaseSettings(BaseSettings):
     """The one setting `hubline migrate` needs: a deploy's migration job holds no secrets."""
 
@@ -87,7 +93,7 @@ class Settings(DatabaseSettings):
     parked_retention_days: int = Field(default=30, ge=1, le=3_650)
     secret_rotation_grace_hours: float = Field(default=24, ge=0, le=8_760)
     # Above the worker's 20 s for in-flight batches, with room for the web app to close.
-    shutdown_timeout_seconds: float = Field(default=45, gt=0, le=3_600)
+    shutdown_timeout_seconds: float = Field(default=30, gt=0, le=3_600)
     default_phone_region: str = "US"
     lead_source_label: str = Field(default="AI Receptionist", min_length=1, max_length=100)
 
@@ -149,7 +155,7 @@ class Settings(DatabaseSettings):
     @field_validator("default_phone_region")
     @classmethod
     def _known_region(cls, value: str) -> str:
-        region = value.strip().upper() if value.isascii() else value  # "ß".upper() is "SS"
+        region = region_code(value)
         if region not in phonenumbers.SUPPORTED_REGIONS:
             raise ValueError(f"{value!r} is not a phone region code such as US or GB")
         return region
@@ -167,6 +173,11 @@ class Settings(DatabaseSettings):
     @property
     def redirect_uri(self) -> str:
         return f"{self.public_url}/oauth/callback"
+
+    @property
+    def served_over_https(self) -> bool:
+        """From PUBLIC_URL, not a request: behind a TLS-terminating proxy one arrives as http."""
+        return self.public_url.startswith("https://")
 
     @property
     def required_scopes(self) -> list[str]:

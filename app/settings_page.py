@@ -47,7 +47,7 @@ from app.main import Services, services
 from app.models import EventSource, EventStatus, InboxEvent, Portal, PortalStatus, utcnow
 from app.portals import current_secret, list_problems, rotate_secret
 from app.receptionist import PING
-from app.settings import Settings
+from app.settings import Settings, region_code
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def cookie_name(settings: Settings, name: str) -> str:
     someone else approved for their own account: a receptionist set up from that page
     would send its callers to their CRM.
     """
-    return f"__Host-{name}" if settings.public_url.startswith("https://") else name
+    return f"__Host-{name}" if settings.served_over_https else name
 
 
 def sign_portal_session(resources: Services, portal_id: int, install_generation: int) -> str:
@@ -115,7 +115,7 @@ def set_session_cookie(response: Response, resources: Services, value: str) -> N
         value,
         max_age=int(SESSION_LIFETIME.total_seconds()),
         path="/",
-        secure=resources.settings.public_url.startswith("https://"),
+        secure=resources.settings.served_over_https,
         httponly=True,
         samesite="lax",
     )
@@ -432,9 +432,7 @@ async def set_region(request: Request) -> Response:
     if isinstance(session, Response):
         return session
     resources = services(request)
-    given = str((await request.form()).get("region", "")).strip()
-    # ASCII first: "ß".upper() is "SS", South Sudan.
-    chosen = given.upper() if given.isascii() else given
+    chosen = region_code(str((await request.form()).get("region", "")))
     if chosen and chosen not in phonenumbers.SUPPORTED_REGIONS:
         return await render_settings(
             request,
@@ -563,7 +561,8 @@ async def client_gone(request: Request, _exc: Exception) -> Response:
     """The client went away before sending the whole body: nothing was read, nothing done.
 
     Not a fault here (it was a 500 with a traceback): a 400, which no one receives, so
-    that the request's log line says what happened."""
+    that the request's log line says what happened.
+    """
     log.info(
         "%s %s: the client disconnected before its body ended", request.method, request.url.path
     )

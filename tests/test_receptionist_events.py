@@ -23,6 +23,7 @@ from app.receptionist import (
 from tests.webhook_support import call_event
 
 RECEIVED = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
+ADA_PHONE = "+14155550100"
 
 
 def parse(data: Any, *, webhook_id: str | None = None, region: str = "US") -> ReceptionistEvent:
@@ -148,6 +149,29 @@ def test_a_campaign_id_with_a_control_character_or_lone_surrogate_is_refused(
     found = problems(call_event(campaign_id=campaign))
     assert [problem["field"] for problem in found] == ["campaign_id"]
     assert parse(call_event(campaign_id="spring ads — 2026")).campaign_id == "spring ads — 2026"
+    # Past its length, a campaign id is refused as any text field is.
+    [too_long] = problems(call_event(campaign_id="x" * 257))
+    assert too_long == {
+        "field": "campaign_id",
+        "message": "String should have at most 256 characters",
+    }
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        (call_event(id="evt\ud800"), "id"),
+        (call_event(summary="call back\ud800"), "summary"),
+        (call_event(outcome="Booked\ud800"), "outcome"),
+        (call_event(transcript="hello\udfff"), "transcript"),
+        (call_event(caller={"phone": ADA_PHONE, "name": "Ada\ud800"}), "caller.name"),
+        ({"call_id": "c1", "caller_phone": ADA_PHONE, "call_summary": "x\ud800"}, "call_summary"),
+    ],
+)
+def test_a_lone_surrogate_in_any_text_is_a_field_problem(data: Any, field: str) -> None:
+    """Valid JSON ("\\ud800") but no character: nothing can encode it, in the event's keyed
+    hash or in the JSON sent to HubSpot (pydantic refuses it from 2.14 on, pyproject.toml)."""
+    assert [problem["field"] for problem in problems(data)] == [field]
 
 
 def test_field_errors_name_each_bad_field() -> None:
