@@ -27,6 +27,7 @@ from typing import Any
 
 import phonenumbers
 import sqlalchemy as sa
+from phonenumbers import Leniency
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -54,7 +55,19 @@ def normalize_phone(raw: str | None, region: str) -> str | None:
         # 00 is the international prefix of most of the world, though not of the region
         # (the US dials 011): "0044 20 7946 0958" is a London number from anywhere.
         found = _possible("+" + raw.lstrip()[2:], region)
+    if found is None:
+        # A number typed with a word beside it ("+1 415 555 0100 (cell)", "… / office"):
+        # parsed whole, the words read as a vanity number's letters, too long to dial.
+        # HubSpot's search finds such a contact by its digits; unread here, the caller
+        # was taken for someone new and the contact made twice.
+        found = _number_within(raw, region)
     return found
+
+
+def _number_within(text: str, region: str) -> str | None:
+    for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=Leniency.POSSIBLE):
+        return _dialable(match.number)  # the first: a second is rarely the caller's
+    return None
 
 
 def _possible(raw: str, region: str) -> str | None:
@@ -62,6 +75,10 @@ def _possible(raw: str, region: str) -> str | None:
         number = phonenumbers.parse(raw, region)
     except phonenumbers.NumberParseException:
         return None
+    return _dialable(number)
+
+
+def _dialable(number: phonenumbers.PhoneNumber) -> str | None:
     # "Possible" rather than "valid": valid depends on numbering-plan metadata that lags
     # behind new area codes, and refusing a real caller's number is worse than a cache
     # miss. Not "possible only locally": seven digits without an area code dial nobody.
@@ -336,7 +353,8 @@ async def set_many(
             "removed_at": None,
         },
     )
-    await (await session.connection()).execute(statement, rows)
+    if rows:  # none when no contact has a value left (an empty parameter list is no insert)
+        await (await session.connection()).execute(statement, rows)
     # Each contact keeps only what was just written for it; a value written for a later
     # contact already points there, so one statement drops every contact's other entries.
     kept = {

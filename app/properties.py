@@ -169,9 +169,11 @@ def snake_case(label: str) -> str:
     # Accents folded: "Réservé" → "reserve".
     plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
     value = re.sub(r"[^0-9a-z]+", "_", plain).strip("_")[:100].rstrip("_")
-    if any(char.isalnum() and not char.isascii() for char in plain):
-        # Letters of other alphabets ("留守番電話", "Перезвонить 2") cannot be in a value: a
-        # digest of the label keeps such outcomes apart, and the option's label shows them.
+    if not value or any(char.isalnum() and not char.isascii() for char in plain):
+        # Letters of other alphabets ("留守番電話", "Перезвонить 2") cannot be in a value,
+        # and a label of signs alone ("???", "😀") leaves none (HubSpot reads an empty
+        # value as "clear the property"): a digest of the label keeps such outcomes apart,
+        # and the option's label shows them.
         digest = hashlib.sha256(text.encode()).hexdigest()[:12]
         value = f"{value[:80].rstrip('_')}_{digest}" if value else f"outcome_{digest}"
     return value

@@ -50,6 +50,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import phonenumbers
@@ -180,7 +181,12 @@ def phone_search_digits(e164: str) -> list[str]:
 
 
 def number_text(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+    """Digits as a person writes them, never an exponent: repr(1e-07) is "1e-07", which
+    HubSpot's documentation does not say its number properties take."""
+    number = float(value)
+    if number.is_integer():
+        return str(int(number))
+    return format(Decimal(repr(number)), "f")  # the shortest digits that read back as it
 
 
 def _clip(text: str, room: int) -> str:

@@ -28,6 +28,16 @@ T0 = datetime(2026, 3, 1, tzinfo=UTC)
         ("", "US", None),
         (None, "US", None),
         ("1" * 200, "US", None),
+        # A word beside the number, as people type one into a contact: read as a vanity
+        # number's letters it was too long to dial, and the contact was made twice.
+        ("+1 415 555 0100 (cell)", "US", "+14155550100"),
+        ("415 555 0100 / office", "US", "+14155550100"),
+        ("+1 415 555 0100 mobile", "US", "+14155550100"),
+        ("+44 20 7946 0018 (home)", "US", "+442079460018"),
+        ("1-800-FLOWERS", "US", "+18003569377"),  # a vanity number stays one
+        # Seven digits dial nobody, a word beside them or not.
+        ("555 0100 (cell)", "US", None),
+        ("order 12345", "US", None),
     ],
 )
 def test_normalize_phone(raw: str | None, region: str, expected: str | None) -> None:
@@ -173,6 +183,20 @@ async def test_a_value_moves_to_the_contact_that_has_it_now(
             )
     assert await _lookup(sessions, cipher, "phone", "+14155550100") == "2"
     assert len(await identity_rows(sessions)) == 1
+
+
+async def test_contacts_left_with_no_value_lose_their_entries_and_write_none(
+    sessions: SessionFactory, cipher: TokenCipher
+) -> None:
+    """With no value left to write, the insert had no rows: an INSERT of no parameter
+    sets, which SQLite refused ("near ON") and failed the batch."""
+    async with transaction(sessions) as session:
+        await identity.set_many(
+            PORTAL, {"1": (["+14155550100"], [])}, session=session, cipher=cipher, as_of=T0
+        )
+    async with transaction(sessions) as session:
+        await identity.set_many(PORTAL, {"1": ([], [])}, session=session, cipher=cipher, as_of=T0)
+    assert await identity_rows(sessions) == []
 
 
 async def test_a_restored_contact_is_found_again(

@@ -212,3 +212,10 @@ def test_outcome_values_fold_accents_and_keep_other_scripts_apart() -> None:
     # Whatever survives folding, labels that lost letters to it stay apart.
     assert snake_case("Перезвонить 2") != snake_case("Отмена 2")
     assert snake_case(unicodedata.normalize("NFD", "ガイド")) == snake_case("ガイド")
+
+
+def test_an_outcome_of_signs_alone_gets_a_value_of_its_own() -> None:
+    """It got "", which HubSpot reads as clearing the contact's outcome."""
+    values = {label: snake_case(label) for label in ("???", "!!!", "😀", "—")}
+    assert all(value.startswith("outcome_") for value in values.values())
+    assert len(set(values.values())) == len(values)

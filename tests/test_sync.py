@@ -195,6 +195,25 @@ async def test_a_phone_a_person_typed_in_national_format_is_matched_and_left_as_
     }
 
 
+async def test_a_phone_typed_with_a_word_beside_it_is_matched_not_made_twice(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    """HubSpot's search finds the contact by its digits; Hubline then read its phone as
+    no number, took the caller for someone new, and (indexing nothing) failed the batch's
+    first attempt."""
+    portal = await install_portal(1001)
+    saved = person_contact(sandbox, 1001, firstname="Augusta", phone="+1 415 555 0100 (cell)")
+    await post_event(client, portal, call(caller={"name": "Ada", "phone": "(415) 555-0100"}))
+    await drain(services)
+
+    assert sandbox.contacts(1001) == [saved]
+    [logged] = sandbox.calls(1001)
+    assert sandbox.portal(1001).associated("calls", logged.id, "contacts") == [saved.id]
+    assert saved.properties["phone"] == "+1 415 555 0100 (cell)"  # as the person typed it
+    [event] = await inbox_events(services)
+    assert (event.status, event.attempts) == (EventStatus.done, 1)
+
+
 async def test_a_person_set_firstname_is_kept_while_ai_properties_update(
     client: Any, install_portal: Any, services: Any, sandbox: Any
 ) -> None:

@@ -9,11 +9,19 @@ from app.hubspot.times import millis, moment, stamp
 from app.sync import (
     MAX_TEXT,
     engagement_body,
+    number_text,
     phone_search_digits,
     property_errors,
     reason_of,
     split_name,
 )
+
+
+def test_numbers_are_written_in_digits_never_with_an_exponent() -> None:
+    assert number_text(1e-07) == "0.0000001"  # repr() wrote "1e-07"
+    assert number_text(97.5) == "97.5"
+    assert number_text(100.0) == "100"
+    assert number_text(0.1) == "0.1"  # the shortest digits, not 0.1000000000000000055…
 
 
 def test_the_last_word_is_the_last_name() -> None:
