@@ -24,10 +24,11 @@ from app.console import (
     retry_failed,
     rotate_portal_secret,
 )
-from app.db import fits_bigint, parse_id
+from app.db import fits_bigint
 from app.errors import HubSpotNotReached
 from app.lifecycle import disconnect, portal_summaries
 from app.main import Services, services
+from app.middleware import portal_of_path
 from app.models import utcnow
 from app.properties import request_provisioning
 
@@ -133,7 +134,7 @@ async def api_portal(request: Request) -> Response:
     denial = await admin_denial(request)
     if denial is not None:
         return denial
-    portal_id = parse_id(request.path_params["portal_id"])
+    portal_id = portal_of_path(request)
     detail = await portal_detail(services(request), portal_id) if portal_id is not None else None
     if detail is None:
         return _no_portal(request.path_params["portal_id"])
@@ -174,7 +175,7 @@ async def api_portal_action(request: Request) -> Response:
     if denial is not None:
         return denial
     resources = services(request)
-    portal_id = parse_id(request.path_params["portal_id"])
+    portal_id = portal_of_path(request)
     action = request.path_params["action"]
     if action not in ACTIONS:
         return _answer({"error": "not_found", "detail": f"no action {action[:40]!r}"}, 404)
@@ -245,7 +246,7 @@ async def api_unknown(request: Request) -> Response:
 
 routes: list[BaseRoute] = [
     Route("/admin/api/portals", api_portals, methods=["GET"]),
-    # Ids are read by `parse_id`, not the `int` convertor: its int() raised on an id of
+    # Ids are read by `portal_of_path`, not the `int` convertor: its int() raised on an id of
     # 4,300 digits, a 500 before any check (the receptionist route reads them so too).
     Route("/admin/api/portals/{portal_id}", api_portal, methods=["GET"]),
     Route("/admin/api/portals/{portal_id}/{action}", api_portal_action, methods=["POST"]),

@@ -34,6 +34,7 @@ from app.db import parse_id, transaction
 from app.errors import HubSpotNotReached
 from app.inbox import retry_events
 from app.main import Services, services
+from app.middleware import portal_of_path
 from app.models import (
     AppState,
     EngagementRecord,
@@ -541,7 +542,7 @@ async def _portal_page(
     status_code: int = 200,
 ) -> Response:
     resources = services(request)
-    portal_id = parse_id(request.path_params["portal_id"])
+    portal_id = portal_of_path(request)
     rows = await portal_rows(resources, portal_id=portal_id) if portal_id is not None else []
     if portal_id is None or not rows:
         return Response("No such portal.", status_code=404)
@@ -574,7 +575,7 @@ async def portal_action(request: Request) -> Response:
     if isinstance(session, Response):
         return session
     resources = services(request)
-    portal_id = parse_id(request.path_params["portal_id"])
+    portal_id = portal_of_path(request)
     action = request.path_params["action"]
     form = await request.form()
     if portal_id is None:
@@ -626,7 +627,7 @@ routes: list[BaseRoute] = [
     Route("/admin", console_home, methods=["GET"]),
     Route("/admin/login", login, methods=["POST"]),
     Route("/admin/logout", logout, methods=["POST"]),
-    # Read by `parse_id` (see app/admin.py's routes).
+    # Read by `portal_of_path` (see app/admin.py's routes).
     Route("/admin/portals/{portal_id}", console_portal, methods=["GET"]),
     Route("/admin/portals/{portal_id}/{action}", portal_action, methods=["POST"]),
 ]

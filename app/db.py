@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -205,11 +206,20 @@ def alembic_config(
     return config
 
 
-def head_revision() -> str:
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+@functools.cache
+def _shipped_revisions() -> tuple[str, frozenset[str]]:
+    """This code's head revision and all its revisions."""
+    # Read once: they ship with the code, and reading them takes milliseconds, which
+    # /readyz would spend on every probe.
+    script = ScriptDirectory.from_config(alembic_config())
+    head = script.get_current_head()
     if head is None:
         raise RuntimeError("no migrations found")
-    return head
+    return head, frozenset(rev.revision for rev in script.walk_revisions())
+
+
+def head_revision() -> str:
+    return _shipped_revisions()[0]
 
 
 # Tables every Hubline schema has had: a revision this code lacks counts as a newer
@@ -295,10 +305,7 @@ async def schema_revision(engine: AsyncEngine) -> str | None:
 
 def schema_is_ahead(current: str | None) -> bool:
     """True when the database was migrated by newer code (a revision this code lacks)."""
-    if current is None:
-        return False
-    script = ScriptDirectory.from_config(alembic_config())
-    return current not in {rev.revision for rev in script.walk_revisions()}
+    return current is not None and current not in _shipped_revisions()[1]
 
 
 def schema_is_behind(current: str | None) -> bool:

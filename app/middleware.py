@@ -8,10 +8,11 @@ import time
 import uuid
 
 from starlette.datastructures import MutableHeaders
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db import parse_id
-from app.logs import request_id_var
+from app.logs import portal_id_var, request_id_var
 
 log = logging.getLogger("app.requests")
 
@@ -40,6 +41,9 @@ class RequestContextMiddleware:
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _ACCEPTABLE_ID.match(incoming) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
+        # Set by the route that reads a portal id from its path (`portal_of_path`); kept
+        # until the request's own log line is written, then reset with the request id.
+        portal_token = portal_id_var.set(None)
         started = time.perf_counter()
         status = 500
 
@@ -55,13 +59,20 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            details: dict[str, object] = {
-                "duration_ms": round((time.perf_counter() - started) * 1000, 1)
-            }
-            # Routing has put the path's portal id here, where the route names one.
-            portal_id = parse_id(str(scope.get("path_params", {}).get("portal_id", "")))
-            if portal_id is not None:
-                details["portal_id"] = portal_id
             # The path only: query strings carry OAuth codes and states.
-            log.info("%s %s %d", scope["method"], scope["path"], status, extra=details)
+            log.info(
+                "%s %s %d",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={"duration_ms": round((time.perf_counter() - started) * 1000, 1)},
+            )
+            portal_id_var.reset(portal_token)
             request_id_var.reset(token)
+
+
+def portal_of_path(request: Request) -> int | None:
+    """The portal id the route's path names (None for none), on every log line of the request."""
+    portal_id = parse_id(request.path_params["portal_id"])
+    portal_id_var.set(portal_id)
+    return portal_id

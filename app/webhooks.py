@@ -26,12 +26,12 @@ from starlette.routing import BaseRoute, Route
 
 from app.contacts import CONTACT_EVENT_TYPES
 from app.crypto import TokenCipher
-from app.db import DATABASE_ERRORS, fits_bigint, parse_id, transaction
+from app.db import DATABASE_ERRORS, fits_bigint, transaction
 from app.errors import EventRejected
 from app.inbox import NewEvent, enqueue
-from app.logs import portal_id_var
 from app.main import Services, services
 from app.metrics import counted
+from app.middleware import portal_of_path
 from app.models import PRIVACY_DELETION, EventSource, EventStatus, Portal, PortalStatus, utcnow
 from app.portals import KnownPortal
 from app.receptionist import parse_event
@@ -336,7 +336,7 @@ async def receptionist_webhook(request: Request) -> Response:
     except BodyTooLarge:
         return _too_large()
     # A portal id is a BIGINT: anything else names no portal (and never reaches the database).
-    portal_id = parse_id(request.path_params["portal_id"])
+    portal_id = portal_of_path(request)
     if portal_id is None:
         return error_response(404, "unknown_portal", None)
     try:
@@ -403,24 +403,11 @@ async def receptionist_webhook(request: Request) -> Response:
     return JSONResponse(answer, status_code=202 if enqueued.created else 200)
 
 
-def in_portal_context(endpoint: Endpoint) -> Endpoint:
-    """Every log line the endpoint writes carries the portal id its path names."""
-
-    async def endpoint_for_portal(request: Request) -> Response:
-        token = portal_id_var.set(parse_id(request.path_params["portal_id"]))
-        try:
-            return await endpoint(request)
-        finally:
-            portal_id_var.reset(token)
-
-    return endpoint_for_portal
-
-
 routes: list[BaseRoute] = [
     Route("/webhooks/hubspot", counted("hubspot", hubspot_endpoint()), methods=["POST"]),
     Route(
         "/webhooks/portals/{portal_id}/receptionist",
-        in_portal_context(counted("receptionist", receptionist_webhook)),
+        counted("receptionist", receptionist_webhook),
         methods=["POST"],
     ),
 ]

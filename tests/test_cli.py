@@ -52,6 +52,16 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), **extra}
 
 
+def app_env(**extra: str) -> dict[str, str]:
+    """`clean_env` with what every Hubline process needs: the app's credentials and key."""
+    return clean_env(
+        HUBSPOT_CLIENT_ID=TEST_CLIENT_ID,
+        HUBSPOT_CLIENT_SECRET=TEST_CLIENT_SECRET,
+        TOKEN_ENCRYPTION_KEYS=TEST_KEY,
+        **extra,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -105,12 +115,7 @@ def test_serve_never_prints_a_secret_in_its_error(tmp_path: Path) -> None:
 async def test_serve_with_keys_that_cannot_read_what_is_stored_refuses_with_one_line(
     tmp_path: Path,
 ) -> None:
-    env = clean_env(
-        HUBSPOT_CLIENT_ID=TEST_CLIENT_ID,
-        HUBSPOT_CLIENT_SECRET=TEST_CLIENT_SECRET,
-        TOKEN_ENCRYPTION_KEYS=TEST_KEY,
-        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'hubline.db'}",
-    )
+    env = app_env(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'hubline.db'}")
     resources = await open_services(load_settings(env, env_file=None))
     try:
         await add_portal(resources.sessions, resources.cipher, 1001)
@@ -136,12 +141,7 @@ async def test_serve_with_keys_that_cannot_read_what_is_stored_refuses_with_one_
 @pytest.mark.slow
 async def test_serve_on_a_fresh_directory_answers_health_and_readiness(tmp_path: Path) -> None:
     port = free_port()
-    env = clean_env(
-        HUBSPOT_CLIENT_ID=TEST_CLIENT_ID,
-        HUBSPOT_CLIENT_SECRET=TEST_CLIENT_SECRET,
-        TOKEN_ENCRYPTION_KEYS=TEST_KEY,
-        JOURNAL_POLL_SECONDS="0",
-    )
+    env = app_env(JOURNAL_POLL_SECONDS="0")
     process = subprocess.Popen(
         [sys.executable, "-m", "app", "serve", "--port", str(port)],
         env=env,
@@ -179,13 +179,7 @@ async def test_a_stop_that_outlasts_shutdown_timeout_ends_the_process_saying_why
     holds SQLite's write lock, for up to its 30 s busy timeout; a frozen PostgreSQL server
     holds it for as long as TCP does): past SHUTDOWN_TIMEOUT_SECONDS the process ends."""
     port = free_port()
-    env = clean_env(
-        HUBSPOT_CLIENT_ID=TEST_CLIENT_ID,
-        HUBSPOT_CLIENT_SECRET=TEST_CLIENT_SECRET,
-        TOKEN_ENCRYPTION_KEYS=TEST_KEY,
-        JOURNAL_POLL_SECONDS="0",
-        SHUTDOWN_TIMEOUT_SECONDS="2",
-    )
+    env = app_env(JOURNAL_POLL_SECONDS="0", SHUTDOWN_TIMEOUT_SECONDS="2")
     args = ["serve", "--port", str(port), "--no-worker"] if command == "serve" else ["worker"]
     log_path = tmp_path / "process.log"
     with log_path.open("wb") as log_file:
@@ -365,12 +359,7 @@ def test_migrate_does_not_wait_for_a_database_that_refuses_it(
 
 
 def _database_env(database_url: str) -> dict[str, str]:
-    return clean_env(
-        HUBSPOT_CLIENT_ID=TEST_CLIENT_ID,
-        HUBSPOT_CLIENT_SECRET=TEST_CLIENT_SECRET,
-        TOKEN_ENCRYPTION_KEYS=TEST_KEY,
-        DATABASE_URL=database_url,
-    )
+    return app_env(DATABASE_URL=database_url)
 
 
 def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
@@ -481,12 +470,7 @@ def test_a_port_out_of_range_is_a_usage_error_not_another_port(tmp_path: Path) -
 def test_a_busy_port_is_one_line_and_exit_1_before_anything_starts(tmp_path: Path) -> None:
     # uvicorn found the port busy only after the app and its worker had started, logged
     # its own lines, and exited 3 (which the README keeps for unreadable secrets).
-    env = clean_env(
-        HUBSPOT_CLIENT_ID=TEST_CLIENT_ID,
-        HUBSPOT_CLIENT_SECRET=TEST_CLIENT_SECRET,
-        TOKEN_ENCRYPTION_KEYS=TEST_KEY,
-        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'hubline.db'}",
-    )
+    env = app_env(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'hubline.db'}")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
