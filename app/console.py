@@ -329,19 +329,6 @@ async def portal_rows(
                 )
             ).all()
         )
-        last_sync = dict(
-            (
-                await session.execute(
-                    sa.select(col(InboxEvent.portal_id), sa.func.max(col(InboxEvent.finished_at)))
-                    .where(
-                        col(InboxEvent.portal_id).in_(ids),
-                        col(InboxEvent.status) == EventStatus.done,
-                        col(InboxEvent.source) == EventSource.receptionist,
-                    )
-                    .group_by(col(InboxEvent.portal_id))
-                )
-            ).all()
-        )
         pending = {
             portal_id: (count, oldest)
             for portal_id, count, oldest in (
@@ -399,7 +386,7 @@ async def portal_rows(
             {
                 "portal": portal,
                 "token_expires_at": expiry.get(portal.portal_id),
-                "last_sync": last_sync.get(portal.portal_id),
+                "last_sync": portal.last_synced_at,
                 "pending": backlog,
                 "failed_24h": failed.get(portal.portal_id, 0),
                 "problems": problems.get(portal.portal_id, []),

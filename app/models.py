@@ -87,6 +87,9 @@ class Portal(SQLModel, table=True):
     uninstalled_at: datetime | None = _when(nullable=True)
     created_at: datetime = _created()
     updated_at: datetime = _created()
+    # When the worker last synced one of its receptionist events: written with the batch's
+    # outcomes, so the console need not find it among every event the portal ever had.
+    last_synced_at: datetime | None = _when(nullable=True)
 
     @property
     def scope_set(self) -> frozenset[str]:

@@ -174,6 +174,7 @@ class _Record:
     writes: dict[Write, None] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)  # receipt to synced, of the done
     keep_serving: bool = True
+    synced_receptionist_events: bool = False  # the portal's last sync is now
 
 
 @dataclass
@@ -838,6 +839,14 @@ class Worker:
         async with transaction(self.services.sessions) as session:
             if not await self._hold_portal(batch.portal_id, session=session):
                 raise LeaseLost(f"portal {batch.portal_id}")
+            if record.synced_receptionist_events:
+                # Before the events are locked, as the install locks the portal before them.
+                await session.execute(
+                    sa.update(Portal)
+                    .where(col(Portal.portal_id) == batch.portal_id)
+                    .values(last_synced_at=now)
+                    .execution_options(synchronize_session=False)
+                )
             if not record.keep_serving and await _portal_is_active(
                 batch.portal_id, session=session
             ):
@@ -899,6 +908,8 @@ class Worker:
                 if outcome.write is not None:
                     record.writes.setdefault(outcome.write)
                 record.latencies.append((now - row.received_at).total_seconds())
+                if row.source == EventSource.receptionist:
+                    record.synced_receptionist_events = True
                 continue
             values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
             decision = self.retry_policy.decide(outcome, row.attempts)

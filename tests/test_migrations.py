@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import shutil
 import textwrap
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -18,6 +20,7 @@ from sqlmodel import SQLModel
 
 from app import db
 from app.crypto import TokenCipher
+from app.models import UTCDateTime
 from app.portals import record_problem
 from tests.webhook_support import add_portal
 
@@ -61,6 +64,92 @@ async def test_schema_trouble_says_what_the_database_lacks(engine: AsyncEngine) 
     async with engine.begin() as connection:
         await connection.execute(sa.text("DELETE FROM alembic_version"))
     assert "has no Hubline schema" in (await db.schema_trouble(engine) or "")
+
+
+async def test_the_migration_to_portals_last_sync_starts_it_from_their_events(
+    empty_database_url: str,
+) -> None:
+    """0005: a portal's last sync is its latest done receptionist event's finish, as the
+    console computed it before; HubSpot's events and failures are not syncs."""
+    when = datetime(2026, 3, 2, 14, 0, tzinfo=UTC)
+    portals = sa.table(
+        "portals",
+        sa.column("portal_id", sa.BigInteger),
+        sa.column("hub_domain", sa.String),
+        sa.column("status", sa.String),
+        sa.column("install_generation", sa.Integer),
+        sa.column("scopes", sa.Text),
+        *(sa.column(name, UTCDateTime()) for name in ("installed_at", "created_at", "updated_at")),
+    )
+    events = sa.table(
+        "events",
+        *(sa.column(name, sa.String) for name in ("source", "type", "idempotency_hash", "status")),
+        sa.column("portal_id", sa.BigInteger),
+        sa.column("attempts", sa.Integer),
+        *(
+            sa.column(name, UTCDateTime())
+            for name in ("occurred_at", "received_at", "run_after", "finished_at")
+        ),
+    )
+
+    def event(portal_id: int, source: str, status: str, minutes: int) -> dict[str, Any]:
+        finished = when + timedelta(minutes=minutes)
+        return {
+            "portal_id": portal_id,
+            "source": source,
+            "type": "call.completed",
+            "idempotency_hash": f"{portal_id}-{source}-{minutes}",
+            "status": status,
+            "attempts": 1,
+            "occurred_at": when,
+            "received_at": when,
+            "run_after": when,
+            "finished_at": finished,
+        }
+
+    engine = db.create_engine(empty_database_url)
+    try:
+        await db.migrate(engine, "0004")
+        async with engine.begin() as connection:
+            await connection.execute(
+                portals.insert(),
+                [
+                    {
+                        "portal_id": portal_id,
+                        "hub_domain": "",
+                        "status": "active",
+                        "install_generation": 1,
+                        "scopes": "",
+                        "installed_at": when,
+                        "created_at": when,
+                        "updated_at": when,
+                    }
+                    for portal_id in (1001, 1002, 1003)
+                ],
+            )
+            await connection.execute(
+                events.insert(),
+                [
+                    event(1001, "receptionist", "done", 5),
+                    event(1001, "receptionist", "done", 9),
+                    event(1001, "receptionist", "failed", 30),
+                    event(1001, "hubspot", "done", 40),
+                    event(1002, "hubspot", "done", 50),
+                ],
+            )
+
+        assert await db.migrate(engine) == "0004"
+
+        async with engine.connect() as connection:
+            synced = sa.table(
+                "portals",
+                sa.column("portal_id", sa.BigInteger),
+                sa.column("last_synced_at", UTCDateTime()),
+            )
+            found = dict((await connection.execute(sa.select(synced))).all())
+        assert found == {1001: when + timedelta(minutes=9), 1002: None, 1003: None}
+    finally:
+        await engine.dispose()
 
 
 def with_probe_migration(tmp_path: Path, upgrade: str) -> Path:

@@ -34,12 +34,13 @@ from app.inbox import (
     unpark_portal_events,
 )
 from app.main import Services, close_services, open_services
-from app.models import EventSource, EventStatus, InboxEvent, PortalLease, utcnow
+from app.models import EventSource, EventStatus, InboxEvent, Portal, PortalLease, utcnow
 from app.retry import RetryPolicy
 from app.settings import Settings
 from app.worker import Worker
 from tests.conftest import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TEST_KEY
 from tests.outage import database_outage
+from tests.webhook_support import add_portal
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST_RETRIES = RetryPolicy(base_seconds=0.01, cap_seconds=0.05, max_attempts=3, outage_attempts=3)
@@ -134,6 +135,43 @@ async def test_a_slow_portal_does_not_delay_another(core: Services) -> None:
     finally:
         worker.stop()
         await running
+
+
+async def test_a_portals_last_sync_is_when_one_of_its_receptionist_events_last_synced(
+    core: Services,
+) -> None:
+    """The console reads it from the portal: written with the batch's outcomes, for
+    receptionist events done, not for HubSpot's or for failures."""
+    await add_portal(core.sessions, core.cipher, 1001)
+    registry = Registry()
+
+    @registry.handler("test.work")
+    async def work(_context: HandlerContext, events: list[EventView]) -> dict[int, Any]:
+        return {e.id: PermanentError("refused") for e in events if e.payload["minute"] >= 100}
+
+    async def last_synced() -> datetime | None:
+        async with core.sessions() as session:
+            portal = await session.get(Portal, 1001, populate_existing=True)
+            assert portal is not None
+            return portal.last_synced_at
+
+    worker = Worker(core, registry=registry, poll_seconds=0.01, retry_policy=FAST_RETRIES)
+    await add_events(core, 1001, 2, source=EventSource.hubspot)
+    await add_events(core, 1001, 2, start=100, source=EventSource.receptionist)
+    await worker.drain(timeout=20)
+    assert {e.status for e in (await statuses(core)).values()} == {
+        EventStatus.done,
+        EventStatus.failed,
+    }
+    assert await last_synced() is None
+
+    before = utcnow()
+    await add_events(core, 1001, 2, start=10, source=EventSource.receptionist)
+    await worker.drain(timeout=20)
+    after = utcnow()
+    synced = await last_synced()
+    assert synced is not None
+    assert before <= synced <= after
 
 
 async def test_a_handler_that_always_fails_ends_failed_with_its_last_error(core: Services) -> None:
