@@ -628,6 +628,34 @@ async def ensure_lead_source_option(
     return LEAD_SOURCE_VALUE in use.options
 
 
+async def recheck_type(
+    services: Services, client: HubSpotClient, state: PortalProperties, name: str
+) -> bool:
+    """HubSpot refused a value Hubline built for its own property: read the property again.
+
+    Answers True when it has been changed to a type Hubline cannot write (then it is left
+    out and reported on the portal, as the property check would find it); False when it
+    can still be written, so the refusal was the record's own.
+    """
+    found = await client.get_json(f"{PROPERTIES_PATH}/{name}")
+    use = compatible_use(SPEC_BY_NAME[name], found) if isinstance(found, dict) else None
+    if use is not None:
+        state.usable[name] = use
+        return False
+    spec = SPEC_BY_NAME[name]
+    described = _describe(found) if isinstance(found, dict) else "unreadable"
+    await mark_unusable(
+        services,
+        client.portal_id,
+        state,
+        name,
+        f"The contact property {name!r} was changed to {described}; Hubline needs "
+        f"{spec.type}/{spec.field_type} and leaves it out (its value is not synced). "
+        "Change it back, or delete it for Hubline to make it again.",
+    )
+    return True
+
+
 async def mark_unusable(
     services: Services, portal_id: int, state: PortalProperties, name: str, reason: str
 ) -> None:

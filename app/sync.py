@@ -560,6 +560,7 @@ class BatchSync:
         self._repaired: set[str] = set()  # dropdowns whose options this batch repaired
         self._recreating: set[str] = set()  # deleted properties this batch tried to recreate
         self._recreated: set[str] = set()  # ... and those HubSpot created
+        self._rechecked: set[str] = set()  # properties whose type a refusal had read again
         self._indexed_created: set[str] = set()  # created contacts indexed already
         # Creates and updates go out together: adapting to the portal's properties after a
         # refusal (a deleted property, a stale option list) happens one at a time.
@@ -1214,13 +1215,31 @@ class BatchSync:
         for name in sorted(stale - self._repaired):
             self._repaired.add(name)  # once per batch
             await self._repair_options(name)
-        if not gone and not stale and not back:
+        # Any other refusal of a value Hubline built for its own property: an admin may
+        # have changed the property's type since the last check. Such a property is left
+        # out and reported, and the rest sent again, as DESIGN.md has it (the callers'
+        # data is not at fault); one still writable leaves the refusal to the record.
+        suspects = {
+            p.name
+            for p in named
+            if p.name in properties.PROPERTY_NAMES
+            and p.code != "PROPERTY_DOESNT_EXIST"
+            and p.name not in refused_options
+            and p.name not in self._rechecked
+        }
+        changed: set[str] = set()
+        for name in sorted(suspects):
+            self._rechecked.add(name)  # once per batch
+            if await properties.recheck_type(self.services, self.client, self.state, name):
+                changed.add(name)
+                self.problems.add(properties.problem_code(name))
+        if not gone and not stale and not back and not changed:
             return None
         for values in [w.body.get("properties") or {} for w in chunk] + [
             p.properties for p in self.new_contacts
         ]:
-            self._drop_unwritable(values, gone)
-        return stale | back
+            self._drop_unwritable(values, gone | changed)
+        return stale | back | frozenset(changed)
 
     async def _repair_options(self, name: str) -> None:
         """Read a dropdown's options again and add back those Hubline writes."""

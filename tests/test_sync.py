@@ -35,6 +35,7 @@ from app.models import (
     PortalProblem,
     utcnow,
 )
+from app.properties import PROPERTIES_PATH as PROPERTIES
 from app.receptionist import parse_event
 from app.retry import RetryPolicy
 from app.sandbox.config import ALL_SCOPES
@@ -608,42 +609,42 @@ async def test_a_rejected_record_fails_alone_with_its_reason_on_the_contact(
 ) -> None:
     portal = await install_portal(1001)
     await drain(services)  # provisioning
-    known = person_contact(sandbox, 1001, firstname="Kim", email="kim@example.com")
-    # Someone turned Hubline's yes/no property into a dropdown of their own: HubSpot now
-    # refuses "true" for it, record by record.
-    booked = sandbox.portal(1001).properties["contacts"]["appointment_booked"]
-    booked.type, booked.field_type, booked.options = "enumeration", "select", options("yes", "no")
-    await post_event(
-        client, portal, call(caller={"phone": "+1 415 555 0101"}, appointment_booked=None)
-    )
-    await post_event(client, portal, call(caller={"email": "kim@example.com"}))
-    await post_event(client, portal, call(caller={"phone": "+1 415 555 0102"}))
+    known = person_contact(sandbox, 1001, email="kim@example.com")
+    # HubSpot refuses a value of the record itself, as an admin's validation rule on a
+    # property would (no digits, a pattern): here `firstname` made a number, which every
+    # name fails. The name is one Hubline fills in, not a property of its own.
+    firstname = sandbox.portal(1001).properties["contacts"]["firstname"]
+    firstname.type, firstname.field_type = "number", "number"
+    nameless = {"name": None}
+    await post_event(client, portal, call(caller={"phone": "+1 415 555 0101"} | nameless))
+    await post_event(client, portal, call(caller={"email": "kim@example.com", "name": "Kim Lee"}))
+    await post_event(client, portal, call(caller={"phone": "+1 415 555 0102", "name": "Al Bo"}))
     await post_event(
         client,
         portal,
-        call(type="text.received", caller={"phone": "+1 415 555 0103"}, appointment_booked=None),
+        call(type="text.received", caller={"phone": "+1 415 555 0103"} | nameless),
     )
     await drain(services)
 
     events = await inbox_events(services)
     assert [e.status for e in events] == ["done", "failed", "failed", "done"]
     for failed in (events[1], events[2]):
-        assert failed.last_error == (
-            "HubSpot rejected the record: appointment_booked is not one of the property's options"
-        )
+        assert (failed.last_error or "").startswith("HubSpot rejected the record: firstname ")
     assert known.properties["sync_error_message"] == events[1].last_error
     assert known.properties["ai_call_summary"]  # the rest of the record synced
+    assert known.properties["lastname"] == "Lee"
     by_phone = {c.properties.get("phone"): c for c in sandbox.contacts(1001)}
     # A new caller whose data was refused is still created, with the reason.
     assert by_phone["+14155550102"].properties["sync_error_message"] == events[2].last_error
+    assert by_phone["+14155550102"].properties["lastname"] == "Bo"
     assert "sync_error_message" not in by_phone["+14155550101"].properties
     assert len(sandbox.calls(1001)) == 1
     assert len(sandbox.notes(1001)) == 1
+    # Still a property Hubline may write into as far as the portal's problems go.
+    assert await problem_codes(services, 1001) == set()
 
     # The next successful sync of that contact clears it.
-    await post_event(
-        client, portal, call(caller={"email": "kim@example.com"}, appointment_booked=None)
-    )
+    await post_event(client, portal, call(caller={"email": "kim@example.com"} | nameless))
     await drain(services)
     assert "sync_error_message" not in known.properties
 
@@ -722,6 +723,42 @@ async def test_a_deleted_property_hubspot_will_not_recreate_is_left_out_until_pr
     await post_event(client, portal, call(lead_score=33))
     await drain(services)
     assert contact.properties["ai_lead_score"] == "33"
+
+
+async def test_a_property_changed_to_a_type_hubline_cannot_write_is_left_out_and_calls_sync(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    # An admin made the lead score a dropdown: every event failed without its call until
+    # the next daily property check, though DESIGN.md says such a property is left out
+    # and everything else syncs.
+    portal = await install_portal(1001)
+    await drain(services)
+    score = sandbox.portal(1001).properties["contacts"]["ai_lead_score"]
+    score.type, score.field_type, score.options = "enumeration", "select", options("low", "high")
+
+    caller = {"phone": "+14155550100"}
+    await post_event(client, portal, call(caller=caller, lead_score=71))  # a new caller
+    await drain(services)
+    [contact] = sandbox.contacts(1001)
+    assert contact.properties["ai_call_summary"]
+    assert "ai_lead_score" not in contact.properties
+    assert "sync_error_message" not in contact.properties
+    assert len(sandbox.calls(1001)) == 1
+    assert "property:ai_lead_score" in await problem_codes(services, 1001)
+
+    # Left out from then on, without asking HubSpot again for each batch.
+    def reads() -> int:
+        return sum(1 for r in sandbox.request_log if r.path == PROPERTIES + "/ai_lead_score")
+
+    read_before = reads()
+    await post_event(client, portal, call(caller=caller, lead_score=12, summary="again"))
+    await drain(services)
+    assert contact.properties["ai_call_summary"] == "again"
+    assert "ai_lead_score" not in contact.properties
+    assert len(sandbox.calls(1001)) == 2
+    assert read_before == 1
+    assert reads() == read_before
+    assert await events_by_status(services) == {EventStatus.done: 3}
 
 
 async def problem_codes(services: Any, portal_id: int) -> set[str]:
