@@ -1265,9 +1265,19 @@ class BatchSync:
     # --- 4. engagements ---------------------------------------------------------------------
 
     async def _engagements(self) -> None:
-        todo = [i for i in self.items if i.ok and i.contact_id]
+        # An event HubSpot refused part of the contact's data for still has its call or
+        # note logged on the contact: it fails with the reason (DESIGN.md), but what the
+        # caller said is in the CRM (a refused email would keep every later call of theirs
+        # out of it otherwise). Recorded at once, so retrying the event makes it no twice.
+        todo = [i for i in self.items if i.retry is None and i.contact_id]
         if not todo:
             return
+        try:
+            await self._engagements_of(todo)
+        finally:
+            await self._record_made_for_failed()
+
+    async def _engagements_of(self, todo: list[Item]) -> None:
         async with self.services.sessions() as session:
             rows = await session.execute(
                 sa.select(EngagementRecord).where(
@@ -1284,7 +1294,7 @@ class BatchSync:
             elif record is not None:
                 item.intended_for = record.contact_id or None
                 uncertain.append((item, record.created_at))
-            elif self.notes_later and item.object_type == "notes":
+            elif self.notes_later and item.object_type == "notes" and item.ok:
                 item.note_later = True
             else:
                 create.append(item)
@@ -1432,6 +1442,14 @@ class BatchSync:
         )
         async with transaction(self.services.sessions) as session:
             await (await session.connection()).execute(statement, rows)
+
+    async def _record_made_for_failed(self) -> None:
+        """Record the engagements of failed events now: their outcome carries no write."""
+        made = [i for i in self.items if i.failure and i.retry is None and i.engagement_id]
+        if made:
+            record = _record_engagements(self.portal_id, made, self._postgres, self.services.cipher)
+            async with transaction(self.services.sessions) as session:
+                await record(session)
 
     async def _forget_intents(self, items: list[Item]) -> None:
         async with transaction(self.services.sessions) as session:

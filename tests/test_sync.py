@@ -638,15 +638,38 @@ async def test_a_rejected_record_fails_alone_with_its_reason_on_the_contact(
     assert by_phone["+14155550102"].properties["sync_error_message"] == events[2].last_error
     assert by_phone["+14155550102"].properties["lastname"] == "Bo"
     assert "sync_error_message" not in by_phone["+14155550101"].properties
-    assert len(sandbox.calls(1001)) == 1
+    # What the callers said is in the CRM all the same: each call on its contact.
+    world = sandbox.portal(1001)
+    calls_by_contact = {
+        contact.id: len(world.associated("contacts", contact.id, "calls"))
+        for contact in sandbox.contacts(1001)
+    }
+    assert calls_by_contact == {
+        known.id: 1,
+        by_phone["+14155550101"].id: 1,
+        by_phone["+14155550102"].id: 1,
+        by_phone["+14155550103"].id: 0,
+    }
+    assert len(sandbox.calls(1001)) == 3
     assert len(sandbox.notes(1001)) == 1
     # Still a property Hubline may write into as far as the portal's problems go.
     assert await problem_codes(services, 1001) == set()
 
-    # The next successful sync of that contact clears it.
-    await post_event(client, portal, call(caller={"email": "kim@example.com"} | nameless))
+    # Retried once the admin lifted the rule, the failed events fill the names in and
+    # log nothing twice.
+    firstname.type, firstname.field_type = "string", "text"
+    async with transaction(services.sessions) as session:
+        assert await retry_events(session=session, portal_id=1001) == 2
     await drain(services)
-    assert "sync_error_message" not in known.properties
+    assert [e.status for e in await inbox_events(services)] == ["done"] * 4
+    assert known.properties["firstname"] == "Kim"
+    assert by_phone["+14155550102"].properties["firstname"] == "Al"
+    assert len(sandbox.calls(1001)) == 3
+
+    # The next successful sync of a contact clears its reason.
+    await post_event(client, portal, call(caller={"phone": "+1 415 555 0102"} | nameless))
+    await drain(services)
+    assert "sync_error_message" not in by_phone["+14155550102"].properties
 
 
 async def test_a_summary_longer_than_hubspot_keeps_is_cut_not_lost(
