@@ -211,7 +211,7 @@ class _Plan:
             return Done(
                 result={"action": "erased"},
                 contact_id=contact_id,
-                write=self._erase(contact_id, same_contact),
+                write=self._erase(contact_id, same_contact, change.occurred_at),
             )
         if change.type == "contact.deletion":
             return Done(
@@ -319,10 +319,15 @@ class _Plan:
 
         return write
 
-    def _erase(self, contact_id: str, same_run: list[int]) -> Write:
+    def _erase(self, contact_id: str, same_run: list[int], deleted_at: datetime) -> Write:
         async def write(session: AsyncSession) -> None:
             purged = await erase_contact_data(
-                self.portal_id, contact_id, session=session, cipher=self.cipher, also=same_run
+                self.portal_id,
+                contact_id,
+                session=session,
+                cipher=self.cipher,
+                also=same_run,
+                deleted_at=deleted_at,
             )
             log.info("privacy deletion: erased a contact's data from %d events", purged)
 
@@ -349,14 +354,18 @@ async def erase_contact_data(
     cipher: TokenCipher,
     also: Iterable[int] = (),
     as_of: datetime | None = None,
+    deleted_at: datetime | None = None,
 ) -> int:
     """Erase a privacy-deleted contact: its index entries and every stored caller detail.
 
     Deletes the payloads of the contact's events (by `contact_id`, plus `also`), and of
     any event that concerns it: HubSpot events about it, and receptionist events whose
     caller's phone or email hashes to one the contact had. Unfinished ones among them are
-    finished as skipped, so nothing recreates the person in HubSpot. Returns how many
-    events lost their payload.
+    finished as skipped, so nothing recreates the person in HubSpot. A receptionist event
+    that happened and arrived after `deleted_at` (when HubSpot deleted the contact) is
+    the person getting in touch again, not the erased contact's data: it is left to
+    sync as a new caller's, as it would have if the deletion had been handled before it
+    arrived. Returns how many events lost their payload.
     """
     hashes = await identity.erase_contact(
         portal_id, contact_id, session=session, as_of=as_of or utcnow()
@@ -372,6 +381,14 @@ async def erase_contact_data(
     )
     for row in rows.scalars():
         assert row.id is not None
+        if (
+            deleted_at is not None
+            and row.source == EventSource.receptionist
+            and row.occurred_at > deleted_at
+            and row.received_at > deleted_at
+            and row.contact_id != contact_id
+        ):
+            continue
         try:
             payload = read_payload(row, cipher)
         except CryptoError:

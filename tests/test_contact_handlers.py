@@ -364,3 +364,36 @@ async def test_a_privacy_deletion_goes_before_an_earlier_call_still_pending(
     assert (call.status, call.payload_ct) == (EventStatus.skipped, None)
     assert portal.state.contacts(PORTAL) == []  # nobody recreated
     assert portal.state.calls(PORTAL) == []
+
+
+async def test_a_call_made_after_a_privacy_deletion_is_a_new_callers_even_waiting_with_it(
+    portal: Portal,
+) -> None:
+    """The person got in touch again after the deletion: with the worker idle that call
+    makes a new contact, and so it must when it waits in the inbox with the deletion (a
+    backlog, a stopped worker), instead of being erased as the deleted contact's."""
+    ada = await portal.create(phone=ADA_PHONE, firstname="Ada")
+    await portal.sync()
+    await portal.crm("POST", "/crm/v3/objects/contacts/gdpr-delete", {"objectId": ada})
+    deletion = portal.pending_events()
+    [deleted_at] = [
+        e["occurredAt"] for e in deletion if e["subscriptionType"] == "contact.privacyDeletion"
+    ]
+    after = datetime.fromtimestamp(deleted_at / 1000 + 60, UTC).isoformat()
+    body = dumps(call_event(id="after-deletion", occurred_at=after, caller={"phone": ADA_PHONE}))
+    response = await portal.client.post(
+        receptionist_path(PORTAL),
+        content=body,
+        headers=standard_headers(portal.installed.webhook_secret, body),
+    )
+    assert response.status_code == 202
+    assert (await post_hubspot(portal.client, TEST_CLIENT_SECRET, deletion)).status_code == 200
+
+    await Worker(portal.services).drain()
+
+    [call] = [r for r in await inbox_rows(portal.services.sessions) if r.source == "receptionist"]
+    assert call.status == EventStatus.done
+    [contact] = portal.state.contacts(PORTAL)
+    assert contact.id != ada
+    assert contact.properties["phone"] == ADA_PHONE
+    assert len(portal.state.calls(PORTAL)) == 1
