@@ -150,6 +150,9 @@ IDENTITY_FIELDS = ("firstname", "lastname", "email", "phone", "lead_source")
 # Dropdowns whose options Hubline relies on: a value of theirs refused as not an option
 # means an admin removed it since Hubline last looked, which one repair fixes.
 REPAIRABLE_OPTIONS = ("call_outcome", "lead_source")
+# The fewest digits a typed number may share with a caller's to be taken for theirs read
+# under another region (subscriber numbers have at least this many).
+MIN_NATIONAL_DIGITS = 6
 _T = TypeVar("_T")
 Key = tuple[str, str]  # (identity.PHONE | identity.EMAIL, normalized value)
 
@@ -399,6 +402,17 @@ class Contact:
         if email:
             found.add((identity.EMAIL, email))
         return found
+
+    def may_hold(self, key: Key) -> bool:
+        """Whether it may hold `key` read under another phone region: a number typed
+        without its country code reads as another once the portal's region changes."""
+        if key[0] != identity.PHONE:
+            return False
+        for name in ("phone", "mobilephone"):
+            national = "".join(c for c in self.get(name) if c.isdigit()).lstrip("0")
+            if len(national) >= MIN_NATIONAL_DIGITS and key[1].endswith(national):
+                return True
+        return False
 
     @property
     def order(self) -> tuple[int, int]:
@@ -669,7 +683,15 @@ class BatchSync:
                     continue
                 known[key] = contact.id  # merged contacts answer as the survivor
                 found[contact.id] = contact
-                if key not in contact.keys(self.region):
+                if key in contact.keys(self.region):
+                    continue
+                if contact.id == contact_id and not contact.may_hold(key):
+                    # The contact itself no longer holds it (changed with no webhook to
+                    # tell, or before it came): not taken for the caller, as the webhook
+                    # would have had it.
+                    del known[key]
+                    gone.append(key)
+                else:
                     doubted[key] = contact.id
             if gone or doubted:
                 searched = await self._search([*gone, *doubted], set())

@@ -1330,6 +1330,53 @@ async def test_an_older_event_in_an_overlapping_batch_does_not_overwrite_a_newer
     assert contact.properties["ai_call_summary"].startswith("newer")
 
 
+@pytest.mark.parametrize("edited", ["phone", "email"])
+async def test_a_contacts_phone_or_email_changed_with_no_webhook_is_not_taken_for_the_caller(
+    client: Any, install_portal: Any, services: Any, sandbox: Any, edited: str
+) -> None:
+    """A person changed the contact's phone (or email) in HubSpot, and no webhook told
+    Hubline: a caller still using the old one is not put on that contact, as the index
+    would have it after the webhook (README: the caller index is a hint)."""
+    portal = await install_portal(1001)
+    old = {"phone": "+1 415 555 0100", "email": "ada@example.com"}
+    await post_event(client, portal, call(caller={"name": "Ada Lovelace"} | old))
+    await drain(services)
+    [ada] = sandbox.contacts(1001)
+    new = {"phone": "+14155550199", "email": "ada@lovelace.example"}[edited]
+    update_object(sandbox, sandbox.portal(1001), ada, {edited: new}, UI_SOURCE)
+
+    await post_event(client, portal, call(caller={"name": "Al Smith", edited: old[edited]}))
+    await drain(services)
+
+    [other] = [c for c in sandbox.contacts(1001) if c.id != ada.id]
+    assert other.properties["firstname"] == "Al"
+    world = sandbox.portal(1001)
+    assert len(world.associated("contacts", ada.id, "calls")) == 1
+    assert len(world.associated("contacts", other.id, "calls")) == 1
+
+
+async def test_a_number_typed_nationally_stays_its_callers_after_the_region_changes(
+    client: Any, install_portal: Any, services: Any, sandbox: Any
+) -> None:
+    """A US portal's contact typed "415 555 0100" reads as another number once the
+    portal's region is GB: the caller the index knows it for is still theirs."""
+    portal = await install_portal(1001)
+    await drain(services)  # provisioning
+    ada = person_contact(sandbox, 1001, firstname="Ada", phone="415 555 0100")
+    await post_event(client, portal, call(caller={"phone": "+1 415 555 0100"}))
+    await drain(services)
+    async with transaction(services.sessions) as session:
+        await session.execute(
+            sa.update(Portal).where(col(Portal.portal_id) == 1001).values(default_phone_region="GB")
+        )
+
+    await post_event(client, portal, call(caller={"phone": "+1 415 555 0100"}))
+    await drain(services)
+
+    assert [c.id for c in sandbox.contacts(1001)] == [ada.id]
+    assert len(sandbox.portal(1001).associated("contacts", ada.id, "calls")) == 2
+
+
 async def test_a_number_typed_nationally_before_install_is_found_abroad(
     client: Any, install_portal: Any, services: Any, sandbox: Any
 ) -> None:
