@@ -45,6 +45,7 @@ from app.models import (
     Portal,
     PortalProblem,
     PortalStatus,
+    failed_status,
     utcnow,
 )
 from app.portals import rotate_secret
@@ -352,7 +353,7 @@ async def portal_rows(
                     sa.select(col(InboxEvent.portal_id), sa.func.count())
                     .where(
                         col(InboxEvent.portal_id).in_(ids),
-                        col(InboxEvent.status) == EventStatus.failed,
+                        failed_status(),
                         # When it failed, not when it came in: a retried or long parked
                         # event fails days after its receipt.
                         col(InboxEvent.finished_at) >= day_ago,

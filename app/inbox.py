@@ -355,31 +355,72 @@ async def retry_events(
     return rowcount(result)
 
 
-async def purge_expired(
-    *, session: AsyncSession, event_retention: timedelta, parked_retention: timedelta
-) -> tuple[int, int]:
-    """Delete handled events' payloads and old parked events; returns (payloads, parked)."""
-    now = utcnow()
-    payloads = await session.execute(
-        sa.update(InboxEvent)
+# Few enough that each transaction holds SQLite's write lock (which intake waits behind)
+# for milliseconds, enough that a busy day's expiry takes few transactions.
+PURGE_CHUNK = 1000
+
+
+def expired_payloads(before: datetime, limit: int) -> sa.Select[int | None, str]:
+    """Up to `limit` events finished before `before` that still hold a payload, with their
+    status.
+
+    Read through ix_events_payload_expiry, which holds only finished events with a
+    payload: the cost follows what expires, not every event ever handled.
+    """
+    return (
+        sa.select(col(InboxEvent.id), col(InboxEvent.status))
         .where(
-            # Failed is final too: an operator had the retention period to retry it.
-            col(InboxEvent.status).in_([EventStatus.done, EventStatus.skipped, EventStatus.failed]),
+            # The index's own condition, spelled out for the planner, then its range.
             col(InboxEvent.payload_ct).is_not(None),
-            col(InboxEvent.finished_at) < now - event_retention,
+            col(InboxEvent.finished_at).is_not(None),
+            col(InboxEvent.finished_at) < before,
         )
-        .values(payload_ct=None, key_id=None)
-        .execution_options(synchronize_session=False)
+        .limit(limit)
     )
+
+
+# Failed is final too: an operator had the retention period to retry it.
+_FINAL = frozenset({EventStatus.done, EventStatus.skipped, EventStatus.failed})
+
+
+async def purge_expired_payloads(
+    sessions: SessionFactory, *, retention: timedelta, chunk: int = PURGE_CHUNK
+) -> int:
+    """Delete the payloads of events finished more than `retention` ago, a chunk per
+    transaction; returns how many."""
+    before = utcnow() - retention
+    purged = 0
+    while True:
+        async with transaction(sessions) as session:
+            found = (await session.execute(expired_payloads(before, chunk))).all()
+            # Picked here, not in the UPDATE: given a status condition, SQLite's planner
+            # reads the status index (every done event) instead of the ids.
+            ids = [row.id for row in found if row.status in _FINAL]
+            if ids:
+                await session.execute(
+                    sa.update(InboxEvent)
+                    .where(col(InboxEvent.id).in_(ids))
+                    .values(payload_ct=None, key_id=None)
+                    .execution_options(synchronize_session=False)
+                )
+        purged += len(ids)
+        if len(found) < chunk or not ids:
+            # No final event in a full chunk (finished events all are): left alone rather
+            # than read again forever.
+            return purged
+
+
+async def purge_expired_parked(*, session: AsyncSession, retention: timedelta) -> int:
+    """Delete parked events received more than `retention` ago; returns how many."""
     parked = await session.execute(
         sa.delete(InboxEvent)
         .where(
             col(InboxEvent.status) == EventStatus.parked,
-            col(InboxEvent.received_at) < now - parked_retention,
+            col(InboxEvent.received_at) < utcnow() - retention,
         )
         .execution_options(synchronize_session=False)
     )
-    return rowcount(payloads), rowcount(parked)
+    return rowcount(parked)
 
 
 # --- handlers ---------------------------------------------------------------------------

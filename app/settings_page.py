@@ -44,7 +44,15 @@ from app.errors import read_error_text
 from app.lifecycle import NEEDS_REAUTH_PROBLEM, install_url, reauth_url, webhook_url
 from app.logs import request_id_var
 from app.main import Services, services
-from app.models import EventSource, EventStatus, InboxEvent, Portal, PortalStatus, utcnow
+from app.models import (
+    EventSource,
+    EventStatus,
+    InboxEvent,
+    Portal,
+    PortalStatus,
+    failed_status,
+    utcnow,
+)
 from app.portals import current_secret, list_problems, rotate_secret
 from app.receptionist import PING
 from app.settings import Settings, region_code
@@ -206,8 +214,11 @@ async def _problems(resources: Services, portal_id: int) -> list[Problem]:
                 .where(
                     col(InboxEvent.portal_id) == portal_id,
                     col(InboxEvent.source) == EventSource.receptionist,
-                    col(InboxEvent.status) == EventStatus.failed,
+                    failed_status(),
                     col(InboxEvent.received_at) >= since,
+                    # Implied (an event fails after it arrives), and what ix_events_failed
+                    # reads by: the portal's failures of the window, not all it ever had.
+                    col(InboxEvent.finished_at) >= since,
                 )
                 .order_by(col(InboxEvent.id).desc())
                 .limit(RECENT_FAILURES)

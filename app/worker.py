@@ -47,7 +47,8 @@ from app.inbox import (
     Write,
     load_handlers,
     park_portal_events,
-    purge_expired,
+    purge_expired_parked,
+    purge_expired_payloads,
     read_payload,
 )
 from app.logs import hubspot_error_fields, portal_id_var, redact_text
@@ -1118,11 +1119,12 @@ def describe_error(error: BaseException) -> str:
 async def _retention(services: Services) -> None:
     """Delete what outlived its retention: payloads, parked events, OAuth states, index entries."""
     settings = services.settings
+    payloads = await purge_expired_payloads(
+        services.sessions, retention=timedelta(days=settings.event_retention_days)
+    )
     async with transaction(services.sessions) as session:
-        payloads, parked = await purge_expired(
-            session=session,
-            event_retention=timedelta(days=settings.event_retention_days),
-            parked_retention=timedelta(days=settings.parked_retention_days),
+        parked = await purge_expired_parked(
+            session=session, retention=timedelta(days=settings.parked_retention_days)
         )
         await session.execute(
             sa.delete(OAuthState)

@@ -19,7 +19,9 @@ from app.inbox import (
     NewEvent,
     enqueue,
     enqueue_many,
-    purge_expired,
+    expired_payloads,
+    purge_expired_parked,
+    purge_expired_payloads,
     read_payload,
 )
 from app.models import EventSource, EventStatus, InboxEvent, utcnow
@@ -141,9 +143,9 @@ async def test_retention_deletes_old_payloads_and_old_parked_events(
                 .where(col(InboxEvent.id) == event_id)
                 .values(status=status, finished_at=when, received_at=when)
             )
-        payloads, parked = await purge_expired(
-            session=session, event_retention=timedelta(days=30), parked_retention=timedelta(days=30)
-        )
+    payloads = await purge_expired_payloads(sessions, retention=timedelta(days=30))
+    async with transaction(sessions) as session:
+        parked = await purge_expired_parked(session=session, retention=timedelta(days=30))
     assert (payloads, parked) == (2, 1)
     async with sessions() as session:
         rows = {row.id: row for row in (await session.execute(sa.select(InboxEvent))).scalars()}
@@ -154,6 +156,45 @@ async def test_retention_deletes_old_payloads_and_old_parked_events(
     # A failed event is handled too: an operator has the retention period to retry it.
     assert rows[ids[4]].payload_ct is None
     assert rows[ids[5]].payload_ct is not None
+
+
+async def test_retention_purges_in_chunks_read_through_the_expiry_index(
+    engine: AsyncEngine, sessions: SessionFactory, cipher: TokenCipher
+) -> None:
+    """Over millions of events, reading every finished event held SQLite's write lock for
+    seconds each run, and intake with it: only expiring payloads are read, a chunk per
+    transaction."""
+    long_ago = utcnow() - timedelta(days=40)
+    async with transaction(sessions) as session:
+        ids = [
+            (await enqueue(call_event(f"old-{n}"), session=session, cipher=cipher)).event_id
+            for n in range(5)
+        ]
+        await session.execute(
+            sa.update(InboxEvent)
+            .where(col(InboxEvent.id).in_(ids))
+            .values(status=EventStatus.done, finished_at=long_ago)
+        )
+    assert await purge_expired_payloads(sessions, retention=timedelta(days=30), chunk=2) == 5
+    async with sessions() as session:
+        left = await session.execute(
+            sa.select(col(InboxEvent.id)).where(col(InboxEvent.payload_ct).is_not(None))
+        )
+        assert list(left.scalars()) == []
+
+    query = expired_payloads(utcnow(), 10)
+    async with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            compiled = query.compile(connection, compile_kwargs={"literal_binds": True})
+            plan = await connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}")
+            details = " ".join(str(row[-1]) for row in plan)
+        else:
+            # A table this small is read whole unless sequential scans are ruled out.
+            await connection.execute(sa.text("SET LOCAL enable_seqscan = off"))
+            compiled = query.compile(connection, compile_kwargs={"literal_binds": True})
+            plan = await connection.exec_driver_sql(f"EXPLAIN {compiled}")
+            details = " ".join(str(row[0]) for row in plan)
+    assert "ix_events_payload_expiry" in details, details
 
 
 # --- group commit -------------------------------------------------------------------------

@@ -311,6 +311,7 @@ async def test_sync_problems_are_shown_in_plain_words(
             .values(
                 status=EventStatus.failed,
                 last_error="HubSpot rejected the record: email is not a valid email address",
+                finished_at=utcnow(),  # as the worker records a failure
             )
         )
     page = await client.get("/settings")
