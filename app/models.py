@@ -90,6 +90,9 @@ class Portal(SQLModel, table=True):
     # When the worker last synced one of its receptionist events: written with the batch's
     # outcomes, so the console need not find it among every event the portal ever had.
     last_synced_at: datetime | None = _when(nullable=True)
+    # When the newest of its receptionist events the worker took up arrived (test events
+    # aside), whatever became of it: the settings page's sign of a connected receptionist.
+    last_event_at: datetime | None = _when(nullable=True)
 
     @property
     def scope_set(self) -> frozenset[str]:

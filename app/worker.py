@@ -63,8 +63,10 @@ from app.models import (
     Portal,
     PortalLease,
     PortalStatus,
+    UTCDateTime,
     utcnow,
 )
+from app.receptionist import PING
 from app.retry import DEFAULT_POLICY, Action, RetryPolicy
 
 if TYPE_CHECKING:
@@ -176,6 +178,7 @@ class _Record:
     latencies: list[float] = field(default_factory=list)  # receipt to synced, of the done
     keep_serving: bool = True
     synced_receptionist_events: bool = False  # the portal's last sync is now
+    newest_received: datetime | None = None  # of its receptionist events, tests aside
 
 
 @dataclass
@@ -840,12 +843,13 @@ class Worker:
         async with transaction(self.services.sessions) as session:
             if not await self._hold_portal(batch.portal_id, session=session):
                 raise LeaseLost(f"portal {batch.portal_id}")
-            if record.synced_receptionist_events:
+            portal_values = _portal_activity(record, now)
+            if portal_values:
                 # Before the events are locked, as the install locks the portal before them.
                 await session.execute(
                     sa.update(Portal)
                     .where(col(Portal.portal_id) == batch.portal_id)
-                    .values(last_synced_at=now)
+                    .values(portal_values)
                     .execution_options(synchronize_session=False)
                 )
             if not record.keep_serving and await _portal_is_active(
@@ -897,6 +901,12 @@ class Worker:
         record = _Record()
         for row in batch.events:
             assert row.id is not None
+            # A test event the owner sent from the settings page says nothing of the
+            # receptionist, nor is it a sync (nothing goes to HubSpot).
+            calls_in = row.source == EventSource.receptionist and row.type != PING
+            if calls_in:
+                newest = record.newest_received
+                record.newest_received = max(newest or row.received_at, row.received_at)
             outcome = outcomes.get(row.id, Done())
             if isinstance(outcome, Done):
                 record.done.append(
@@ -909,7 +919,7 @@ class Worker:
                 if outcome.write is not None:
                     record.writes.setdefault(outcome.write)
                 record.latencies.append((now - row.received_at).total_seconds())
-                if row.source == EventSource.receptionist:
+                if calls_in:
                     record.synced_receptionist_events = True
                 continue
             values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
@@ -1071,6 +1081,21 @@ def build_worker(services: Services, **options: Any) -> Worker:
     lifecycle.add_periodic_jobs(worker, services.settings)
     properties.register_periodic(worker)
     return worker
+
+
+def _portal_activity(record: _Record, now: datetime) -> dict[str, Any]:
+    """What a batch's record says on its portal: its last sync, its newest event."""
+    values: dict[str, Any] = {}
+    if record.synced_receptionist_events:
+        values["last_synced_at"] = now
+    if record.newest_received is not None:
+        # Never back: a retried older event may be recorded after a newer one.
+        newest = sa.literal(record.newest_received, UTCDateTime())
+        last = col(Portal.last_event_at)
+        values["last_event_at"] = sa.case(
+            (sa.or_(last.is_(None), last < newest), newest), else_=last
+        )
+    return values
 
 
 async def _portal_is_active(portal_id: int, *, session: AsyncSession) -> bool:

@@ -66,11 +66,12 @@ async def test_schema_trouble_says_what_the_database_lacks(engine: AsyncEngine) 
     assert "has no Hubline schema" in (await db.schema_trouble(engine) or "")
 
 
-async def test_the_migration_to_portals_last_sync_starts_it_from_their_events(
+async def test_the_migrations_to_portals_last_sync_and_event_start_them_from_their_events(
     empty_database_url: str,
 ) -> None:
     """0005: a portal's last sync is its latest done receptionist event's finish, as the
-    console computed it before; HubSpot's events and failures are not syncs."""
+    console computed it before; HubSpot's events and failures are not syncs. 0007: its
+    last event, as the settings page computed it."""
     when = datetime(2026, 3, 2, 14, 0, tzinfo=UTC)
     portals = sa.table(
         "portals",
@@ -92,17 +93,19 @@ async def test_the_migration_to_portals_last_sync_starts_it_from_their_events(
         ),
     )
 
-    def event(portal_id: int, source: str, status: str, minutes: int) -> dict[str, Any]:
+    def event(
+        portal_id: int, source: str, status: str, minutes: int, kind: str = "call.completed"
+    ) -> dict[str, Any]:
         finished = when + timedelta(minutes=minutes)
         return {
             "portal_id": portal_id,
             "source": source,
-            "type": "call.completed",
+            "type": kind,
             "idempotency_hash": f"{portal_id}-{source}-{minutes}",
             "status": status,
             "attempts": 1,
             "occurred_at": when,
-            "received_at": when,
+            "received_at": finished - timedelta(seconds=1),
             "run_after": when,
             "finished_at": finished,
         }
@@ -134,6 +137,7 @@ async def test_the_migration_to_portals_last_sync_starts_it_from_their_events(
                     event(1001, "receptionist", "done", 9),
                     event(1001, "receptionist", "failed", 30),
                     event(1001, "hubspot", "done", 40),
+                    event(1001, "receptionist", "done", 45, kind="test.ping"),
                     event(1002, "hubspot", "done", 50),
                 ],
             )
@@ -141,13 +145,20 @@ async def test_the_migration_to_portals_last_sync_starts_it_from_their_events(
         assert await db.migrate(engine) == "0004"
 
         async with engine.connect() as connection:
-            synced = sa.table(
+            activity = sa.table(
                 "portals",
                 sa.column("portal_id", sa.BigInteger),
                 sa.column("last_synced_at", UTCDateTime()),
+                sa.column("last_event_at", UTCDateTime()),
             )
-            found = dict((await connection.execute(sa.select(synced))).all())
-        assert found == {1001: when + timedelta(minutes=9), 1002: None, 1003: None}
+            found = {row[0]: row[1:] for row in await connection.execute(sa.select(activity))}
+        # 0007: the newest receptionist event received, failed or not, test events aside.
+        newest_call = when + timedelta(minutes=30) - timedelta(seconds=1)
+        assert found == {
+            1001: (when + timedelta(minutes=9), newest_call),
+            1002: (None, None),
+            1003: (None, None),
+        }
     finally:
         await engine.dispose()
 

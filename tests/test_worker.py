@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlmodel import col
 
 from app import db
 from app.db import transaction
@@ -172,6 +173,48 @@ async def test_a_portals_last_sync_is_when_one_of_its_receptionist_events_last_s
     synced = await last_synced()
     assert synced is not None
     assert before <= synced <= after
+
+
+async def test_a_portals_last_event_is_its_newest_receptionist_event_taken_up(
+    core: Services,
+) -> None:
+    """The settings page's sign of a connected receptionist, read from the portal: failed
+    events count, the owner's test events do not, and an older event never moves it back."""
+    await add_portal(core.sessions, core.cipher, 1001)
+    registry = Registry()
+
+    @registry.handler("test.work")
+    async def work(_context: HandlerContext, events: list[EventView]) -> dict[int, Any]:
+        return {e.id: PermanentError("refused") for e in events}
+
+    @registry.handler("test.ping")
+    async def ping(_context: HandlerContext, _events: list[EventView]) -> None:
+        return None
+
+    async def portal() -> Portal:
+        async with core.sessions() as session:
+            found = await session.get(Portal, 1001, populate_existing=True)
+            assert found is not None
+            return found
+
+    worker = Worker(core, registry=registry, poll_seconds=0.01, retry_policy=FAST_RETRIES)
+    await add_events(core, 1001, 2, source=EventSource.receptionist)
+    await worker.drain(timeout=20)
+    newest = max(e.received_at for e in (await statuses(core)).values())
+    assert {e.status for e in (await statuses(core)).values()} == {EventStatus.failed}
+    assert (await portal()).last_event_at == newest
+    assert (await portal()).last_synced_at is None
+
+    await add_events(core, 1001, 1, event_type="test.ping", source=EventSource.receptionist)
+    [older] = await add_events(core, 1001, 1, start=50, source=EventSource.receptionist)
+    async with transaction(core.sessions) as session:
+        await session.execute(
+            sa.update(InboxEvent)
+            .where(col(InboxEvent.id) == older)
+            .values(received_at=newest - timedelta(hours=1))
+        )
+    await worker.drain(timeout=20)
+    assert (await portal()).last_event_at == newest
 
 
 async def test_a_handler_that_always_fails_ends_failed_with_its_last_error(core: Services) -> None:

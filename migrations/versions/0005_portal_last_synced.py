@@ -36,6 +36,7 @@ def upgrade() -> None:
             FROM (
                 SELECT events.portal_id, max(events.finished_at) AS at FROM events
                 WHERE events.status = 'done' AND events.source = 'receptionist'
+                  AND events.type <> 'test.ping'
                 GROUP BY events.portal_id
             ) AS synced
             WHERE portals.portal_id = synced.portal_id
@@ -48,6 +49,7 @@ def upgrade() -> None:
                 SELECT max(events.finished_at) FROM events
                 WHERE events.portal_id = portals.portal_id
                   AND events.status = 'done' AND events.source = 'receptionist'
+                  AND events.type <> 'test.ping'
             )
             """
         )
