@@ -67,7 +67,20 @@ def _export_every_outcome() -> None:
 
 
 _export_every_outcome()
-INBOX_EVENTS = Gauge("hubline_inbox_events", "Inbox events by status.", ["status"])
+# The statuses of events that wait, on the worker or on an operator. Finished events are
+# counted as they finish (hubline_events_handled_total): counting them here would read
+# every event ever handled on each scrape, which in time outlasts the probe's deadline.
+WAITING_STATUSES = (
+    EventStatus.pending,
+    EventStatus.in_progress,
+    EventStatus.parked,
+    EventStatus.failed,
+)
+INBOX_EVENTS = Gauge(
+    "hubline_inbox_events",
+    "Inbox events waiting, by status (pending, in_progress, parked, failed).",
+    ["status"],
+)
 OLDEST_PENDING = Gauge(
     "hubline_oldest_pending_event_age_seconds", "Age of the oldest pending event (0 when none)."
 )
@@ -137,9 +150,9 @@ async def refresh_database_gauges(services: Services) -> None:
         by_status = dict(
             (
                 await session.execute(
-                    sa.select(col(InboxEvent.status), sa.func.count()).group_by(
-                        col(InboxEvent.status)
-                    )
+                    sa.select(col(InboxEvent.status), sa.func.count())
+                    .where(col(InboxEvent.status).in_(WAITING_STATUSES))
+                    .group_by(col(InboxEvent.status))
                 )
             ).all()
         )
@@ -157,7 +170,7 @@ async def refresh_database_gauges(services: Services) -> None:
                 )
             ).all()
         )
-    for status in EventStatus:
+    for status in WAITING_STATUSES:
         INBOX_EVENTS.labels(status=status.value).set(by_status.get(status.value, 0))
     if oldest is not None and oldest.tzinfo is None:
         oldest = oldest.replace(tzinfo=utcnow().tzinfo)
