@@ -32,7 +32,7 @@ from starlette.templating import Jinja2Templates
 from app.crypto import Secret, same_text
 from app.db import parse_id, transaction
 from app.errors import HubSpotNotReached
-from app.inbox import retry_events
+from app.inbox import newest_of_portal, retry_events
 from app.main import Services, services
 from app.middleware import portal_of_path
 from app.models import (
@@ -445,14 +445,10 @@ def hubspot_contact_url(resources: Services, portal_id: int, contact_id: str) ->
 async def recent_events(
     resources: Services, portal_id: int, *, limit: int = 50, source: str = ""
 ) -> list[dict[str, Any]]:
-    """A portal's newest events (of one source, if given), with engagements and contact links."""
-    query = sa.select(InboxEvent).where(col(InboxEvent.portal_id) == portal_id)
-    if source:
-        query = query.where(col(InboxEvent.source) == source)
+    """A portal's newest events by when they happened (of one source, if given), with
+    engagements and contact links."""
     async with resources.sessions() as db:
-        events = list(
-            (await db.execute(query.order_by(col(InboxEvent.id).desc()).limit(limit))).scalars()
-        )
+        events = await newest_of_portal(db, portal_id, limit=limit, source=source)
         engagements = {
             record.event_id: record
             for record in (

@@ -423,6 +423,37 @@ async def purge_expired_parked(*, session: AsyncSession, retention: timedelta) -
     return rowcount(parked)
 
 
+async def newest_of_portal(
+    session: AsyncSession,
+    portal_id: int,
+    *,
+    limit: int,
+    source: str = "",
+    statuses: Sequence[EventStatus] = tuple(EventStatus),
+) -> list[InboxEvent]:
+    """A portal's newest events by when they happened (then by id), newest first.
+
+    One probe of ix_events_portal_due per status, each reading at most `limit` entries,
+    merged: exact (the newest overall are among each status's newest) and cheap however
+    long the portal's history, where ordering by id read every row of the table newer
+    than the portal's oldest shown (PostgreSQL) or sorted the portal's whole history
+    (SQLite): seconds for a quiet or a large portal.
+    """
+    found: list[InboxEvent] = []
+    for status in statuses:
+        query = (
+            sa.select(InboxEvent)
+            .where(col(InboxEvent.portal_id) == portal_id, col(InboxEvent.status) == status)
+            .order_by(col(InboxEvent.occurred_at).desc(), col(InboxEvent.id).desc())
+            .limit(limit)
+        )
+        if source:
+            query = query.where(col(InboxEvent.source) == source)
+        found.extend((await session.execute(query)).scalars())
+    found.sort(key=lambda event: (event.occurred_at, event.id or 0), reverse=True)
+    return found[:limit]
+
+
 # --- handlers ---------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from sqlmodel import col
 
 from app import cli, db
 from app.errors import read_error_text
-from app.inbox import retry_events
+from app.inbox import newest_of_portal, retry_events
 from app.models import EventStatus, InboxEvent, Portal
 
 RETRY_BATCH = 500
@@ -42,13 +42,22 @@ async def cmd_events_list(args: argparse.Namespace) -> int:
     settings = cli.settings_from_environment()
     engine = db.create_engine(settings.database_url)
     query = sa.select(InboxEvent).order_by(col(InboxEvent.id).desc()).limit(args.limit)
-    if args.portal is not None:
-        query = query.where(col(InboxEvent.portal_id) == args.portal)
     if args.status is not None:
         query = query.where(col(InboxEvent.status) == args.status)
     try:
         async with db.session_factory(engine)() as session:
-            events = [event_summary(e) for e in (await session.execute(query)).scalars()]
+            if args.portal is not None:
+                # By when they happened, read through the portal's index: by id, a quiet
+                # portal's events were looked for among everyone's.
+                statuses = (
+                    tuple(EventStatus) if args.status is None else (EventStatus(args.status),)
+                )
+                found = await newest_of_portal(
+                    session, args.portal, limit=args.limit, statuses=statuses
+                )
+            else:
+                found = list((await session.execute(query)).scalars())
+            events = [event_summary(e) for e in found]
             unknown = (
                 not events
                 and args.portal is not None
@@ -144,7 +153,11 @@ async def cmd_events_retry(args: argparse.Namespace) -> int:
 def register(commands: Any) -> None:
     events = commands.add_parser("events", help="inspect and retry inbox events")
     actions = events.add_subparsers(dest="events_command", required=True, metavar="ACTION")
-    listing = actions.add_parser("list", help="list recent events (never their payloads)")
+    listing = actions.add_parser(
+        "list",
+        help="list recent events, newest first (a portal's by when they happened; never "
+        "their payloads)",
+    )
     listing.add_argument("--portal", type=cli.row_id)
     listing.add_argument("--status", choices=[s.value for s in EventStatus])
     listing.add_argument("--limit", type=cli.bounded_count(MOST_LISTED), default=50)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -20,6 +21,7 @@ from app.inbox import (
     enqueue,
     enqueue_many,
     expired_payloads,
+    newest_of_portal,
     purge_expired_parked,
     purge_expired_payloads,
     read_payload,
@@ -195,6 +197,45 @@ async def test_retention_purges_in_chunks_read_through_the_expiry_index(
             plan = await connection.exec_driver_sql(f"EXPLAIN {compiled}")
             details = " ".join(str(row[0]) for row in plan)
     assert "ix_events_payload_expiry" in details, details
+
+
+async def test_a_portals_newest_events_are_each_statuss_newest_merged(
+    sessions: SessionFactory, cipher: TokenCipher
+) -> None:
+    """Exact: the newest of a portal, by when they happened, whatever their status, their
+    source or the order they arrived in (a backdated event arrives last), and only its."""
+    start = datetime(2026, 3, 2, 14, 0, tzinfo=UTC)
+    statuses = [EventStatus.done, EventStatus.failed, EventStatus.pending, EventStatus.skipped]
+    minutes = [5, 11, 2, 9, 7, 0, 10, 3, 8, 1, 6, 4]  # arrival order differs from time order
+    events = [
+        replace(
+            call_event(f"evt-{minute}", portal_id=portal_id),
+            occurred_at=start + timedelta(minutes=minute),
+            source=EventSource.hubspot if minute == 10 else EventSource.receptionist,
+        )
+        for minute in minutes
+        for portal_id in (1001, 1002)
+    ]
+    async with transaction(sessions) as session:
+        await enqueue_many(
+            events,
+            session=session,
+            cipher=cipher,
+            statuses=[statuses[minute % 4] for minute in minutes for _ in (1001, 1002)],
+        )
+
+    async with sessions() as session:
+        newest = await newest_of_portal(session, 1001, limit=5)
+        calls = await newest_of_portal(session, 1001, limit=3, source=EventSource.receptionist)
+        failed = await newest_of_portal(session, 1001, limit=9, statuses=[EventStatus.failed])
+
+    def minute_of(event: InboxEvent) -> int:
+        return int((event.occurred_at - start).total_seconds() // 60)
+
+    assert {event.portal_id for event in newest + calls + failed} == {1001}
+    assert [minute_of(event) for event in newest] == [11, 10, 9, 8, 7]
+    assert [minute_of(event) for event in calls] == [11, 9, 8]
+    assert [minute_of(event) for event in failed] == [9, 5, 1]
 
 
 # --- group commit -------------------------------------------------------------------------
