@@ -362,10 +362,12 @@ async def erase_contact_data(
     any event that concerns it: HubSpot events about it, and receptionist events whose
     caller's phone or email hashes to one the contact had. Unfinished ones among them are
     finished as skipped, so nothing recreates the person in HubSpot. A receptionist event
-    that happened and arrived after `deleted_at` (when HubSpot deleted the contact) is
-    the person getting in touch again, not the erased contact's data: it is left to
-    sync as a new caller's, as it would have if the deletion had been handled before it
-    arrived. Returns how many events lost their payload.
+    its sender dated after `deleted_at` (when HubSpot deleted the contact), and that
+    arrived after it too, is the person getting in touch again, not the erased contact's
+    data: it is left to sync as a new caller's, as it would have if the deletion had been
+    handled before it arrived. One the sender did not date may be an older call that
+    arrived late (a retry after an outage): it is erased. Returns how many events lost
+    their payload.
     """
     hashes = await identity.erase_contact(
         portal_id, contact_id, session=session, as_of=as_of or utcnow()
@@ -381,18 +383,19 @@ async def erase_contact_data(
     )
     for row in rows.scalars():
         assert row.id is not None
+        try:
+            payload = read_payload(row, cipher)
+        except CryptoError:
+            continue  # unreadable by any configured key: it reveals nothing either
         if (
             deleted_at is not None
             and row.source == EventSource.receptionist
+            and payload.get("occurred_at_given") is True
             and row.occurred_at > deleted_at
             and row.received_at > deleted_at
             and row.contact_id != contact_id
         ):
             continue
-        try:
-            payload = read_payload(row, cipher)
-        except CryptoError:
-            continue  # unreadable by any configured key: it reveals nothing either
         if _concerns(row.source, payload, contact_id, hashes, cipher, portal_id):
             matched.add(row.id)
     about_contact = col(InboxEvent.contact_id) == contact_id

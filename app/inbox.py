@@ -396,14 +396,21 @@ async def purge_expired_payloads(
             # Picked here, not in the UPDATE: given a status condition, SQLite's planner
             # reads the status index (every done event) instead of the ids.
             ids = [row.id for row in found if row.status in _FINAL]
+            done = 0
             if ids:
-                await session.execute(
+                result = await session.execute(
                     sa.update(InboxEvent)
-                    .where(col(InboxEvent.id).in_(ids))
+                    .where(
+                        col(InboxEvent.id).in_(ids),
+                        # Still finished: an operator's retry (which clears it) may have
+                        # committed since the read, and keeps its payload.
+                        col(InboxEvent.finished_at).is_not(None),
+                    )
                     .values(payload_ct=None, key_id=None)
                     .execution_options(synchronize_session=False)
                 )
-        purged += len(ids)
+                done = rowcount(result)
+        purged += done
         if len(found) < chunk or not ids:
             # No final event in a full chunk (finished events all are): left alone rather
             # than read again forever.
@@ -434,24 +441,30 @@ async def newest_of_portal(
     """A portal's newest events by when they happened (then by id), newest first.
 
     One probe of ix_events_portal_due per status, each reading at most `limit` entries,
-    merged: exact (the newest overall are among each status's newest) and cheap however
-    long the portal's history, where ordering by id read every row of the table newer
+    merged in one statement (one snapshot: an event changing status meanwhile is seen
+    once): the newest overall are among each status's newest, and the cost does not grow
+    with the portal's history, where ordering by id read every row of the table newer
     than the portal's oldest shown (PostgreSQL) or sorted the portal's whole history
     (SQLite): seconds for a quiet or a large portal.
     """
-    found: list[InboxEvent] = []
+    probes = []
     for status in statuses:
-        query = (
-            sa.select(InboxEvent)
+        probe = (
+            sa.select(col(InboxEvent.id), col(InboxEvent.occurred_at))
             .where(col(InboxEvent.portal_id) == portal_id, col(InboxEvent.status) == status)
             .order_by(col(InboxEvent.occurred_at).desc(), col(InboxEvent.id).desc())
             .limit(limit)
         )
         if source:
-            query = query.where(col(InboxEvent.source) == source)
-        found.extend((await session.execute(query)).scalars())
-    found.sort(key=lambda event: (event.occurred_at, event.id or 0), reverse=True)
-    return found[:limit]
+            probe = probe.where(col(InboxEvent.source) == source)
+        # A subquery each: SQLite takes ORDER BY and LIMIT only on a whole compound select.
+        probes.append(sa.select(probe.subquery()))
+    found = (await session.execute(sa.union_all(*probes))).all()
+    newest = sorted(found, key=lambda row: (row.occurred_at, row.id), reverse=True)
+    ids = [row.id for row in newest[:limit]]
+    rows = await session.execute(sa.select(InboxEvent).where(col(InboxEvent.id).in_(ids)))
+    by_id = {event.id: event for event in rows.scalars()}
+    return [by_id[event_id] for event_id in ids if event_id in by_id]
 
 
 # --- handlers ---------------------------------------------------------------------------

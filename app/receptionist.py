@@ -163,6 +163,8 @@ class ReceptionistEvent(BaseModel):
     id: str
     type: EventType
     occurred_at: datetime
+    # False: the sender gave no time, and `occurred_at` is when Hubline received it.
+    occurred_at_given: bool = False
     form: Literal["nested", "flat"]
     caller: Caller
     summary: str | None = None
@@ -266,6 +268,7 @@ def parse_event(
         id=event_id,
         type="call.completed" if isinstance(given, FlatInput) else given.type,
         occurred_at=occurred_at,
+        occurred_at_given=given.occurred_at is not None,
         form="flat" if flat else "nested",
         caller=Caller(name=caller.name, phone=caller.phone, phone_e164=phone_e164, email=email),
         summary=given.call_summary if isinstance(given, FlatInput) else given.summary,

@@ -280,21 +280,21 @@ async def render_settings(
         # The newest event the worker took up is on the portal; what still waits for it
         # (a backlog, a portal that cannot be served) is read through its status, so
         # neither reads all the events the portal ever had.
-        waiting = (
-            await session.execute(
+        # A status at a time: given a list, a planner with statistics may read the
+        # portal's receptionist events by source (all of them) instead.
+        seen = [portal.last_event_at if portal is not None else None]
+        for status in (EventStatus.pending, EventStatus.in_progress, EventStatus.parked):
+            waiting = await session.execute(
                 sa.select(sa.func.max(col(InboxEvent.received_at))).where(
                     col(InboxEvent.portal_id) == portal_id,
-                    col(InboxEvent.status).in_(
-                        [EventStatus.pending, EventStatus.in_progress, EventStatus.parked]
-                    ),
+                    col(InboxEvent.status) == status,
                     col(InboxEvent.source) == EventSource.receptionist,
                     # The owner asks whether the receptionist itself is connected.
                     col(InboxEvent.type) != PING,
                 )
             )
-        ).scalar_one_or_none()
-        taken_up = portal.last_event_at if portal is not None else None
-        last_event = max((when for when in (waiting, taken_up) if when is not None), default=None)
+            seen.append(waiting.scalar_one_or_none())
+        last_event = max((when for when in seen if when is not None), default=None)
     if portal is None or secret is None:
         return _signed_out(
             request, status_code=403, reason="unknown_portal", message="This installation is gone."

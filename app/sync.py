@@ -1255,6 +1255,13 @@ class BatchSync:
             if await properties.recheck_type(self.services, self.client, self.state, name):
                 changed.add(name)
                 self.problems.add(properties.problem_code(name))
+        # Creates and updates go out together, their bodies built before: the second
+        # refused finds the property already found changed (and left out of the rest).
+        changed |= {
+            p.name
+            for p in named
+            if p.name in self._rechecked and p.name not in resent and self.state.use(p.name) is None
+        }
         if not gone and not stale and not back and not changed:
             return None
         for values in [w.body.get("properties") or {} for w in chunk] + [
