@@ -41,22 +41,20 @@ def event_summary(event: InboxEvent) -> dict[str, Any]:
 async def cmd_events_list(args: argparse.Namespace) -> int:
     settings = cli.settings_from_environment()
     engine = db.create_engine(settings.database_url)
-    query = sa.select(InboxEvent).order_by(col(InboxEvent.id).desc()).limit(args.limit)
-    if args.status is not None:
-        query = query.where(col(InboxEvent.status) == args.status)
+    statuses = tuple(EventStatus) if args.status is None else (EventStatus(args.status),)
     try:
         async with db.session_factory(engine)() as session:
             if args.portal is not None:
                 # By when they happened, read through the portal's index: by id, a quiet
                 # portal's events were looked for among everyone's.
-                statuses = (
-                    tuple(EventStatus) if args.status is None else (EventStatus(args.status),)
-                )
                 found = await newest_of_portal(
                     session, args.portal, limit=args.limit, statuses=statuses
                 )
             else:
-                found = list((await session.execute(query)).scalars())
+                query = sa.select(InboxEvent).order_by(col(InboxEvent.id).desc())
+                if args.status is not None:
+                    query = query.where(col(InboxEvent.status) == args.status)
+                found = list((await session.execute(query.limit(args.limit))).scalars())
             events = [event_summary(e) for e in found]
             unknown = (
                 not events

@@ -637,12 +637,12 @@ async def recheck_type(
     out and reported on the portal, as the property check would find it); False when it
     can still be written, so the refusal was the record's own.
     """
+    spec = SPEC_BY_NAME[name]
     found = await client.get_json(f"{PROPERTIES_PATH}/{name}")
-    use = compatible_use(SPEC_BY_NAME[name], found) if isinstance(found, dict) else None
+    use = compatible_use(spec, found) if isinstance(found, dict) else None
     if use is not None:
         state.usable[name] = use
         return False
-    spec = SPEC_BY_NAME[name]
     described = _describe(found) if isinstance(found, dict) else "unreadable"
     await mark_unusable(
         services,

@@ -1238,30 +1238,23 @@ class BatchSync:
             self._repaired.add(name)  # once per batch
             await self._repair_options(name)
         # Any other refusal of a value Hubline built for its own property: an admin may
-        # have changed the property's type since the last check. Such a property is left
-        # out and reported, and the rest sent again, as DESIGN.md has it (the callers'
-        # data is not at fault); one still writable leaves the refusal to the record.
-        suspects = {
+        # have changed the property's type since the last check. Read again (once per
+        # batch), such a property is left out and reported, and the rest sent again, as
+        # DESIGN.md has it (the callers' data is not at fault); one still writable leaves
+        # the refusal to the record. Creates and updates go out together, their bodies
+        # built before: the second refused finds the property already found changed.
+        owned = {
             p.name
             for p in named
             if p.name in properties.PROPERTY_NAMES
             and p.code != "PROPERTY_DOESNT_EXIST"
             and p.name not in refused_options
-            and p.name not in self._rechecked
         }
-        changed: set[str] = set()
-        for name in sorted(suspects):
-            self._rechecked.add(name)  # once per batch
+        for name in sorted(owned - self._rechecked):
+            self._rechecked.add(name)
             if await properties.recheck_type(self.services, self.client, self.state, name):
-                changed.add(name)
                 self.problems.add(properties.problem_code(name))
-        # Creates and updates go out together, their bodies built before: the second
-        # refused finds the property already found changed (and left out of the rest).
-        changed |= {
-            p.name
-            for p in named
-            if p.name in self._rechecked and p.name not in resent and self.state.use(p.name) is None
-        }
+        changed = {name for name in owned - resent if self.state.use(name) is None}
         if not gone and not stale and not back and not changed:
             return None
         for values in [w.body.get("properties") or {} for w in chunk] + [

@@ -904,9 +904,10 @@ class Worker:
             # A test event the owner sent from the settings page says nothing of the
             # receptionist, nor is it a sync (nothing goes to HubSpot).
             calls_in = row.source == EventSource.receptionist and row.type != PING
-            if calls_in:
-                newest = record.newest_received
-                record.newest_received = max(newest or row.received_at, row.received_at)
+            if calls_in and (
+                record.newest_received is None or row.received_at > record.newest_received
+            ):
+                record.newest_received = row.received_at
             outcome = outcomes.get(row.id, Done())
             if isinstance(outcome, Done):
                 record.done.append(
